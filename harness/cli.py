@@ -1,0 +1,203 @@
+"""The ``harness`` command line. Errors are caught once, here, and printed as one line plus a hint."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError, StudySpecError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Benchmark which backbone, head, adaptation strategy and recipe transfers best between image domains.",
+)
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+StudyOpt = Annotated[str, typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file")]
+ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results/<study>/ folders go")]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", help="Optuna storage URL (default: sqlite file under results/<study>/)"),
+]
+
+
+def _parse_sets(values: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise StudySpecError(f"--set {item!r}: expected key=value, e.g. --set budget.trials=4")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+@app.command()
+def run(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a study field: --set budget.trials=4")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only print the leaderboard")] = False,
+) -> None:
+    """Search every pair x method of a study, run the final seeds, and write the leaderboard.
+
+    Example: harness run --study quickstart
+
+    Running the same command again resumes: completed trials are kept and the budget is topped up.
+    """
+    from harness import leaderboard
+    from harness.registry import get_registry
+    from harness.search import RunOptions, Runner
+    from harness.study import load_study
+
+    spec = load_study(study, _parse_sets(set_))
+    registry = get_registry()
+    target_dir = results_dir / spec.name
+    started = time.perf_counter()
+    log = (lambda msg: None) if quiet else (lambda msg: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}"))
+    runner = Runner(spec, registry, RunOptions(results_dir=target_dir, storage=storage, log=log))
+    log(
+        f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
+        f"{spec.budget.trials} trials each, device {runner.device} ({runner.precision.describe()})"
+    )
+    try:
+        runner.run()
+    except BaseException as exc:
+        # publish what is finished before leaving; the storage keeps every trial either way
+        try:
+            _write_board(spec, runner.storage_url, target_dir, quiet=True)
+        except Exception as write_exc:  # noqa: BLE001
+            console.print(f"[yellow]could not write the partial leaderboard[/]: {write_exc}")
+        if isinstance(exc, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+        raise
+    _write_board(spec, runner.storage_url, target_dir, quiet=False)
+    log(f"done in {time.perf_counter() - started:.0f}s")
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(study: StudyOpt, storage: StorageOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+    """Rebuild results/<study>/ leaderboard files from the storage, without training.
+
+    Example: harness leaderboard --study quickstart
+    """
+    from harness.search import default_storage
+    from harness.study import load_study
+
+    spec = load_study(study)
+    target_dir = results_dir / spec.name
+    url = storage or default_storage(target_dir)
+    if storage is None and not (target_dir / "optuna.db").is_file():
+        raise HarnessError(
+            f"no results storage for study {spec.name!r} at {target_dir / 'optuna.db'}",
+            hint=f"run `harness run --study {spec.name}` first, or pass --storage URL",
+        )
+    _write_board(spec, url, target_dir, quiet=False)
+
+
+def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool) -> None:
+    from harness import leaderboard
+
+    board, trials, provenance = leaderboard.collect(spec, url)
+    paths = leaderboard.write(target_dir, spec, board, trials, provenance)
+    if quiet:
+        return
+    table = Table(title=f"{spec.name}: target test accuracy (mean ± sd over seeds)")
+    for col in ("pair", "rank", "method", "test acc %", "selection", "trials"):
+        table.add_column(col)
+    for r in board.to_dict("records"):
+        table.add_row(
+            r["pair"],
+            str(r.get("rank", "-")),
+            r["method"],
+            leaderboard._pm(r, "accuracy"),
+            (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
+            f"{leaderboard._int(r.get('trials_complete'))} ok / {leaderboard._int(r.get('trials_pruned'))} pruned / "
+            f"{leaderboard._int(r.get('trials_failed'))} failed",
+        )
+    out.print(table)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@app.command()
+def plugins(
+    kind: Annotated[str | None, typer.Option("--kind", help="list every name of one kind: backbone, head, dataset, strategy")] = None,
+) -> None:
+    """List plugins: distribution, version, what each registered, and load errors.
+
+    Example: harness plugins --kind strategy
+    """
+    from harness.registry import KINDS, get_registry
+
+    registry = get_registry()
+    if kind is not None:
+        if kind not in KINDS:
+            from harness.registry import unknown_message
+
+            raise HarnessError(unknown_message("kind", kind, list(KINDS)), hint=f"kinds: {', '.join(KINDS)}")
+        for name in registry.names(kind):
+            e = registry.entries[kind][name]
+            out.print(f"{name}\t{e.plugin} ({e.dist})\t{e.description}")
+        return
+    table = Table(title="harness plugins")
+    for col in ("plugin", "distribution", "version", "registered", "error"):
+        table.add_column(col, overflow="fold")
+    for info in sorted(registry.plugins.values(), key=lambda p: p.name):
+        parts = []
+        for k, names in info.registered.items():
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+            parts.append(f"{k}: {shown}")
+        table.add_row(info.name, info.dist, info.version, "\n".join(parts), info.error or "")
+    out.print(table)
+    if registry.errors:
+        console.print(f"[red]{len(registry.errors)} plugin(s) failed to load[/]; the others work")
+
+
+@app.command()
+def validate(study: StudyOpt) -> None:
+    """Check a study file and every plugin it names, without training.
+
+    Example: harness validate --study quickstart
+    """
+    from harness.registry import get_registry
+    from harness.search import resolve_domain, resolve_methods
+    from harness.study import load_study
+
+    spec = load_study(study)
+    registry = get_registry()
+    resolve_methods(spec, registry)
+    for i, p in enumerate(spec.pairs):
+        for side in ("source", "target"):
+            resolve_domain(spec, registry, getattr(p, side), f"pairs[{i}].{side}")
+    out.print(f"{spec.path}: ok ({len(spec.pairs)} pair(s), {len(spec.methods)} method(s))")
+
+
+def main() -> None:
+    try:
+        app()
+    except HarnessError as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        if exc.hint:
+            console.print(f"[dim]hint:[/] {exc.hint}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

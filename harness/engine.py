@@ -1,0 +1,350 @@
+"""The training and evaluation loop: device, precision, batching and augmentation on the device."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from harness import augment as aug
+from harness.api import Backbone, Batch, DomainData, Split, StepContext, Strategy
+from harness.errors import NonFiniteLossError
+
+# ----------------------------------------------------------------------------- device & precision
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How tensors are computed: bf16 autocast and channels_last on CUDA, fp32 elsewhere."""
+
+    autocast_bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device, spec: str = "auto") -> Precision:
+        if spec == "fp32":
+            return cls(False, False)
+        if spec == "bf16":
+            return cls(True, device.type == "cuda")
+        return cls(device.type == "cuda", device.type == "cuda")
+
+    def autocast(self, device: torch.device):
+        if self.autocast_bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def describe(self) -> str:
+        return ("bf16-autocast" if self.autocast_bf16 else "fp32") + (
+            "+channels_last" if self.channels_last else ""
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TransferModel(nn.Module):
+    """Backbone plus head; ``forward`` gives logits, ``features`` the pooled backbone output."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone.module
+        self.head = head
+        self.spec = backbone
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, -1, 1, 1), persistent=False)
+        self._frozen_modules: list[nn.Module] = []
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.spec.stages)
+
+    def freeze(self, depth: int) -> None:
+        """Freeze the first ``depth`` backbone stages (stem first); frozen norms stay in eval mode."""
+        depth = max(0, min(int(depth), self.num_stages))
+        frozen = {n for stage in self.spec.stages[:depth] for n in stage}
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(name not in frozen)
+        self._frozen_modules = [
+            m
+            for m in self.backbone.modules()
+            if any(True for _ in m.parameters(recurse=False))
+            and all(not p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if depth == self.num_stages:
+            self._frozen_modules = [self.backbone]
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        if mode:
+            for m in self._frozen_modules:
+                m.eval()
+        return self
+
+
+def resolve_freeze_depth(value: Any, num_stages: int) -> int:
+    if value == "all":
+        return num_stages
+    return max(0, min(int(value), num_stages))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    backbone_lr: float
+    head_lr: float
+    weight_decay: float
+    freeze_depth: int
+    augment: str
+    seed: int
+    device: torch.device
+    precision: Precision
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    history: list[float]
+    train_loss: list[float]
+
+
+def few_shot_indices(y: Tensor, shots: int, seed: int) -> Tensor:
+    """``shots`` seeded indices per class (all of a class when it has fewer)."""
+    g = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    picks = []
+    for label in torch.unique(y).tolist():
+        idx = torch.nonzero(y == label).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
+    return torch.sort(torch.cat(picks)).values
+
+
+class _Batches:
+    """Seeded random batches of indices into a split, reshuffled each pass."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.g = n, min(batch_size, n), generator
+        self._perm: Tensor | None = None
+        self._pos = 0
+
+    def epoch(self) -> list[Tensor]:
+        perm = torch.randperm(self.n, generator=self.g)
+        batches = list(perm.split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < 2:  # a batch of one breaks BatchNorm
+            batches.pop()
+        return batches
+
+    def next(self) -> Tensor:
+        if self._perm is None or self._pos + self.batch_size > self.n:
+            self._perm = torch.randperm(self.n, generator=self.g)
+            self._pos = 0
+        out = self._perm[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return out
+
+
+class Trainer:
+    """Runs one training job: a model, a strategy, source and target data, a recipe."""
+
+    def __init__(
+        self,
+        model: TransferModel,
+        strategy: Strategy,
+        source: DomainData,
+        target: DomainData,
+        cfg: TrainConfig,
+    ) -> None:
+        self.model, self.strategy, self.cfg = model, strategy, cfg
+        self.device = cfg.device
+        self.source, self.target = source, target
+        self.num_classes = target.num_classes
+        model.to(self.device)
+        if cfg.precision.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.freeze(cfg.freeze_depth)
+        self.extra = strategy.setup(model, self.num_classes, cfg.params)
+        if self.extra is not None:
+            self.extra.to(self.device)
+        self.optimizer = self._optimizer()
+        self.hflip = bool(source.meta.get("hflip", True)) and bool(target.meta.get("hflip", True))
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups = []
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.backbone_lr})
+        head = list(self.model.head.parameters())
+        if self.extra is not None:
+            head += list(self.extra.parameters())
+        groups.append({"params": head, "lr": cfg.head_lr})
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
+
+    def _prepare(self, x_uint8: Tensor, g: torch.Generator, train: bool) -> Tensor:
+        x = x_uint8.float().div_(255.0)
+        if train and self.cfg.augment != "none":
+            x = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip)
+        x = self.model.normalize(x)
+        if self.cfg.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def fit(self, on_epoch: Callable[[int, TransferModel], float | None] | None = None) -> TrainResult:
+        """Train for ``cfg.epochs``; after each epoch ``on_epoch(epoch, model)`` may score and prune."""
+        cfg, strategy, device = self.cfg, self.strategy, self.device
+        seed_everything(cfg.seed)
+        index_gen = torch.Generator().manual_seed(cfg.seed)
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+        source_split = self.source.train.to(device) if strategy.uses_source else None
+        target_split: Split | None = None
+        if strategy.uses_target:
+            target_split = self.target.train
+            if strategy.shots:
+                target_split = target_split.subset(few_shot_indices(target_split.y, strategy.shots, cfg.seed))
+            target_split = target_split.to(device)
+        give_target_labels = strategy.target_labels != "none"
+        primary = source_split if source_split is not None else target_split
+        if primary is None:
+            raise ValueError(f"strategy {type(strategy).__name__} uses neither source nor target data")
+        primary_batches = _Batches(len(primary), cfg.batch_size, index_gen)
+        paired = (
+            _Batches(len(target_split), cfg.batch_size, index_gen)
+            if source_split is not None and target_split is not None
+            else None
+        )
+        steps_per_epoch = len(primary_batches.epoch())
+        total = steps_per_epoch * cfg.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+        )
+        history: list[float] = []
+        losses: list[float] = []
+        step = 0
+        for epoch in range(cfg.epochs):
+            self.model.train()
+            if self.extra is not None:
+                self.extra.train()
+            loss_sum = torch.zeros((), device=device)
+            n_steps = 0
+            for idx in primary_batches.epoch():
+                idx = idx.to(device, non_blocking=True)
+                batch = Batch()
+                if source_split is not None:
+                    batch.source = (self._prepare(source_split.x[idx], aug_gen, True), source_split.y[idx])
+                    if paired is not None:
+                        tidx = paired.next().to(device, non_blocking=True)
+                        ty = target_split.y[tidx] if give_target_labels else None
+                        batch.target = (self._prepare(target_split.x[tidx], aug_gen, True), ty)
+                else:
+                    ty = primary.y[idx] if give_target_labels else None
+                    batch.target = (self._prepare(primary.x[idx], aug_gen, True), ty)
+                ctx = StepContext(
+                    params=cfg.params,
+                    epoch=epoch,
+                    epochs=cfg.epochs,
+                    step=step,
+                    total_steps=total,
+                    num_classes=self.num_classes,
+                    extra=self.extra,
+                )
+                with cfg.precision.autocast(device):
+                    loss = strategy.training_step(self.model, batch, ctx)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach().float()
+                n_steps += 1
+                step += 1
+            mean_loss = float(loss_sum) / max(1, n_steps)  # one device sync per epoch
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) in epoch {epoch + 1}")
+            losses.append(mean_loss)
+            if on_epoch is not None:
+                value = on_epoch(epoch, self.model)
+                if value is not None:
+                    history.append(value)
+        return TrainResult(cfg.epochs, history, losses)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def predict(self, split: Split) -> Tensor:
+        return predict(self.model, split, self.cfg.batch_size * 4, self.device, self.cfg.precision)
+
+
+@torch.no_grad()
+def predict(
+    model: TransferModel, split: Split, batch_size: int, device: torch.device, precision: Precision
+) -> Tensor:
+    """Logits (float32, on the CPU) for every image of ``split``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        x = split.x[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
+        x = model.normalize(x)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy (micro) and macro F1, precision and recall, via torchmetrics."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLossError("non-finite model outputs while scoring")
+    preds, y = logits.argmax(1), y.cpu()
+    kw = {"num_classes": num_classes}
+    return {
+        "accuracy": float(multiclass_accuracy(preds, y, average="micro", **kw)),
+        "macro_f1": float(multiclass_f1_score(preds, y, average="macro", **kw)),
+        "precision": float(multiclass_precision(preds, y, average="macro", **kw)),
+        "recall": float(multiclass_recall(preds, y, average="macro", **kw)),
+    }

@@ -1,0 +1,307 @@
+"""Leaderboards: aggregate the storage with pandas and write CSV, Markdown and JSON atomically.
+
+Everything here is computed from the Optuna storage and the study file alone, so
+``harness leaderboard`` can rebuild the files without training.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import json
+import math
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from harness import __version__
+from harness.fileio import atomic_path, write_json, write_text
+from harness.search import make_storage, optuna_study_name
+from harness.study import StudySpec
+
+PACKAGES = (
+    "torch", "torchvision", "timm", "optuna", "segmentation-models-pytorch", "pluggy",
+    "pandas", "torchmetrics", "numpy", "scikit-learn", "scikit-image",
+)  # fmt: skip
+METRICS = ("accuracy", "macro_f1", "precision", "recall")
+
+
+def final_seeds(spec: StudySpec) -> list[int]:
+    return [spec.seed + 10_000 + k for k in range(spec.final_seeds)]
+
+
+def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Rows (one per pair x method), every trial, and the provenance, read from the storage."""
+    storage = make_storage(storage_url)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    rows: list[dict[str, Any]] = []
+    trial_rows: list[dict[str, Any]] = []
+    counts = {s.name: 0 for s in TrialState}
+    devices, precisions, samplers, pruners, fingerprints, plugins = set(), set(), set(), set(), {}, set()
+    compute_s, starts, ends = 0.0, [], []
+    for pair in spec.pairs:
+        for method in spec.methods:
+            name = optuna_study_name(pair, method)
+            row: dict[str, Any] = {
+                "pair": pair.key,
+                "source": pair.source,
+                "target": pair.target,
+                "method": method.key,
+                "backbone": method.backbone,
+                "weights": method.weights,
+                "head": method.head,
+                "strategy": method.strategy,
+            }
+            if name not in existing:
+                rows.append({**row, "status": "not started"})
+                continue
+            study = optuna.load_study(study_name=name, storage=storage)
+            attrs = study.user_attrs
+            config = attrs.get("config", {})
+            fingerprints[pair.key] = config.get("data", {})
+            plugins.update((config.get("plugins") or {}).values())
+            if "sampler" in attrs:
+                samplers.add(json.dumps(attrs["sampler"], sort_keys=True))
+            if "pruner" in attrs:
+                pruners.add(attrs["pruner"])
+            trials = study.get_trials(deepcopy=False)
+            for t in trials:
+                counts[t.state.name] += 1
+                if t.datetime_start and t.datetime_complete:
+                    compute_s += (t.datetime_complete - t.datetime_start).total_seconds()
+                    starts.append(t.datetime_start)
+                    ends.append(t.datetime_complete)
+                trial_rows.append(_trial_row(pair.key, method.key, t))
+            complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
+            row.update(
+                selection=config.get("selection", ""),
+                oracle=bool(config.get("oracle", False)),
+                target_labels=config.get("target_labels", ""),
+                trials_complete=sum(t.state == TrialState.COMPLETE for t in trials),
+                trials_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+                trials_failed=sum(t.state == TrialState.FAIL for t in trials),
+            )
+            if not complete:
+                rows.append({**row, "status": "no completed trial"})
+                continue
+            best = max(complete, key=lambda t: (t.value, -t.number))
+            finals = [attrs[k] for s in final_seeds(spec) if (k := f"final:{best.number}:{s}") in attrs]
+            for f in finals:
+                devices.add(f.get("device", "?"))
+                precisions.add(f.get("precision", "?"))
+                compute_s += f.get("seconds", 0.0)
+            params = {k.removeprefix("param:"): v for k, v in best.user_attrs.items() if k.startswith("param:")}
+            row.update(
+                status="final" if len(finals) == spec.final_seeds else f"{len(finals)}/{spec.final_seeds} seeds",
+                best_trial=best.number,
+                val_score=best.value,
+                n_seeds=len(finals),
+                seeds=[f["seed"] for f in finals],
+                best_params=params,
+            )
+            for metric in METRICS:
+                values = [f["test"][metric] for f in finals if _finite(f["test"].get(metric))]
+                mean, std = _mean_std(values)
+                row[f"test_{metric}"] = mean
+                row[f"test_{metric}_std"] = std
+            rows.append(row)
+    board = pd.DataFrame(rows)
+    if "test_accuracy" in board:
+        board["rank"] = (
+            board.groupby("pair")["test_accuracy"].rank(ascending=False, method="min").astype("Int64")
+        )
+        board = board.sort_values(["pair", "rank"], na_position="last", kind="stable").reset_index(drop=True)
+    trials_df = pd.DataFrame(trial_rows)
+    provenance = {
+        "study": spec.name,
+        "study_file": spec.path,
+        "study_file_sha256": spec.file_hash,
+        "harness_version": __version__,
+        "git_commit": _git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "device": sorted(devices),
+        "precision": sorted(precisions),
+        "seeds": {
+            "study": spec.seed,
+            "data_split": spec.seed,
+            "trial": "study seed + trial number",
+            "final": final_seeds(spec),
+        },
+        "sampler": [json.loads(s) for s in sorted(samplers)],
+        "pruner": sorted(pruners),
+        "selection_rule": spec.selection,
+        "selection_note": "trials are scored on validation splits only; the target test split is read once per final seeded run",
+        "data_fingerprints": fingerprints,
+        "plugins": sorted(plugins),
+        "budget": spec.budget.model_dump(),
+        "trial_counts": {k: v for k, v in counts.items() if v},
+        "compute_seconds": round(compute_s, 1),
+        "wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts else 0.0,
+        "storage": _redact(storage_url),
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    return board, trials_df, provenance
+
+
+def write(results_dir: Path, spec: StudySpec, board: pd.DataFrame, trials: pd.DataFrame, provenance: dict[str, Any]) -> list[Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    csv_cols = [c for c in board.columns if c not in ("best_params", "seeds")]
+    flat = board[csv_cols].copy()
+    if "best_params" in board:
+        flat["best_params"] = board["best_params"].map(lambda p: json.dumps(p, sort_keys=True) if isinstance(p, dict) else "")
+    for name, frame in (("leaderboard.csv", flat), ("trials.csv", trials)):
+        path = results_dir / name
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+        paths.append(path)
+    path = results_dir / "leaderboard.json"
+    write_json(path, {"study": spec.name, "description": spec.description, "rows": _records(board), "provenance": provenance})
+    paths.append(path)
+    path = results_dir / "leaderboard.md"
+    write_text(path, to_markdown(spec, board, provenance))
+    paths.append(path)
+    return paths
+
+
+def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]) -> str:
+    lines = [f"# Leaderboard: {spec.name}", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += [
+        f"Target **test** accuracy and macro-F1 in %, mean ± standard deviation over "
+        f"{spec.final_seeds} seeded final runs of the best trial. Trials were selected on a "
+        "validation split (column *selection*); the test split was read only by the final runs. "
+        "Rows marked **oracle** were selected with target labels although the method trains without them.",
+        "",
+    ]
+    for pair, group in board.groupby("pair", sort=False):
+        lines += [f"## {pair}", ""]
+        table = pd.DataFrame(
+            {
+                "rank": group.get("rank", pd.Series(dtype="Int64")).astype("string").fillna("-"),
+                "method": group["method"],
+                "strategy": group["strategy"],
+                "test acc %": [_pm(r, "accuracy") for r in group.to_dict("records")],
+                "test macro-F1 %": [_pm(r, "macro_f1") for r in group.to_dict("records")],
+                "val %": [_pct(r.get("val_score")) for r in group.to_dict("records")],
+                "selection": [
+                    (r.get("selection") or "-") + (" **oracle**" if r.get("oracle") else "")
+                    for r in group.to_dict("records")
+                ],
+                "trials (ok/pruned/failed)": [
+                    f"{_int(r.get('trials_complete'))}/{_int(r.get('trials_pruned'))}/{_int(r.get('trials_failed'))}"
+                    for r in group.to_dict("records")
+                ],
+                "status": group["status"],
+            }
+        )
+        lines += [table.to_markdown(index=False), ""]
+    p = provenance
+    lines += [
+        "## Provenance",
+        "",
+        f"- harness {p['harness_version']} (commit {p['git_commit'] or 'unknown'}), Python {p['python']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in p["packages"].items() if v),
+        f"- device: {', '.join(p['device']) or '-'}; precision: {', '.join(p['precision']) or '-'}",
+        f"- seeds: study {p['seeds']['study']}, final runs {p['seeds']['final']}; sampler {p['sampler']}; pruner {', '.join(p['pruner'])}",
+        f"- data fingerprints: {json.dumps(p['data_fingerprints'], sort_keys=True)}",
+        f"- study file {p['study_file']} (sha256 {p['study_file_sha256']}); trials {json.dumps(p['trial_counts'])}",
+        f"- compute {p['compute_seconds']:.0f} s, wall {p['wall_seconds']:.0f} s; generated {p['generated_at']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pm(row: dict[str, Any], metric: str) -> str:
+    mean, std = row.get(f"test_{metric}"), row.get(f"test_{metric}_std")
+    if not _finite(mean):
+        return "-"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(std) else f"{100 * mean:.1f}"
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}" if _finite(v) else "-"
+
+
+def _int(v: Any) -> int:
+    return int(v) if _finite(v) else 0
+
+
+def _records(board: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for rec in board.to_dict("records"):
+        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else _plain(v)) for k, v in rec.items()})
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if v is pd.NA:
+        return None
+    if hasattr(v, "item") and not isinstance(v, list | dict):
+        return v.item()
+    return v
+
+
+def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    row = {
+        "pair": pair,
+        "method": method,
+        "trial": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "epochs_reported": len(t.intermediate_values),
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        "fail_reason": t.user_attrs.get("fail_reason", ""),
+        "error": t.user_attrs.get("error", ""),
+    }
+    row.update({k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")})
+    return row
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    s = pd.Series(values, dtype=float)
+    return float(s.mean()), float(s.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and v is not pd.NA and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,280 @@
+"""Study files: TOML under ``benchmarks/`` -> a validated ``StudySpec``.
+
+Every problem ends as one ``StudySpecError`` naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import HarnessError, StudySpecError
+
+AUGMENT_POLICIES = ("none", "light", "strong")
+SELECTION_RULES = ("auto", "target-val", "source-val")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pair(_Strict):
+    source: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+class Method(_Strict):
+    backbone: str = Field(min_length=1)
+    head: str = "linear"
+    strategy: str = Field(min_length=1)
+    weights: str = "none"
+    head_options: dict[str, Any] = Field(default_factory=dict)
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.name:
+            return self.name
+        weights = self.weights if self.weights in ("none", "imagenet", "source") else "file"
+        opts = "".join(f",{k}={v}" for k, v in sorted(self.strategy_options.items()))
+        return f"{self.backbone}[{weights}]+{self.head}+{self.strategy}{opts}"
+
+
+class Budget(_Strict):
+    trials: int = Field(8, ge=1)
+    max_epochs: int = Field(10, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = True
+
+
+class SearchSpace(_Strict):
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0)
+    freeze_depth: Literal["auto"] | list[int] | int = "auto"
+    backbone_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])
+    head_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])
+    weight_decay: list[float] | float = Field(default_factory=lambda: [1e-6, 1e-2])
+    augment: list[str] | str = Field(default_factory=lambda: list(AUGMENT_POLICIES))
+
+    @field_validator("backbone_lr", "head_lr", "weight_decay")
+    @classmethod
+    def _range(cls, v: list[float] | float) -> list[float] | float:
+        if isinstance(v, list):
+            if len(v) != 2:
+                raise ValueError(f"expected [low, high] or one number, got {v}")
+            lo, hi = v
+            if not (0 < lo <= hi):
+                raise ValueError(f"expected [low, high] with 0 < low <= high, got {v} (empty range)")
+        elif v <= 0:
+            raise ValueError(f"expected a positive number, got {v}")
+        return v
+
+    @field_validator("freeze_depth")
+    @classmethod
+    def _depth(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 2 or not (0 <= v[0] <= v[1]):
+                raise ValueError(f"expected [low, high] with 0 <= low <= high, or \"auto\", got {v}")
+        elif isinstance(v, int) and v < 0:
+            raise ValueError(f"expected a non-negative stage count, got {v}")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: list[str] | str) -> list[str] | str:
+        values = [v] if isinstance(v, str) else v
+        if not values:
+            raise ValueError(f"expected at least one of {', '.join(AUGMENT_POLICIES)} (empty list)")
+        bad = [p for p in values if p not in AUGMENT_POLICIES]
+        if bad:
+            raise ValueError(f"unknown policy {bad[0]!r}; allowed: {', '.join(AUGMENT_POLICIES)}")
+        return v
+
+
+class Pretrain(_Strict):
+    """Recipe for ``weights = "source"``: a backbone + linear head trained on source labels."""
+
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: str = "light"
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: str) -> str:
+        if v not in AUGMENT_POLICIES:
+            raise ValueError(f"unknown policy {v!r}; allowed: {', '.join(AUGMENT_POLICIES)}")
+        return v
+
+
+class DatasetAlias(BaseModel):
+    """``[datasets.NAME] plugin = "folder", root = "..."``: binds a dataset plugin to options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    plugin: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StudySpec(_Strict):
+    description: str = ""
+    task: Literal["classification"] = "classification"
+    image_size: int = Field(32, ge=8, le=1024)
+    batch_size: int = Field(64, ge=2)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    final_seeds: int = Field(3, ge=1)
+    selection: Literal["auto", "target-val", "source-val"] = "auto"
+    pairs: list[Pair] = Field(min_length=1)
+    methods: list[Method] = Field(min_length=1)
+    budget: Budget = Field(default_factory=Budget)
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
+    datasets: dict[str, DatasetAlias] = Field(default_factory=dict)
+
+    # filled in by load_study, not by the file
+    name: str = ""
+    path: str = ""
+    file_hash: str = ""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"expected \"auto\", \"cpu\" or \"cuda[:N]\", got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> StudySpec:
+        keys = [m.key for m in self.methods]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"two methods share the key {sorted(dup)[0]!r}; give one a distinct `name`")
+        return self
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def find_study(name_or_path: str, root: Path | None = None) -> Path:
+    """``quickstart`` -> ``benchmarks/quickstart.toml``; a path is taken as it is."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise StudySpecError(f"{p}: study file not found")
+        return p
+    base = (root or Path.cwd()) / "benchmarks"
+    candidate = base / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(f.stem for f in base.glob("*.toml")) if base.is_dir() else []
+    from harness.registry import unknown_message
+
+    raise StudySpecError(
+        unknown_message("study", name_or_path, known).replace("unknown study", f"no study file {candidate}: study"),
+        hint=f"studies here: {', '.join(known) or 'none'}; a path to a .toml file also works",
+    )
+
+
+def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root: Path | None = None) -> StudySpec:
+    path = find_study(name_or_path, root)
+    raw_bytes = path.read_bytes()
+    try:
+        data = tomllib.loads(raw_bytes.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StudySpecError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise StudySpecError(_first_error(path, exc)) from None
+    return spec.model_copy(
+        update={
+            "name": path.stem,
+            "path": str(path),
+            "file_hash": hashlib.sha256(raw_bytes).hexdigest()[:16],
+        }
+    )
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _first_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = _format_loc(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = err["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        return f"{path}: unknown key {loc!r}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{path}: {loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "expected")
+    got = err.get("input")
+    if kind not in ("value_error",) and not isinstance(got, dict | list):
+        msg = f"{msg} (got {got!r})"
+    return f"{path}: {loc}: {msg}"
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not isinstance(part, str) or part.startswith(("function-", "list[", "literal[", "int", "float", "str")):
+            continue  # union branches pydantic adds to the path
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = StudySpec
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            break
+        model = nxt
+    hidden = {"name", "path", "file_hash"} if model is StudySpec else set()
+    return [k for k in model.model_fields if k not in hidden]
+
+
+def spec_error(spec: StudySpec, key: str, error: HarnessError | str) -> StudySpecError:
+    """Re-word an error found while resolving a spec so that it names the file and the key."""
+    message = str(error)
+    hint = error.hint if isinstance(error, HarnessError) else None
+    return StudySpecError(f"{spec.path}: {key}: {message}", hint=hint)

@@ -1,0 +1,131 @@
+"""Backbone weights: building backbones through their plugin, and ``weights = "source"``.
+
+Source pretraining trains backbone + linear head on the source domain once with a fixed recipe and
+caches the backbone as safetensors, keyed by everything that determines it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.api import Backbone, DomainData, Strategy
+from harness.errors import PluginContractError
+from harness.fileio import atomic_path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HARNESS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "harness"
+    )
+    return Path(root)
+
+
+def build_backbone(entry: Any, name: str, weights: str) -> Backbone:
+    backbone = entry.factory(name, weights=weights)
+    if not isinstance(backbone, Backbone):
+        raise PluginContractError(
+            f"backbone factory of plugin {entry.plugin!r} ({entry.dist}) returned "
+            f"{type(backbone).__name__}, not harness.api.Backbone"
+        )
+    backbone.name = backbone.name or name
+    backbone.check()
+    return backbone
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    epochs: int
+    lr: float
+    weight_decay: float
+    augment: str
+    batch_size: int
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _SourceCE(Strategy):
+    uses_source, uses_target, target_labels = True, False, "none"
+
+    def training_step(self, model, batch, ctx):
+        x, y = batch.source
+        return nn.functional.cross_entropy(model(x), y)
+
+
+def source_weights_key(backbone: str, source: DomainData, recipe: SourceRecipe) -> str:
+    from harness import __version__
+
+    payload = json.dumps(
+        {
+            "backbone": backbone,
+            "source": source.fingerprint,
+            "shape": list(source.image_shape),
+            "recipe": recipe.as_dict(),
+            "harness": __version__.split(".")[0:2],
+            "torch": torch.__version__.split("+")[0],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def source_pretrained(
+    entry: Any,
+    backbone_name: str,
+    source: DomainData,
+    recipe: SourceRecipe,
+    device: torch.device,
+    precision: Any,
+    log: Any = None,
+) -> Path:
+    """Path of the cached source-pretrained backbone weights, training them on first use."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from harness.engine import Trainer, TrainConfig, TransferModel, classification_metrics
+
+    key = source_weights_key(backbone_name, source, recipe)
+    path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return path
+        if log:
+            log(f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})")
+        backbone = build_backbone(entry, backbone_name, "none")
+        model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
+        cfg = TrainConfig(
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            backbone_lr=recipe.lr,
+            head_lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
+            freeze_depth=0,
+            augment=recipe.augment,
+            seed=recipe.seed,
+            device=device,
+            precision=precision,
+        )
+        trainer = Trainer(model, _SourceCE(), source, source, cfg)
+        trainer.fit()
+        val = classification_metrics(trainer.predict(source.val), source.val.y, source.num_classes)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+        meta = {
+            "backbone": backbone_name,
+            "source": source.name,
+            "source_fingerprint": source.fingerprint,
+            "source_val_accuracy": f"{val['accuracy']:.4f}",
+            "recipe": json.dumps(recipe.as_dict()),
+        }
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+        return path

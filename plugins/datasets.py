@@ -1,0 +1,326 @@
+"""Built-in datasets: scikit-learn's digits, an MNIST-M style ``digits-m``, and image folders.
+
+``digits`` and ``digits-m`` share images, labels and order, so for the same seed they split into
+the same indices: a source/target pair with a large, real domain shift and no download.
+``folder`` reads a user's own domains laid out as ``root/<domain>/<class>/<image>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from harness import hookimpl
+from harness.api import DatasetError, DomainData
+from harness.hookspecs import Register
+
+__all__ = ["build_digits", "build_digits_m", "build_folder", "register_datasets"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+#: colour photographs bundled in scikit-image's data directory (read from disk, never fetched)
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "rocket.jpg",
+)
+_MAX_LISTED = 10
+_DECODE_THREADS = 4
+
+
+@hookimpl
+def register_datasets(register: Register) -> None:
+    """Register ``digits``, ``digits-m`` and ``folder``."""
+    register(
+        "digits",
+        build_digits,
+        description="scikit-learn's 1797 handwritten 8x8 digits, upsampled, white on black",
+        tasks=("classification",),
+    )
+    register(
+        "digits-m",
+        build_digits_m,
+        description="the same digits blended with crops of real photos (MNIST-M recipe)",
+        tasks=("classification",),
+    )
+    register(
+        "folder",
+        build_folder,
+        description="your own domains laid out as root/<domain>/<class>/<image>",
+        tasks=("classification",),
+    )
+
+
+# --------------------------------------------------------------------------------------- digits
+
+
+def build_digits(domain: str | None, *, image_size: int, seed: int) -> DomainData:
+    """scikit-learn's digits as uint8 ``(1797, 3, image_size, image_size)`` images."""
+    _no_domain("digits", domain)
+    x = _digit_strokes(image_size).repeat(1, 3, 1, 1)
+    return DomainData.from_arrays(
+        "digits", x, _digit_labels(), class_names=DIGIT_CLASSES, seed=seed, meta={"hflip": False}
+    )
+
+
+def build_digits_m(
+    domain: str | None, *, image_size: int, seed: int, photo_seed: int = 1234
+) -> DomainData:
+    """The digits blended with random crops of real photographs: ``|crop - stroke|``.
+
+    ``photo_seed`` picks the photo and crop of every digit; ``seed`` only picks the splits, which
+    are the same as those of ``digits`` for the same seed.
+    """
+    _no_domain("digits-m", domain)
+    strokes = _digit_strokes(image_size)
+    crops = _photo_crops(len(strokes), image_size, photo_seed)
+    x = (crops.to(torch.int16) - strokes.to(torch.int16)).abs().to(torch.uint8)
+    return DomainData.from_arrays(
+        "digits-m", x, _digit_labels(), class_names=DIGIT_CLASSES, seed=seed, meta={"hflip": False}
+    )
+
+
+def _no_domain(name: str, domain: str | None) -> None:
+    if domain is not None:
+        raise DatasetError(
+            f"dataset {name!r} has no sub-domains, got {name}/{domain}",
+            hint=f"name it as plain {name!r}",
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _digit_labels() -> Tensor:
+    return torch.from_numpy(_digits_raw()[1].copy())
+
+
+@functools.lru_cache(maxsize=4)
+def _digit_strokes(image_size: int) -> Tensor:
+    """Digit intensities 0..255 as uint8 ``(N, 1, S, S)``, upsampled bilinearly (cached)."""
+    if image_size < 8:
+        raise DatasetError(f"digits need image_size >= 8, got {image_size}")
+    images = torch.from_numpy(_digits_raw()[0]).unsqueeze(1) * (255.0 / 16.0)
+    up = F.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return up.round().clamp(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[Tensor, ...]:
+    """Real colour photographs shipped by scikit-learn and scikit-image, as uint8 ``(3, H, W)``."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = [
+        torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        for img in load_sample_images().images
+        if img.ndim == 3 and img.shape[2] == 3
+    ]
+    data_dir = Path(os.path.dirname(skimage.data.__file__))
+    for name in SKIMAGE_PHOTOS:
+        path = data_dir / name
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                if im.mode != "RGB":
+                    continue
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        photos.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
+    if not photos:
+        raise DatasetError("digits-m found no bundled colour photographs to blend with")
+    return tuple(photos)
+
+
+def _photo_crops(n: int, image_size: int, photo_seed: int) -> Tensor:
+    """``n`` seeded random square crops of the photos, resized to ``image_size``: uint8 (n,3,S,S)."""
+    photos = _photos()
+    rng = np.random.default_rng(photo_seed)
+    which = rng.integers(0, len(photos), size=n)
+    sizes = rng.integers(image_size, 4 * image_size + 1, size=n)
+    tops, lefts = rng.random(n), rng.random(n)
+    out = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
+    for i in range(n):
+        photo = photos[which[i]]
+        h, w = photo.shape[1:]
+        c = int(min(sizes[i], h, w))
+        top, left = int(tops[i] * (h - c + 1)), int(lefts[i] * (w - c + 1))
+        crop = photo[:, top : top + c, left : left + c].unsqueeze(0).float()
+        if c != image_size:
+            crop = F.interpolate(
+                crop,
+                size=(image_size, image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+        out[i] = crop[0].round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------- folder
+
+
+def build_folder(
+    domain: str | None,
+    *,
+    image_size: int,
+    seed: int,
+    root: str,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> DomainData:
+    """One domain of ``root/<domain>/<class>/<image>``, resized and center-cropped to a square."""
+    if image_size < 1:
+        raise DatasetError(f"image_size must be positive, got {image_size}")
+    train_fraction = 1.0 - val_fraction - test_fraction
+    if val_fraction <= 0 or test_fraction <= 0 or train_fraction <= 0:
+        raise DatasetError(
+            f"folder splits need 0 < val_fraction, test_fraction and val + test < 1, got "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DatasetError(
+            f"dataset root not found: {root_path}",
+            hint="set root to a folder laid out as root/<domain>/<class>/<image>",
+        )
+    available = _subfolders(root_path)
+    listing = ", ".join(available) if available else "none (root has no sub-folders)"
+    if domain is None:
+        raise DatasetError(
+            f"dataset 'folder' needs a domain (a sub-folder of {root_path}); available: {listing}",
+            hint="name the domain as folder/<domain> or via a dataset alias",
+        )
+    domain_dir = root_path / domain
+    if domain in ("", ".", "..") or not domain_dir.is_dir():
+        raise DatasetError(
+            f"domain folder not found: {domain_dir}; available domains: {listing}",
+            hint="the domain is the name of a sub-folder of root",
+        )
+    class_names = _subfolders(domain_dir)
+    if not class_names:
+        raise DatasetError(
+            f"domain folder {domain_dir} has no class folders",
+            hint="lay images out as root/<domain>/<class>/<image>",
+        )
+
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(class_names):
+        files = _image_files(domain_dir / cls)
+        if not files:
+            raise DatasetError(
+                f"class folder {domain_dir / cls} holds no images "
+                f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})",
+                hint="remove the empty class folder or add images to it",
+            )
+        paths += files
+        labels += [label] * len(files)
+
+    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+        decoded = list(pool.map(functools.partial(_read_image, image_size=image_size), paths))
+    bad = [(p, err) for p, (_, err) in zip(paths, decoded, strict=True) if err is not None]
+    if bad:
+        raise DatasetError(_bad_files_message(domain_dir, bad), hint=_BAD_FILES_HINT)
+
+    x = torch.from_numpy(np.stack([arr for arr, _ in decoded])).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(labels, dtype=torch.int64)
+    data = DomainData.from_arrays(
+        domain,
+        x,
+        y,
+        class_names=class_names,
+        seed=seed,
+        fractions=(train_fraction, val_fraction, test_fraction),
+        meta={"hflip": True, "root": str(root_path)},
+    )
+    for split_name in ("train", "val", "test"):
+        if len(getattr(data, split_name)) == 0:
+            raise DatasetError(
+                f"domain folder {domain_dir}: {len(y)} images leave the {split_name} split empty",
+                hint="add images, or change val_fraction / test_fraction",
+            )
+    return data
+
+
+_BAD_FILES_HINT = "delete or re-export these files (files without an image extension are ignored)"
+
+
+def _subfolders(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _read_image(path: Path, *, image_size: int) -> tuple[np.ndarray | None, str | None]:
+    """Fully decode one image to uint8 ``(S, S, 3)``, or return why it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure makes the file unreadable
+        return None, _decode_failure(path, exc)
+    return np.asarray(_resize_center_crop(rgb, image_size)), None
+
+
+def _decode_failure(path: Path, exc: Exception) -> str:
+    """A short reason for a file that failed to decode, without repeating its path."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+    except OSError:
+        pass
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (unknown or corrupt format)"
+    text = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip()
+    text = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (bilinear), then crop the central square."""
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]]) -> str:
+    lines = [f"{len(bad)} unreadable image file(s) in domain folder {domain_dir}:"]
+    lines += [f"  {path}: {reason}" for path, reason in bad[:_MAX_LISTED]]
+    if len(bad) > _MAX_LISTED:
+        lines.append(f"  and {len(bad) - _MAX_LISTED} more")
+    return "\n".join(lines)

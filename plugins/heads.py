@@ -1,0 +1,36 @@
+"""Heads: linear and MLP classifiers over pooled backbone features."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from harness import hookimpl
+from harness.api import Backbone
+
+
+@hookimpl
+def register_heads(register):
+    register("linear", build_linear, description="one linear layer", tasks=("classification",))
+    register(
+        "mlp",
+        build_mlp,
+        description="hidden layer with BatchNorm, ReLU and dropout",
+        tasks=("classification",),
+    )
+
+
+def build_linear(*, backbone: Backbone, num_classes: int, task: str, dropout: float = 0.0) -> nn.Module:
+    layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(*layers, nn.Linear(backbone.num_features, num_classes))
+
+
+def build_mlp(
+    *, backbone: Backbone, num_classes: int, task: str, hidden: int = 256, dropout: float = 0.2
+) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(backbone.num_features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
