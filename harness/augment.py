@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ _RGB_TO_YIQ = (
     (0.211, -0.523, 0.312),
 )
 # Inverted once on the CPU: linalg.inv on CUDA would synchronise to check for singularity.
-_YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
+_YIQ_TO_RGB = tuple(
+    tuple(row) for row in torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
+)
 _PROBABILITIES = ("hflip", "grayscale", "invert", "blur", "cutout")
 
 
@@ -172,7 +175,7 @@ def augment(
             f"mask must have shape (N, H, W) = {(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}"
         )
     flip_p = policy.hflip if allow_flip else 0.0
-    if policy.is_identity or not (flip_p or policy.changes_beyond_flip):
+    if not (flip_p or policy.changes_beyond_flip):
         return x if mask is None else (x, mask)
 
     out = x
@@ -186,11 +189,17 @@ def augment(
         out = _blur(out, policy.blur, generator)
     if policy.noise:
         noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-        out = out + policy.noise * noise
+        out = torch.add(out, noise, alpha=policy.noise)
     if policy.cutout:
         out = _cutout(out, policy.cutout, generator)
     out = out.clamp(0.0, 1.0) if out is x else out.clamp_(0.0, 1.0)
     return out if mask is None else (out, mask)
+
+
+@lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A cached constant: a blocking host-to-device copy on every call would stall CUDA."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _uniform(
@@ -302,7 +311,7 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
     offset = torch.zeros(n, device=dev)
     if policy.contrast:
         if c == 3:
-            luma = torch.tensor(_RGB_TO_YIQ[0], device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+            luma = _constant(_RGB_TO_YIQ[0], dev, x.dtype).view(1, 3, 1, 1)
             mean = (x * luma).sum(1).mean((-2, -1), dtype=torch.float32)
         else:
             mean = x.mean((1, 2, 3), dtype=torch.float32)
@@ -313,8 +322,8 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
     if mixes:
         # Saturation scales (I, Q) and hue rotates them; both keep grey (Y, 0, 0) fixed, so the
         # contrast offset, which is grey, passes through unchanged.
-        to_yiq = torch.tensor(_RGB_TO_YIQ, device=dev)
-        from_yiq = torch.tensor(_YIQ_TO_RGB, device=dev)
+        to_yiq = _constant(_RGB_TO_YIQ, dev, torch.float32)
+        from_yiq = _constant(_YIQ_TO_RGB, dev, torch.float32)
         sat = _factor(n, policy.saturation, generator, dev)
         zero = torch.zeros(n, device=dev)
         turn = (
@@ -334,7 +343,7 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
         matrix = from_yiq @ yiq @ to_yiq
         if policy.grayscale:
             gray = _coin(n, policy.grayscale, generator, dev).view(-1, 1, 1)
-            to_gray = torch.tensor(_RGB_TO_YIQ[0], device=dev).expand(3, 3)
+            to_gray = _constant(_RGB_TO_YIQ[0], dev, torch.float32).expand(3, 3)
             matrix = torch.where(gray, to_gray @ matrix, matrix)
         matrix = matrix * gain.view(-1, 1, 1)
     if policy.invert:
@@ -370,8 +379,8 @@ def _cutout(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
     side_h, side_w = max(1, h // 4), max(1, w // 4)
     dev = x.device
     # The square lies fully inside the image, so every chosen image loses the same area.
-    top = (torch.rand(n, generator=generator, device=dev) * (h - side_h + 1)).long().view(-1, 1, 1)
-    left = (torch.rand(n, generator=generator, device=dev) * (w - side_w + 1)).long().view(-1, 1, 1)
+    top = torch.randint(0, h - side_h + 1, (n, 1, 1), generator=generator, device=dev)
+    left = torch.randint(0, w - side_w + 1, (n, 1, 1), generator=generator, device=dev)
     chosen = _coin(n, p, generator, dev).view(-1, 1, 1)
     rows = torch.arange(h, device=dev).view(1, -1, 1)
     cols = torch.arange(w, device=dev).view(1, 1, -1)

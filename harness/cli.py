@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import HarnessError, StudySpecError
@@ -21,8 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Benchmark which backbone, head, adaptation strategy and recipe transfers best between image domains.",
 )
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 StudyOpt = Annotated[str, typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file")]
 ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results/<study>/ folders go")]
@@ -30,6 +31,16 @@ StorageOpt = Annotated[
     str | None,
     typer.Option("--storage", help="Optuna storage URL (default: sqlite file under results/<study>/)"),
 ]
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(msg)}", soft_wrap=True)
+
+
+def _quiet_libraries() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _parse_sets(values: list[str] | None) -> dict[str, Any]:
@@ -66,10 +77,11 @@ def run(
     from harness.study import load_study
 
     spec = load_study(study, _parse_sets(set_))
+    _quiet_libraries()
     registry = get_registry()
     target_dir = results_dir / spec.name
     started = time.perf_counter()
-    log = (lambda msg: None) if quiet else (lambda msg: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}"))
+    log = (lambda msg: None) if quiet else _log
     runner = Runner(spec, registry, RunOptions(results_dir=target_dir, storage=storage, log=log))
     log(
         f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
@@ -101,6 +113,7 @@ def leaderboard_cmd(study: StudyOpt, storage: StorageOpt = None, results_dir: Re
     from harness.study import load_study
 
     spec = load_study(study)
+    _quiet_libraries()
     target_dir = results_dir / spec.name
     url = storage or default_storage(target_dir)
     if storage is None and not (target_dir / "optuna.db").is_file():
@@ -132,7 +145,7 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool) -> None:
             f"{leaderboard._int(r.get('trials_failed'))} failed",
         )
     out.print(table)
-    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
 
 
 @app.command()
@@ -192,9 +205,9 @@ def main() -> None:
     try:
         app()
     except HarnessError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.hint:
-            console.print(f"[dim]hint:[/] {exc.hint}", soft_wrap=True)
+            console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

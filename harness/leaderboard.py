@@ -144,7 +144,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         "trial_counts": {k: v for k, v in counts.items() if v},
         "compute_seconds": round(compute_s, 1),
         "wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts else 0.0,
-        "storage": _redact(storage_url),
+        "storage": _redact(storage_url).replace(str(Path.cwd().resolve()) + "/", ""),
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return board, trials_df, provenance

@@ -46,7 +46,7 @@ class Method(_Strict):
             return self.name
         weights = self.weights if self.weights in ("none", "imagenet", "source") else "file"
         opts = "".join(f",{k}={v}" for k, v in sorted(self.strategy_options.items()))
-        return f"{self.backbone}[{weights}]+{self.head}+{self.strategy}{opts}"
+        return f"{self.backbone}({weights})+{self.head}+{self.strategy}{opts}"
 
 
 class Budget(_Strict):
@@ -207,10 +207,14 @@ def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise StudySpecError(_first_error(path, exc)) from None
+    try:
+        shown = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = path
     return spec.model_copy(
         update={
             "name": path.stem,
-            "path": str(path),
+            "path": str(shown),
             "file_hash": hashlib.sha256(raw_bytes).hexdigest()[:16],
         }
     )
