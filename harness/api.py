@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -243,9 +244,16 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
+    except pickle.UnpicklingError:
         raise WeightsError(
-            f"cannot load weights from {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            f"refused to load {path}: it holds pickled objects other than tensors "
+            "(read with torch.load(weights_only=True); nothing in it was executed)",
+            hint="re-save the state dict as .safetensors, or as a checkpoint of plain tensors",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise WeightsError(
+            f"cannot load weights from {path}: {type(exc).__name__}: {detail[0][:200] if detail else ''}",
             hint="torch checkpoints are read with weights_only=True; save plain tensors or use .safetensors",
         ) from None
     for key in ("state_dict", "model", "module"):

@@ -162,12 +162,22 @@ def build_lenet(name: str, *, weights: str = "none", in_chans: int = 3) -> Backb
         )
     if weights != "none":
         state = load_weights_file(weights)
-        result = net.load_state_dict(state, strict=False)
+        hint = "the file must hold the state dict of harness_example.plugin.LeNet"
+        try:
+            # strict=False reports missing and unexpected keys instead of raising on them;
+            # a tensor of the wrong shape still raises RuntimeError
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"weights file {weights} does not fit backbone {name!r}: "
+                f"{str(exc).strip().splitlines()[-1].strip()}",
+                hint=hint,
+            ) from None
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(
                 f"weights file {weights} does not fit backbone {name!r}: "
                 f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}",
-                hint="the file must hold the state dict of harness_example.plugin.LeNet",
+                hint=hint,
             )
     return Backbone(
         module=net,

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import harness.engine
+from harness.api import DomainData, load_weights_file
+from harness.engine import Precision
+from harness.errors import WeightsError
+from harness.registry import get_registry
+from harness.weights import SourceRecipe, source_pretrained
+from harness_plugins.timm_backbones import build_timm_backbone
+
+import pytest
+
+
+def _state(name="test_resnet"):
+    torch.manual_seed(3)
+    return build_timm_backbone(name, weights="none").module.state_dict()
+
+
+def test_local_safetensors_and_torch_checkpoint_load(tmp_path):
+    state = _state()
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    pth = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pth)
+    for path in (st, pth):
+        bb = build_timm_backbone("test_resnet", weights=str(path))
+        for k, v in bb.module.state_dict().items():
+            assert torch.equal(v, state[k]), (path, k)
+
+
+def test_checkpoint_with_classifier_keys_loads_into_backbone(tmp_path):
+    import timm
+
+    full = timm.create_model("test_resnet", num_classes=7)
+    path = tmp_path / "full.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    bb = build_timm_backbone("test_resnet", weights=str(path))
+    assert torch.equal(bb.module.conv1[0].weight, full.conv1[0].weight)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in _state("test_vit").items()}, str(path))
+    with pytest.raises(WeightsError, match="does not fit backbone 'test_resnet'"):
+        build_timm_backbone("test_resnet", weights=str(path))
+    with pytest.raises(WeightsError, match="not found"):
+        build_timm_backbone("test_resnet", weights=str(tmp_path / "missing.safetensors"))
+
+
+class _Payload:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_pickle_payload_is_never_executed(tmp_path):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(sentinel)}, path)
+    assert not sentinel.exists()
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_weights_file(path)
+    with pytest.raises(WeightsError):
+        build_timm_backbone("test_resnet", weights=str(path))
+    assert not sentinel.exists()
+
+
+def test_imagenet_weights_offline_say_how_to_supply_a_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError) as err:
+        build_timm_backbone("test_resnet", weights="imagenet")
+    assert "weights = '/path/to/" in err.value.hint and "safetensors" in err.value.hint
+
+
+def _digits(n=120):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 3
+    x = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    return DomainData.from_arrays("src", x, y, class_names=["a", "b", "c"], seed=0)
+
+
+def test_source_pretraining_is_cached_as_safetensors(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    entry = get_registry().get("backbone", "test_resnet")
+    calls = []
+    real_fit = harness.engine.Trainer.fit
+    monkeypatch.setattr(harness.engine.Trainer, "fit", lambda self, *a, **k: calls.append(1) or real_fit(self, *a, **k))
+    recipe = SourceRecipe(epochs=1, lr=1e-3, weight_decay=0.0, augment="none", batch_size=32, seed=0)
+    cpu = torch.device("cpu")
+    src = _digits()
+    p1 = source_pretrained(entry, "test_resnet", src, recipe, cpu, Precision.for_device(cpu))
+    p2 = source_pretrained(entry, "test_resnet", src, recipe, cpu, Precision.for_device(cpu))
+    assert p1 == p2 and p1.suffix == ".safetensors" and len(calls) == 1
+    state = load_file(str(p1))
+    assert "conv1.0.weight" in state
+    # a different recipe or different data means different weights
+    p3 = source_pretrained(entry, "test_resnet", src, SourceRecipe(2, 1e-3, 0.0, "none", 32, 0), cpu, Precision.for_device(cpu))
+    assert p3 != p1 and len(calls) == 2
+    bb = build_timm_backbone("test_resnet", weights=str(p1))
+    assert torch.equal(bb.module.conv1[0].weight, state["conv1.0.weight"])
