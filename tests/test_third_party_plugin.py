@@ -217,10 +217,12 @@ def test_lenet_backbone_contract(example, tmp_path: Path) -> None:
     for key, value in bb.module.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value)
 
-    bad = tmp_path / "bad.safetensors"
-    save_file({"conv1.weight": torch.zeros(1)}, str(bad))
-    with pytest.raises(WeightsError):
-        example.build_lenet("example-lenet", weights=str(bad))
+    wrong_shape, partial = tmp_path / "wrong_shape.safetensors", tmp_path / "partial.safetensors"
+    save_file({**bb.module.state_dict(), "conv1.weight": torch.zeros(1)}, str(wrong_shape))
+    save_file({"conv1.weight": bb.module.conv1.weight.detach().clone()}, str(partial))
+    for bad in (wrong_shape, partial):
+        with pytest.raises(WeightsError, match="does not fit"):
+            example.build_lenet("example-lenet", weights=str(bad))
     with pytest.raises(WeightsError, match="not found"):
         example.build_lenet("example-lenet", weights=str(tmp_path / "missing.pth"))
 
@@ -232,7 +234,11 @@ def test_entropy_strategy_contract(example) -> None:
 
     strategy = example.EntropyMinimization()
     assert isinstance(strategy, Strategy)
-    assert (strategy.uses_source, strategy.uses_target, strategy.target_labels) == (True, True, "none")
+    assert (strategy.uses_source, strategy.uses_target, strategy.target_labels) == (
+        True,
+        True,
+        "none",
+    )
 
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     params = strategy.search_space(trial)
@@ -303,9 +309,12 @@ def test_study_with_the_example_plugin_runs_end_to_end(plugin_site: Path, tmp_pa
     study = tmp_path / "example_shapes.toml"
     study.write_text(STUDY)
     results, cache = tmp_path / "results", tmp_path / "cache"
-    env = _env(plugin_site, HARNESS_CACHE_DIR=str(cache))
+    # one intra-op thread: the model is tiny, and spinning OpenMP threads slow it down on busy CPUs
+    env = _env(plugin_site, HARNESS_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
 
-    proc = _harness(["run", "--study", str(study), "--results-dir", str(results)], env, tmp_path, 300)
+    proc = _harness(
+        ["run", "--study", str(study), "--results-dir", str(results)], env, tmp_path, 300
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
     out = results / "example_shapes"

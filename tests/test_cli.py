@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import write_study
+
+
+def harness(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_run_study_end_to_end_then_rebuild_leaderboard(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    write_study(tmp_path / "benchmarks", "e2e", trials=2, weights="source")
+    result = harness("run", "--study", "e2e", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # progress: trials done out of the budget, best value so far, time
+    assert "[1/2, best" in result.stderr and "s]" in result.stderr
+    assert "pretraining test_resnet on source 'digits'" in result.stderr
+    out = tmp_path / "results" / "e2e"
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "trials.csv", "optuna.db"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "leaderboard.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 3 and all(r["status"] == "final" and r["n_seeds"] == 2 for r in rows)
+    assert all(0 <= r["test_accuracy"] <= 1 and r["test_accuracy_std"] >= 0 for r in rows)
+    assert sorted(r["rank"] for r in rows) == [1, 2, 3]
+    prov = data["provenance"]
+    assert prov["study_file"] == "benchmarks/e2e.toml" and prov["seeds"]["final"] == [10000, 10001]
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert list(csv["method"]) == [r["method"] for r in rows]
+    assert "digits->digits-m" in (out / "leaderboard.md").read_text()
+
+    # rerun: nothing to train, same numbers
+    again = harness("run", "--study", "e2e", cwd=tmp_path)
+    assert again.returncode == 0 and "already spent" in again.stderr
+    assert "pretraining" not in again.stderr  # cached source weights, no final runs repeated
+    rows2 = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert [r["test_accuracy"] for r in rows2] == [r["test_accuracy"] for r in rows]
+
+    # rebuild from the storage without training
+    (out / "leaderboard.md").unlink()
+    rebuilt = harness("leaderboard", "--study", "e2e", cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (out / "leaderboard.md").is_file()
+    rows3 = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert [r["test_accuracy"] for r in rows3] == [r["test_accuracy"] for r in rows]
+
+
+def test_leaderboard_without_results_is_a_clear_error(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    write_study(tmp_path / "benchmarks", "nothing")
+    result = harness("leaderboard", "--study", "nothing", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "harness run --study nothing" in result.stderr
+
+
+def test_plugins_command_lists_distribution_version_and_entries(tmp_path):
+    result = harness("plugins", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for text in ("transfer-harness", "strategy: source-only", "dataset: digits", "head: linear", "in all)"):
+        assert text in result.stdout, text
+    listed = harness("plugins", "--kind", "strategy", cwd=tmp_path)
+    assert listed.returncode == 0
+    assert re.search(r"^linear-probe\s+strategies \(transfer-harness\)", listed.stdout, re.M)
+    bad = harness("plugins", "--kind", "backbones", cwd=tmp_path)
+    assert bad.returncode == 2 and "'backbone'" in bad.stderr
+
+
+def test_missing_weights_file_fails_before_training(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    write_study(tmp_path / "benchmarks", "w", weights="/nonexistent/w.safetensors")
+    result = harness("run", "--study", "w", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "methods[0]" in result.stderr and "weights file not found" in result.stderr
+    assert "trial 0" not in result.stderr  # no trial ran before the error
+    assert not (tmp_path / "results" / "w" / "optuna.db").exists() or "COMPLETE" not in (
+        tmp_path / "results" / "w" / "trials.csv"
+    ).read_text()
