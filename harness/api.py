@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
+    "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Backbone",
@@ -32,11 +33,14 @@ __all__ = [
     "WeightsError",
     "fingerprint_tensors",
     "load_weights_file",
+    "random_split",
     "stages_from_prefixes",
     "stratified_split",
 ]
 
 Task = Literal["classification", "segmentation"]
+#: mask value of pixels that carry no label (void) in segmentation
+IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,7 +50,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Split:
-    """One split of a domain: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
+    """One split of a domain: uint8 images ``(N, C, H, W)`` and int64 labels: ``(N,)`` class
+    indices, or ``(N, H, W)`` masks for segmentation (``IGNORE_INDEX`` = 255 marks void pixels)."""
 
     x: Tensor
     y: Tensor
@@ -106,8 +111,12 @@ class DomainData:
         task: Task = "classification",
         meta: dict[str, Any] | None = None,
     ) -> DomainData:
-        """Split one labelled pool into stratified, seeded train/val/test splits."""
-        train_i, val_i, test_i = stratified_split(y, fractions, seed)
+        """Split one labelled pool into seeded train/val/test splits (stratified by class for
+        classification; by image for segmentation, where ``y`` holds masks ``(N, H, W)``)."""
+        if y.ndim == 1:
+            train_i, val_i, test_i = stratified_split(y, fractions, seed)
+        else:
+            train_i, val_i, test_i = random_split(len(y), fractions, seed)
         return cls(
             name=name,
             task=task,
@@ -135,13 +144,22 @@ class DomainData:
             split: Split = getattr(self, split_name)
             if len(split) == 0:
                 raise PluginContractError(f"domain {self.name!r}: the {split_name} split is empty")
-            if self.task == "classification":
-                lo, hi = int(split.y.min()), int(split.y.max())
-                if lo < 0 or hi >= self.num_classes:
+            y = split.y
+            if self.task == "segmentation":
+                if y.shape[1:] != split.x.shape[2:]:
                     raise PluginContractError(
-                        f"domain {self.name!r}: {split_name} labels span {lo}..{hi} but there are "
-                        f"{self.num_classes} classes"
+                        f"domain {self.name!r}: {split_name} masks are {tuple(y.shape[1:])}, images "
+                        f"{tuple(split.x.shape[2:])}"
                     )
+                y = y[y != IGNORE_INDEX]
+                if y.numel() == 0:
+                    continue
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise PluginContractError(
+                    f"domain {self.name!r}: {split_name} labels span {lo}..{hi} but there are "
+                    f"{self.num_classes} classes"
+                )
 
 
 def stratified_split(
@@ -161,6 +179,16 @@ def stratified_split(
         parts[1].append(idx[n_train : n_train + n_val])
         parts[2].append(idx[n_train + n_val :])
     return tuple(torch.sort(torch.cat(p)).values for p in parts)  # type: ignore[return-value]
+
+
+def random_split(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded split of ``range(n)`` into three sorted parts with the given fractions."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must sum to 1, got {fractions}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
+    parts = (perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :])
+    return tuple(torch.sort(p).values for p in parts)  # type: ignore[return-value]
 
 
 def fingerprint_tensors(*tensors: Tensor | bytes | str) -> str:

@@ -71,9 +71,8 @@ def run(
 
     Running the same command again resumes: completed trials are kept and the budget is topped up.
     """
-    from harness import leaderboard
     from harness.registry import get_registry
-    from harness.search import RunOptions, Runner
+    from harness.search import Runner, RunOptions
     from harness.study import load_study
 
     spec = load_study(study, _parse_sets(set_))
@@ -91,10 +90,11 @@ def run(
         runner.run()
     except BaseException as exc:
         # publish what is finished before leaving; the storage keeps every trial either way
-        try:
-            _write_board(spec, runner.storage_url, target_dir, quiet=True)
-        except Exception as write_exc:  # noqa: BLE001
-            console.print(f"[yellow]could not write the partial leaderboard[/]: {write_exc}")
+        if runner.searching:
+            try:
+                _write_board(spec, runner.storage_url, target_dir, quiet=True)
+            except Exception as write_exc:  # noqa: BLE001
+                console.print(f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}")
         if isinstance(exc, KeyboardInterrupt):
             console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
             raise typer.Exit(130) from None

@@ -20,7 +20,8 @@ per thing it provides::
 
 The harness records which plugin and which distribution gave each entry, refuses a second entry
 of the same kind and name (naming both plugins), and answers an unknown name with the closest
-registered names. Names are lowercase and may contain ``-``, ``_``, ``.`` and ``/``.
+registered names. Names are lowercase and may contain ``-``, ``_`` and ``.`` (a ``/`` separates a
+dataset from its sub-domain in a study, so it cannot be part of a name).
 
 A plugin module never imports the search driver, the engine or the CLI: it only needs
 ``harness.hookimpl`` and the types in ``harness.api``.

@@ -33,7 +33,7 @@ ENV_PLUGINS = "HARNESS_PLUGINS"
 ENV_STRICT = "HARNESS_STRICT_PLUGINS"
 
 _DUPLICATE_HINT = f"uninstall one of the two distributions, or limit plugins with {ENV_PLUGINS}"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-/]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class Registry:
         **meta: Any,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"invalid {kind} name {name!r}: use lowercase letters, digits, - _ . /")
+            raise ValueError(f"invalid {kind} name {name!r}: use lowercase letters, digits, - _ .")
         if not callable(factory):
             raise TypeError(f"{kind} {name!r}: factory {factory!r} is not callable")
         existing = self.entries[kind].get(name)

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from harness import api
 from harness.engine import (
     Precision,
-    Trainer,
     TrainConfig,
+    Trainer,
     TransferModel,
     classification_metrics,
     predict,
@@ -102,11 +102,12 @@ def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> 
         raise spec_error(spec, key, exc) from None
     if spec.task not in entry.meta.get("tasks", ("classification",)):
         raise spec_error(spec, key, f"dataset {name!r} does not serve {spec.task}")
-    return DomainData_ref(text, entry, sub or None, options)
+    declared = entry.meta.get("domains")
+    if declared and sub and sub not in declared:
+        from harness.registry import unknown_message
 
-
-def DomainData_ref(text: str, entry: Entry, sub: str | None, options: dict[str, Any]) -> DomainRef:  # noqa: N802
-    return DomainRef(text, entry, sub, options)
+        raise spec_error(spec, key, unknown_message(f"domain of {name!r}", sub, list(declared)) + f" (it serves {', '.join(declared)})")
+    return DomainRef(text, entry, sub or None, options)
 
 
 def resolve_methods(spec: StudySpec, registry: Registry) -> list[ResolvedMethod]:
@@ -165,6 +166,7 @@ class Runner:
         self.options.results_dir.mkdir(parents=True, exist_ok=True)
         self.storage = make_storage(self.storage_url)
         self.log = self.options.log
+        self.searching = False  # set once preflight passed: from then on results are worth writing
 
     # -------------------------------------------------------------------------------- data
 
@@ -265,6 +267,8 @@ class Runner:
             "data": {"source": source.fingerprint, "target": target.fingerprint},
             "target_labels": strategy.target_labels,
             "plugins": {
+                "source": f"{self.domains[(i, 'source')].entry.plugin} ({self.domains[(i, 'source')].entry.dist})",
+                "target": f"{self.domains[(i, 'target')].entry.plugin} ({self.domains[(i, 'target')].entry.dist})",
                 "backbone": f"{rm.backbone.plugin} ({rm.backbone.dist})",
                 "head": f"{rm.head.plugin} ({rm.head.dist})",
                 "strategy": f"{rm.strategy.plugin} ({rm.strategy.dist})",
@@ -501,6 +505,7 @@ class Runner:
 
     def run(self) -> None:
         self.preflight()
+        self.searching = True
         for i in range(len(self.spec.pairs)):
             for rm in self.methods:
                 study = self.search(i, rm)

@@ -91,7 +91,7 @@ def source_pretrained(
     from filelock import FileLock
     from safetensors.torch import save_file
 
-    from harness.engine import Trainer, TrainConfig, TransferModel, classification_metrics
+    from harness.engine import TrainConfig, Trainer, TransferModel, classification_metrics
 
     key = source_weights_key(backbone_name, source, recipe)
     path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"

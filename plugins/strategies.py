@@ -26,7 +26,6 @@ class FineTune(Strategy):
 
     uses_source = False
     uses_target = True
-    target_labels = "all"
     description = "train on target labels from the pretrained/source weights"
 
     def __init__(self, shots: int | None = None) -> None:

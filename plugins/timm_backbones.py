@@ -82,7 +82,14 @@ def _load_local(model, path: Path, name: str) -> None:
     if isinstance(classifier, str):
         classifier = (classifier,)
     state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise WeightsError(
+            f"weights file {path} does not fit backbone {name!r}: {first}",
+            hint="the file must hold the state dict of the same timm architecture and input channels",
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         detail = []
         if result.missing_keys:

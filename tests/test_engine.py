@@ -3,13 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from harness_plugins.heads import build_linear
+from harness_plugins.timm_backbones import build_timm_backbone
 from torch import nn
 
 from harness.api import Batch, DomainData, Strategy
 from harness.engine import (
     Precision,
-    Trainer,
     TrainConfig,
+    Trainer,
     TransferModel,
     classification_metrics,
     few_shot_indices,
@@ -17,8 +19,6 @@ from harness.engine import (
     resolve_freeze_depth,
 )
 from harness.errors import NonFiniteLossError
-from harness_plugins.heads import build_linear
-from harness_plugins.timm_backbones import build_timm_backbone
 
 CPU = torch.device("cpu")
 

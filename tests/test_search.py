@@ -6,16 +6,16 @@ import types
 import optuna
 import pytest
 import torch.nn.functional as F
+from conftest import BUILTIN_PLUGINS, write_study
 from optuna.trial import TrialState
 
 import harness.engine
 import harness.search
-from conftest import BUILTIN_PLUGINS, write_study
 from harness import hookimpl, leaderboard
 from harness.api import Strategy
 from harness.errors import StudySpecError
 from harness.registry import PluginInfo, Registry
-from harness.search import RunOptions, Runner, optuna_study_name
+from harness.search import Runner, RunOptions, optuna_study_name
 from harness.study import load_study
 
 
@@ -192,3 +192,19 @@ def test_oracle_selection_is_flagged(tmp_path):
     assert board.loc[0, "oracle"] and board.loc[0, "selection"] == "target-val"
     md = leaderboard.to_markdown(spec, board, prov)
     assert "target-val **oracle**" in md
+
+
+def test_declared_sub_domains_are_checked_before_training(tmp_path):
+    from harness.search import resolve_domain
+
+    @hookimpl
+    def register_datasets(register):
+        register("cities", lambda domain, **kw: None, domains=["paris", "rome"])
+
+    reg = registry_with()
+    reg.add_plugin(types.SimpleNamespace(register_datasets=register_datasets), PluginInfo("cities", "cities-dist", "0", "x"))
+    spec = load_study(str(write_study(tmp_path)))
+    assert resolve_domain(spec, reg, "cities/rome", "pairs[0].target").sub == "rome"
+    with pytest.raises(StudySpecError) as err:
+        resolve_domain(spec, reg, "cities/roma", "pairs[0].target")
+    assert "pairs[0].target" in str(err.value) and "'rome'" in str(err.value)

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_study
+
 from harness.errors import StudySpecError
 from harness.study import load_study
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import pytest
 import torch
+from harness_plugins.timm_backbones import build_timm_backbone
 from safetensors.torch import load_file, save_file
 
 import harness.engine
@@ -9,9 +11,6 @@ from harness.engine import Precision
 from harness.errors import WeightsError
 from harness.registry import get_registry
 from harness.weights import SourceRecipe, source_pretrained
-from harness_plugins.timm_backbones import build_timm_backbone
-
-import pytest
 
 
 def _state(name="test_resnet"):
@@ -103,3 +102,13 @@ def test_source_pretraining_is_cached_as_safetensors(monkeypatch, tmp_path):
     assert p3 != p1 and len(calls) == 2
     bb = build_timm_backbone("test_resnet", weights=str(p1))
     assert torch.equal(bb.module.conv1[0].weight, state["conv1.0.weight"])
+
+
+def test_weights_with_wrong_shapes_are_refused(tmp_path):
+    import timm
+
+    one_channel = timm.create_model("test_resnet", num_classes=0, in_chans=1)
+    path = tmp_path / "gray.safetensors"
+    save_file({k: v.contiguous() for k, v in one_channel.state_dict().items()}, str(path))
+    with pytest.raises(WeightsError, match="size mismatch"):
+        build_timm_backbone("test_resnet", weights=str(path))
