@@ -131,20 +131,22 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool) -> None:
     paths = leaderboard.write(target_dir, spec, board, trials, provenance)
     if quiet:
         return
-    table = Table(title=f"{spec.name}: target test accuracy (mean ± sd over seeds)")
-    for col in ("pair", "rank", "method", "test acc %", "selection", "trials"):
-        table.add_column(col)
-    for r in board.to_dict("records"):
-        table.add_row(
-            r["pair"],
-            str(r.get("rank", "-")),
-            r["method"],
-            leaderboard._pm(r, "accuracy"),
-            (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
-            f"{leaderboard._int(r.get('trials_complete'))} ok / {leaderboard._int(r.get('trials_pruned'))} pruned / "
-            f"{leaderboard._int(r.get('trials_failed'))} failed",
-        )
-    out.print(table)
+    from harness.metrics import LABELS, primary_metric
+
+    metric = primary_metric(spec.task)
+    for pair, rows in board.groupby("pair", sort=False):
+        table = Table(title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± sd over seeds)")
+        for col in ("rank", "method", f"test {LABELS[metric]} %", "selection", "trials ok/pruned/failed"):
+            table.add_column(col)
+        for r in rows.to_dict("records"):
+            table.add_row(
+                str(r.get("rank", "-")),
+                r["method"],
+                leaderboard._pm(r, metric),
+                (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
+                "/".join(str(leaderboard._int(r.get(k))) for k in ("trials_complete", "trials_pruned", "trials_failed")),
+            )
+        out.print(table)
     console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
 
 

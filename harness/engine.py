@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from harness import augment as aug
 from harness.api import Backbone, Batch, DomainData, Split, StepContext, Strategy
 from harness.errors import NonFiniteLossError
+from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
 
 # ----------------------------------------------------------------------------- device & precision
 
@@ -67,11 +68,14 @@ def seed_everything(seed: int) -> None:
 class TransferModel(nn.Module):
     """Backbone plus head; ``forward`` gives logits, ``features`` the pooled backbone output."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module, task: str = "classification") -> None:
         super().__init__()
         self.backbone = backbone.module
         self.head = head
         self.spec = backbone
+        self.task = task
+        # a segmentation decoder runs the backbone's modules itself, on the image
+        self.head_takes_images = bool(getattr(head, "takes_images", False))
         self.register_buffer("mean", torch.tensor(backbone.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.std).view(1, -1, 1, 1), persistent=False)
         self._frozen_modules: list[nn.Module] = []
@@ -80,7 +84,14 @@ class TransferModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.head_takes_images:
+            return self.head(x)
         return self.head(self.backbone(x))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the head that are not backbone parameters (a decoder shares the encoder's)."""
+        shared = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.head.parameters() if id(p) not in shared]
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
@@ -209,21 +220,25 @@ class Trainer:
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         if backbone:
             groups.append({"params": backbone, "lr": cfg.backbone_lr})
-        head = list(self.model.head.parameters())
+        head = self.model.head_parameters()
         if self.extra is not None:
             head += list(self.extra.parameters())
         groups.append({"params": head, "lr": cfg.head_lr})
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
 
-    def _prepare(self, x_uint8: Tensor, g: torch.Generator, train: bool) -> Tensor:
+    def _prepare(self, x_uint8: Tensor, y: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """uint8 batch -> augmented, normalized float batch; a mask moves with its image."""
         x = x_uint8.float().div_(255.0)
-        if train and self.cfg.augment != "none":
-            x = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip)
+        if self.cfg.augment != "none":
+            if y is not None and y.ndim == 3:
+                x, y = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip, mask=y)
+            else:
+                x = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip)
         x = self.model.normalize(x)
         if self.cfg.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x, y
 
     def fit(self, on_epoch: Callable[[int, TransferModel], float | None] | None = None) -> TrainResult:
         """Train for ``cfg.epochs``; after each epoch ``on_epoch(epoch, model)`` may score and prune."""
@@ -267,14 +282,14 @@ class Trainer:
                 idx = idx.to(device, non_blocking=True)
                 batch = Batch()
                 if source_split is not None:
-                    batch.source = (self._prepare(source_split.x[idx], aug_gen, True), source_split.y[idx])
+                    batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
                     if paired is not None:
                         tidx = paired.next().to(device, non_blocking=True)
                         ty = target_split.y[tidx] if give_target_labels else None
-                        batch.target = (self._prepare(target_split.x[tidx], aug_gen, True), ty)
+                        batch.target = self._prepare(target_split.x[tidx], ty, aug_gen)
                 else:
                     ty = primary.y[idx] if give_target_labels else None
-                    batch.target = (self._prepare(primary.x[idx], aug_gen, True), ty)
+                    batch.target = self._prepare(primary.x[idx], ty, aug_gen)
                 ctx = StepContext(
                     params=cfg.params,
                     epoch=epoch,
@@ -314,7 +329,8 @@ class Trainer:
 def predict(
     model: TransferModel, split: Split, batch_size: int, device: torch.device, precision: Precision
 ) -> Tensor:
-    """Logits (float32, on the CPU) for every image of ``split``, in eval mode."""
+    """Outputs for every image of ``split``, in eval mode, on the CPU: float32 logits for
+    classification, predicted labels per pixel for segmentation (logits would not fit)."""
     was_training = model.training
     model.eval()
     out = []
@@ -324,27 +340,7 @@ def predict(
         if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):
-            out.append(model(x).float().cpu())
+            logits = model(x)
+        out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
     model.train(was_training)
     return torch.cat(out)
-
-
-def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy (micro) and macro F1, precision and recall, via torchmetrics."""
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLossError("non-finite model outputs while scoring")
-    preds, y = logits.argmax(1), y.cpu()
-    kw = {"num_classes": num_classes}
-    return {
-        "accuracy": float(multiclass_accuracy(preds, y, average="micro", **kw)),
-        "macro_f1": float(multiclass_f1_score(preds, y, average="macro", **kw)),
-        "precision": float(multiclass_precision(preds, y, average="macro", **kw)),
-        "recall": float(multiclass_recall(preds, y, average="macro", **kw)),
-    }

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from harness import __version__
 from harness.fileio import atomic_path, write_json, write_text
+from harness.metrics import LABELS, METRICS, primary_metric
 from harness.search import make_storage, optuna_study_name
 from harness.study import StudySpec
 
@@ -28,7 +29,6 @@ PACKAGES = (
     "torch", "torchvision", "timm", "optuna", "segmentation-models-pytorch", "pluggy",
     "pandas", "torchmetrics", "numpy", "scikit-learn", "scikit-image",
 )  # fmt: skip
-METRICS = ("accuracy", "macro_f1", "precision", "recall")
 
 
 def final_seeds(spec: StudySpec) -> list[int]:
@@ -104,17 +104,20 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                 seeds=[f["seed"] for f in finals],
                 best_params=params,
             )
-            for metric in METRICS:
+            for metric in METRICS[spec.task]:
                 values = [f["test"][metric] for f in finals if _finite(f["test"].get(metric))]
                 mean, std = _mean_std(values)
                 row[f"test_{metric}"] = mean
                 row[f"test_{metric}_std"] = std
+            per_class = [f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]]
+            if per_class:
+                frame = pd.DataFrame(per_class, dtype=float)
+                row["test_per_class_iou"] = [None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)]
             rows.append(row)
     board = pd.DataFrame(rows)
-    if "test_accuracy" in board:
-        board["rank"] = (
-            board.groupby("pair")["test_accuracy"].rank(ascending=False, method="min").astype("Int64")
-        )
+    primary = f"test_{primary_metric(spec.task)}"
+    if primary in board:
+        board["rank"] = board.groupby("pair")[primary].rank(ascending=False, method="min").astype("Int64")
         board = board.sort_values(["pair", "rank"], na_position="last", kind="stable").reset_index(drop=True)
     trials_df = pd.DataFrame(trial_rows)
     provenance = {
@@ -153,7 +156,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
 def write(results_dir: Path, spec: StudySpec, board: pd.DataFrame, trials: pd.DataFrame, provenance: dict[str, Any]) -> list[Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    csv_cols = [c for c in board.columns if c not in ("best_params", "seeds")]
+    csv_cols = [c for c in board.columns if c not in ("best_params", "seeds", "test_per_class_iou")]
     flat = board[csv_cols].copy()
     if "best_params" in board:
         flat["best_params"] = board["best_params"].map(lambda p: json.dumps(p, sort_keys=True) if isinstance(p, dict) else "")
@@ -175,8 +178,9 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
     lines = [f"# Leaderboard: {spec.name}", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
+    m1, m2 = METRICS[spec.task][:2]
     lines += [
-        f"Target **test** accuracy and macro-F1 in %, mean ± standard deviation over "
+        f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard deviation over "
         f"{spec.final_seeds} seeded final runs of the best trial. Trials were selected on a "
         "validation split (column *selection*); the test split was read only by the final runs. "
         "Rows marked **oracle** were selected with target labels although the method trains without them.",
@@ -189,8 +193,8 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
                 "rank": group.get("rank", pd.Series(dtype="Int64")).astype("string").fillna("-"),
                 "method": group["method"],
                 "strategy": group["strategy"],
-                "test acc %": [_pm(r, "accuracy") for r in group.to_dict("records")],
-                "test macro-F1 %": [_pm(r, "macro_f1") for r in group.to_dict("records")],
+                f"test {LABELS[m1]} %": [_pm(r, m1) for r in group.to_dict("records")],
+                f"test {LABELS[m2]} %": [_pm(r, m2) for r in group.to_dict("records")],
                 "val %": [_pct(r.get("val_score")) for r in group.to_dict("records")],
                 "selection": [
                     (r.get("selection") or "-") + (" **oracle**" if r.get("oracle") else "")

@@ -21,18 +21,20 @@ from harness.engine import (
     TrainConfig,
     Trainer,
     TransferModel,
-    classification_metrics,
     predict,
     resolve_device,
     resolve_freeze_depth,
 )
 from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
+from harness.metrics import primary_metric, score
 from harness.registry import Entry, Registry
 from harness.study import Method, Pair, StudySpec, spec_error
 from harness.weights import SourceRecipe, build_backbone, source_pretrained
 
 FINISHED = (TrainState := TrialState).COMPLETE, TrialState.PRUNED, TrialState.FAIL
 STUDY_SEP = " | "
+#: decoder used to pretrain a backbone on a segmentation source (weights = "source")
+SOURCE_PRETRAIN_SEG_HEAD = "fpn"
 # keys of a study's configuration that must not change between runs sharing a storage
 _FROZEN_CONFIG = ("pair", "method", "task", "image_size", "batch_size", "max_epochs", "search", "selection", "data")
 
@@ -217,7 +219,12 @@ class Runner:
             return w
         p = self.spec.pretrain
         recipe = SourceRecipe(p.epochs, p.lr, p.weight_decay, p.augment, self.spec.batch_size, self.spec.seed)
-        return str(source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision, self.log))
+        head = None
+        if source.task == "segmentation":
+            head = self.registry.get("head", SOURCE_PRETRAIN_SEG_HEAD)
+        return str(
+            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision, self.log, head)
+        )
 
     def build_model(self, rm: ResolvedMethod, weights: str, num_classes: int) -> TransferModel:
         backbone = build_backbone(rm.backbone, rm.method.backbone, weights)
@@ -227,7 +234,7 @@ class Runner:
                 f"head factory of plugin {rm.head.plugin!r} ({rm.head.dist}) returned {type(head).__name__}, "
                 "not a torch.nn.Module"
             )
-        return TransferModel(backbone, head)
+        return TransferModel(backbone, head, self.spec.task)
 
     def preflight(self) -> None:
         """Everything that can fail before training: data, weights, heads, options."""
@@ -237,13 +244,18 @@ class Runner:
                 try:
                     weights = self.backbone_weights(rm, source)
                     model = self.build_model(rm, weights, target.num_classes)
-                    with torch.no_grad():
-                        x = target.val.x[:2].float().div(255)
-                        out = model.eval().to(self.device)(model.to(self.device).normalize(x))
-                    if out.shape != (2, target.num_classes):
+                    expected = (2, target.num_classes) + (tuple(target.image_shape[1:]) if self.spec.task == "segmentation" else ())
+                    try:
+                        with torch.no_grad():
+                            x = target.val.x[:2].float().div(255)
+                            out = model.eval().to(self.device)(model.to(self.device).normalize(x))
+                    except (RuntimeError, ValueError) as exc:
                         raise PluginContractError(
-                            f"model output has shape {tuple(out.shape)}, expected (2, {target.num_classes})"
-                        )
+                            f"{rm.method.backbone} + {rm.method.head} fails on a sample batch of "
+                            f"{self.spec.image_size} px images: {str(exc).splitlines()[0][:200]}"
+                        ) from None
+                    if tuple(out.shape) != expected:
+                        raise PluginContractError(f"model output has shape {tuple(out.shape)}, expected {expected}")
                 except HarnessError as exc:
                     raise spec_error(self.spec, f"methods[{j}]", exc) from None
                 except TypeError as exc:
@@ -367,6 +379,7 @@ class Runner:
             strategy = rm.new_strategy()
             rule, _ = selection_rule(self.spec, strategy)
             split = self.selection_split(rule, source, target)
+            metric = primary_metric(self.spec.task)
             try:
                 model = self.build_model(rm, weights, target.num_classes)
                 params = self.suggest(trial, strategy, model.num_stages)
@@ -375,7 +388,7 @@ class Runner:
 
                 def on_epoch(epoch: int, m: TransferModel) -> float:
                     logits = predict(m, split, cfg.batch_size * 4, self.device, self.precision)
-                    value = classification_metrics(logits, split.y, target.num_classes)["accuracy"]
+                    value = float(score(self.spec.task, logits, split.y, target.num_classes)[metric])
                     trial.report(value, epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
@@ -482,24 +495,25 @@ class Runner:
             trainer = Trainer(model, strategy, source, target, cfg)
             trainer.fit()
             split = self.selection_split(rule, source, target)
-            val = classification_metrics(trainer.predict(split), split.y, target.num_classes)
+            val = score(self.spec.task, trainer.predict(split), split.y, target.num_classes)
             test = self.evaluate_test(trainer, target)
             record = {
                 "trial": best.number,
                 "seed": seed,
-                "val_accuracy": val["accuracy"],
+                "val": val[primary_metric(self.spec.task)],
                 "test": test,
                 "seconds": time.perf_counter() - t0,
                 "device": str(self.device),
                 "precision": self.precision.describe(),
             }
             study.set_user_attr(key, record)
-            self.log(f"{study.study_name}: final seed {seed}: target test accuracy {test['accuracy']:.4f}")
+            metric = primary_metric(self.spec.task)
+            self.log(f"{study.study_name}: final seed {seed}: target test {metric} {test[metric]:.4f}")
             _release_memory(self.device)
 
-    def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, float]:
+    def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
         """The only place the target test split is read."""
-        return classification_metrics(trainer.predict(target.test), target.test.y, target.num_classes)
+        return score(self.spec.task, trainer.predict(target.test), target.test.y, target.num_classes)
 
     # -------------------------------------------------------------------------------- all
 

@@ -135,7 +135,7 @@ class DatasetAlias(BaseModel):
 
 class StudySpec(_Strict):
     description: str = ""
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=2)
     device: str = "auto"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.api import Backbone, DomainData, Strategy
+from harness.api import IGNORE_INDEX, Backbone, DomainData, Strategy
 from harness.errors import PluginContractError
 from harness.fileio import atomic_path
 
@@ -58,15 +58,16 @@ class _SourceCE(Strategy):
 
     def training_step(self, model, batch, ctx):
         x, y = batch.source
-        return nn.functional.cross_entropy(model(x), y)
+        return nn.functional.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
 
 
-def source_weights_key(backbone: str, source: DomainData, recipe: SourceRecipe) -> str:
+def source_weights_key(backbone: str, source: DomainData, recipe: SourceRecipe, head: str = "linear") -> str:
     from harness import __version__
 
     payload = json.dumps(
         {
             "backbone": backbone,
+            "head": head,
             "source": source.fingerprint,
             "shape": list(source.image_shape),
             "recipe": recipe.as_dict(),
@@ -86,14 +87,16 @@ def source_pretrained(
     device: torch.device,
     precision: Any,
     log: Any = None,
+    head: Any = None,
 ) -> Path:
     """Path of the cached source-pretrained backbone weights, training them on first use."""
     from filelock import FileLock
     from safetensors.torch import save_file
 
-    from harness.engine import TrainConfig, Trainer, TransferModel, classification_metrics
+    from harness.engine import TrainConfig, Trainer, TransferModel
+    from harness.metrics import primary_metric, score
 
-    key = source_weights_key(backbone_name, source, recipe)
+    key = source_weights_key(backbone_name, source, recipe, head.name if head is not None else "linear")
     path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -102,7 +105,11 @@ def source_pretrained(
         if log:
             log(f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})")
         backbone = build_backbone(entry, backbone_name, "none")
-        model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
+        if head is None:
+            model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
+        else:
+            decoder = head.factory(backbone=backbone, num_classes=source.num_classes, task=source.task)
+            model = TransferModel(backbone, decoder, source.task)
         cfg = TrainConfig(
             epochs=recipe.epochs,
             batch_size=recipe.batch_size,
@@ -117,13 +124,14 @@ def source_pretrained(
         )
         trainer = Trainer(model, _SourceCE(), source, source, cfg)
         trainer.fit()
-        val = classification_metrics(trainer.predict(source.val), source.val.y, source.num_classes)
+        metric = primary_metric(source.task)
+        val = score(source.task, trainer.predict(source.val), source.val.y, source.num_classes)
         state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
         meta = {
             "backbone": backbone_name,
             "source": source.name,
             "source_fingerprint": source.fingerprint,
-            "source_val_accuracy": f"{val['accuracy']:.4f}",
+            f"source_val_{metric}": f"{val[metric]:.4f}",
             "recipe": json.dumps(recipe.as_dict()),
         }
         with atomic_path(path) as tmp:

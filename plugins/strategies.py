@@ -1,11 +1,14 @@
-"""Strategies for a labelled source and a target: the baseline and the supervised fine-tuning family."""
+"""Strategies for a labelled source and a target: the baseline and the supervised fine-tuning family.
+
+The same code serves classification and segmentation: cross-entropy ignores void pixels (255).
+"""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from harness import hookimpl
-from harness.api import Batch, StepContext, Strategy
+from harness.api import IGNORE_INDEX, Batch, StepContext, Strategy
 
 
 class SourceOnly(Strategy):
@@ -18,7 +21,7 @@ class SourceOnly(Strategy):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.source
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
 
 
 class FineTune(Strategy):
@@ -44,7 +47,7 @@ class FineTune(Strategy):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.target
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
 
 
 class LinearProbe(FineTune):

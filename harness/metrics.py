@@ -1,0 +1,73 @@
+"""Scores per task, computed with torchmetrics. The first metric of a task selects trials."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from harness.api import IGNORE_INDEX
+from harness.errors import NonFiniteLossError
+
+METRICS = {
+    "classification": ("accuracy", "macro_f1", "precision", "recall"),
+    "segmentation": ("miou", "pixel_accuracy"),
+}
+LABELS = {
+    "accuracy": "acc",
+    "macro_f1": "macro-F1",
+    "precision": "precision",
+    "recall": "recall",
+    "miou": "mIoU",
+    "pixel_accuracy": "pixel acc",
+}
+
+
+def primary_metric(task: str) -> str:
+    return METRICS[task][0]
+
+
+def score(task: str, outputs: Tensor, y: Tensor, num_classes: int) -> dict[str, float | list[float]]:
+    """``outputs``: logits ``(N, C)`` for classification, predicted labels ``(N, H, W)`` for segmentation."""
+    if task == "segmentation":
+        return segmentation_metrics(outputs, y, num_classes)
+    return classification_metrics(outputs, y, num_classes)
+
+
+def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy (micro) and macro F1, precision and recall."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLossError("non-finite model outputs while scoring")
+    preds, y = logits.argmax(1), y.cpu()
+    kw = {"num_classes": num_classes}
+    return {
+        "accuracy": float(multiclass_accuracy(preds, y, average="micro", **kw)),
+        "macro_f1": float(multiclass_f1_score(preds, y, average="macro", **kw)),
+        "precision": float(multiclass_precision(preds, y, average="macro", **kw)),
+        "recall": float(multiclass_recall(preds, y, average="macro", **kw)),
+    }
+
+
+def segmentation_metrics(preds: Tensor, y: Tensor, num_classes: int) -> dict[str, float | list[float]]:
+    """Mean IoU over the classes that occur in prediction or truth (void pixels ignored), pixel
+    accuracy, and the IoU of every class (NaN for a class absent from both)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    cm = multiclass_confusion_matrix(
+        preds.cpu().flatten(), y.cpu().flatten(), num_classes, ignore_index=IGNORE_INDEX
+    ).double()
+    tp = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    total = cm.sum()
+    return {
+        "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "per_class_iou": [float(v) for v in iou],
+    }

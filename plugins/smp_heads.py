@@ -1,0 +1,118 @@
+"""Segmentation heads: segmentation-models-pytorch decoders over the backbone plugin's timm model.
+
+The decoder reads multi-scale features from the *same* module objects as the backbone, so freeze
+depth, pretrained weights (none / imagenet / local file / source) and learning rates mean exactly
+what they mean for classification.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from harness import hookimpl
+from harness.api import Backbone
+from harness.errors import PluginContractError
+
+#: harness name -> smp architecture name
+ARCHITECTURES = {
+    "unet": "unet",
+    "unetplusplus": "unetplusplus",
+    "fpn": "fpn",
+    "deeplabv3plus": "deeplabv3plus",
+    "linknet": "linknet",
+    "manet": "manet",
+    "pan": "pan",
+    "pspnet": "pspnet",
+    "upernet": "upernet",
+}
+
+
+@hookimpl
+def register_heads(register):
+    for name, arch in ARCHITECTURES.items():
+        register(
+            name,
+            _factory(arch),
+            description=f"segmentation-models-pytorch {arch} decoder over the backbone's stages",
+            tasks=("segmentation",),
+        )
+
+
+def _factory(arch: str):
+    def build(*, backbone: Backbone, num_classes: int, task: str, **options: Any) -> nn.Module:
+        return SmpHead(arch, backbone, num_classes, **options)
+
+    build.__name__ = f"build_{arch}"
+    return build
+
+
+class SmpHead(nn.Module):
+    """An smp model whose timm encoder is replaced by a feature view of the harness backbone."""
+
+    takes_images = True  # forward(x) gets images, not pooled features
+
+    def __init__(self, arch: str, backbone: Backbone, num_classes: int, **options: Any) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+        from timm.models._features import FeatureListNet
+
+        model = backbone.module
+        if not (hasattr(model, "feature_info") and hasattr(model, "pretrained_cfg") and backbone.name):
+            raise PluginContractError(
+                f"head {arch!r} needs a timm backbone with multi-scale features; "
+                f"{backbone.name or type(model).__name__!r} is not one",
+            )
+        try:
+            net = smp.create_model(
+                arch, encoder_name=f"tu-{backbone.name}", encoder_weights=None, classes=num_classes, **options
+            )
+            out_indices = net.encoder.model.feature_info.out_indices
+            # Shares the backbone's modules: what trains or freezes there trains or freezes here.
+            features = _feature_view(FeatureListNet, model, out_indices)
+            stride = getattr(net.encoder, "_output_stride", 32)
+            if stride < 32:
+                features = _Restride(features, stride)
+            net.encoder.model = features
+        except TypeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - smp and timm word their refusals in many ways
+            raise PluginContractError(
+                f"head {arch!r} cannot be built on backbone {backbone.name!r}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            ) from None
+        self.net = net
+        self.arch = arch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _feature_view(feature_cls: Any, model: nn.Module, out_indices: Any) -> nn.Module:
+    # timm flattens nn.Sequential stages for some families (ConvNeXt, EfficientNet) and not for
+    # others (ResNet); the one that finds every feature module is the right one.
+    try:
+        return feature_cls(model, out_indices=out_indices, flatten_sequential=False)
+    except AssertionError:
+        return feature_cls(model, out_indices=out_indices, flatten_sequential=True)
+
+
+class _Restride(nn.Module):
+    """Upsample the deepest features to the output stride a decoder expects (DeepLabV3+ and PAN
+    want 1/16). smp gets there with dilated convolutions, which would change the backbone that
+    classification uses; here the backbone stays as it is and its deepest maps are resized."""
+
+    def __init__(self, features: nn.Module, stride: int) -> None:
+        super().__init__()
+        self.features = features
+        self.stride = stride
+        self.feature_info = features.feature_info
+        self.factors = [max(1, r // stride) for r in features.feature_info.reduction()]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = self.features(x)
+        return [
+            f if k == 1 else nn.functional.interpolate(f, scale_factor=k, mode="bilinear", align_corners=False)
+            for f, k in zip(out, self.factors, strict=True)
+        ]
