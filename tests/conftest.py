@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
-BUILTIN_PLUGINS = "datasets,heads,strategies,timm"
 REPO = Path(__file__).resolve().parents[1]
+# the built-in plugins are exactly what pyproject.toml declares in the entry-point group
+BUILTIN_PLUGINS = ",".join(sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["harness"]))
 
 
 @pytest.fixture(autouse=True, scope="session")
