@@ -172,3 +172,33 @@ def test_metrics_known_answers():
     assert m["recall"] == pytest.approx((1 + 1 + 0.5) / 3, abs=1e-6)
     with pytest.raises(NonFiniteLossError):
         classification_metrics(torch.full((2, 3), float("nan")), torch.tensor([0, 1]), 3)
+
+
+def test_segmentation_batches_move_masks_with_their_images():
+    n, size = 8, 32
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    mask = ((yy // 8 + xx // 8) % 4).expand(n, size, size).clone()
+    x = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    x[:, 0] = (mask * 60 + 30).to(torch.uint8)  # channel 0 encodes the class
+    data = DomainData.from_arrays("seg", x, mask, class_names=list("abcd"), seed=0, task="segmentation")
+    seen: list[Batch] = []
+
+    class Rec(Strategy):
+        def training_step(self, m, batch, ctx):
+            seen.append(batch)
+            return m(batch.source[0]).float().mean() * 0
+
+    bb = build_timm_backbone("test_resnet", weights="none")
+    from harness_plugins.smp_heads import SmpHead
+
+    m = TransferModel(bb, SmpHead("fpn", bb, 4), "segmentation")
+    geo = "light"  # geometry plus monotonic colour changes (no inversion)
+    Trainer(m, Rec(), data, data, config(augment=geo, batch_size=4)).fit()
+    xb, yb = seen[0].source
+    assert yb.shape == xb.shape[:1] + xb.shape[2:]
+    pixel = (xb[:, 0] * m.std[0, 0] + m.mean[0, 0]) * 255  # undo normalization of channel 0
+    valid = yb != 255
+    assert valid.float().mean() > 0.5 and (~valid).any()  # geometry moved the mask (void borders)
+    # colours are jittered, so compare the order of the classes rather than exact values
+    decoded = torch.stack([pixel[valid][yb[valid] == c].mean() for c in range(4)])
+    assert torch.all(decoded[1:] > decoded[:-1])
