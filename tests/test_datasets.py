@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness_plugins import datasets as ds
 from PIL import Image
 
 from harness.api import DatasetError, DomainData, stratified_split
+from harness_plugins import datasets as ds
 
 N_DIGITS = 1797
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness_plugins.heads import build_linear
-from harness_plugins.timm_backbones import build_timm_backbone
 from torch import nn
 
 from harness.api import Batch, DomainData, Strategy
@@ -19,6 +17,8 @@ from harness.engine import (
     resolve_freeze_depth,
 )
 from harness.errors import NonFiniteLossError
+from harness_plugins.heads import build_linear
+from harness_plugins.timm_backbones import build_timm_backbone
 
 CPU = torch.device("cpu")
 

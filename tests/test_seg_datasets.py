@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness_plugins import seg_datasets as sd
 from PIL import Image
 
 from harness.api import IGNORE_INDEX, DatasetError, DomainData
+from harness_plugins import seg_datasets as sd
 
 S = 32
 N = 40

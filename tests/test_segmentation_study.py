@@ -3,12 +3,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_search import registry_with
 
 from harness import leaderboard
 from harness.errors import StudySpecError
-from harness.search import RunOptions, Runner
+from harness.search import Runner, RunOptions
 from harness.study import load_study
-from test_search import registry_with
 
 SEG_STUDY = """
 task = "segmentation"

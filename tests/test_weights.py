@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness_plugins.timm_backbones import build_timm_backbone
 from safetensors.torch import load_file, save_file
 
 import harness.engine
@@ -11,6 +10,7 @@ from harness.engine import Precision
 from harness.errors import WeightsError
 from harness.registry import get_registry
 from harness.weights import SourceRecipe, source_pretrained
+from harness_plugins.timm_backbones import build_timm_backbone
 
 
 def _state(name="test_resnet"):
