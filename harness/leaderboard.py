@@ -44,6 +44,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     counts = {s.name: 0 for s in TrialState}
     devices, precisions, samplers, pruners, fingerprints, plugins = set(), set(), set(), set(), {}, set()
     compute_s, starts, ends = 0.0, [], []
+    run_commits: set[str] = set()
     for pair in spec.pairs:
         for method in spec.methods:
             name = optuna_study_name(pair, method)
@@ -92,6 +93,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
             best = max(complete, key=lambda t: (t.value, -t.number))
             finals = [attrs[k] for s in final_seeds(spec) if (k := f"final:{best.number}:{s}") in attrs]
             for f in finals:
+                run_commits.add(f.get("git_commit") or "unknown")
                 devices.add(f.get("device", "?"))
                 precisions.add(f.get("precision", "?"))
                 compute_s += f.get("seconds", 0.0)
@@ -125,7 +127,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         "study_file": spec.path,
         "study_file_sha256": spec.file_hash,
         "harness_version": __version__,
-        "git_commit": _git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
+        "git_commit": git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
+        "final_runs_git_commits": sorted(run_commits),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
@@ -212,7 +215,8 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
     lines += [
         "## Provenance",
         "",
-        f"- harness {p['harness_version']} (commit {p['git_commit'] or 'unknown'}), Python {p['python']}",
+        f"- harness {p['harness_version']}; final runs at commit {', '.join(p['final_runs_git_commits']) or 'unknown'}; "
+        f"table written at commit {p['git_commit'] or 'unknown'}; Python {p['python']}",
         "- " + ", ".join(f"{k} {v}" for k, v in p["packages"].items() if v),
         f"- device: {', '.join(p['device']) or '-'}; precision: {', '.join(p['precision']) or '-'}",
         f"- seeds: study {p['seeds']['study']}, final runs {p['seeds']['final']}; sampler {p['sampler']}; pruner {', '.join(p['pruner'])}",
@@ -291,7 +295,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit(where: Path) -> str | None:
+def git_commit(where: Path) -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5

@@ -169,6 +169,9 @@ class Runner:
         self.storage = make_storage(self.storage_url)
         self.log = self.options.log
         self.searching = False  # set once preflight passed: from then on results are worth writing
+        from harness.leaderboard import git_commit
+
+        self.git_commit = git_commit(Path(self.spec.path).parent if self.spec.path else Path.cwd())
 
     # -------------------------------------------------------------------------------- data
 
@@ -505,6 +508,7 @@ class Runner:
                 "seconds": time.perf_counter() - t0,
                 "device": str(self.device),
                 "precision": self.precision.describe(),
+                "git_commit": self.git_commit,
             }
             study.set_user_attr(key, record)
             metric = primary_metric(self.spec.task)

@@ -22,6 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from harness import hookimpl
+from harness.api import IGNORE_INDEX, DatasetError, DomainData
+from harness.hookspecs import Register
 from harness_plugins.datasets import (
     _DECODE_THREADS,
     _MAX_LISTED,
@@ -31,12 +37,6 @@ from harness_plugins.datasets import (
     _photo_crops,
     _subfolders,
 )
-from PIL import Image
-from torch import Tensor
-
-from harness import hookimpl
-from harness.api import IGNORE_INDEX, DatasetError, DomainData
-from harness.hookspecs import Register
 
 __all__ = [
     "CITYSCAPES_CLASSES",
