@@ -210,17 +210,7 @@ def build_folder(
         )
     available = _subfolders(root_path)
     listing = ", ".join(available) if available else "none (root has no sub-folders)"
-    if domain is None:
-        raise DatasetError(
-            f"dataset 'folder' needs a domain (a sub-folder of {root_path}); available: {listing}",
-            hint="name the domain as folder/<domain> or via a dataset alias",
-        )
-    domain_dir = root_path / domain
-    if domain in ("", ".", "..") or not domain_dir.is_dir():
-        raise DatasetError(
-            f"domain folder not found: {domain_dir}; available domains: {listing}",
-            hint="the domain is the name of a sub-folder of root",
-        )
+    domain_dir = domain_folder("folder", root_path, domain, listing)
     class_names = _subfolders(domain_dir)
     if not class_names:
         raise DatasetError(
@@ -324,3 +314,19 @@ def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]]) -> str
     if len(bad) > _MAX_LISTED:
         lines.append(f"  and {len(bad) - _MAX_LISTED} more")
     return "\n".join(lines)
+
+
+def domain_folder(dataset: str, root_path: Path, domain: str | None, listing: str) -> Path:
+    """``root/<domain>``, or a DatasetError that lists the domains there are."""
+    if domain is None:
+        raise DatasetError(
+            f"dataset {dataset!r} needs a domain (a sub-folder of {root_path}); available: {listing}",
+            hint=f"name the domain as {dataset}/<domain> or via a dataset alias",
+        )
+    domain_dir = root_path / domain
+    if domain in ("", ".", "..") or not domain_dir.is_dir():
+        raise DatasetError(
+            f"domain folder not found: {domain_dir}; available domains: {listing}",
+            hint="the domain is the name of a sub-folder of root",
+        )
+    return domain_dir

@@ -36,6 +36,7 @@ from harness_plugins.datasets import (
     _no_domain,
     _photo_crops,
     _subfolders,
+    domain_folder,
 )
 
 __all__ = [
@@ -142,17 +143,7 @@ def build_seg_synthetic(
 
     ``scene_seed`` fixes the scenes; ``seed`` only picks the train/val/test split.
     """
-    _no_domain("seg-synthetic", domain)
-    x, masks = _render_scenes("synthetic", n, image_size, scene_seed)
-    return DomainData.from_arrays(
-        "seg-synthetic",
-        x,
-        masks.long(),
-        class_names=SHAPE_CLASSES,
-        seed=seed,
-        task="segmentation",
-        meta={"hflip": True},
-    )
+    return _shape_domain("seg-synthetic", "synthetic", domain, n, image_size, seed, scene_seed)
 
 
 def build_seg_photo(
@@ -163,16 +154,16 @@ def build_seg_photo(
     ``scene_seed`` fixes the scenes (other layouts than ``seg-synthetic``'s by default); ``seed``
     only picks the train/val/test split.
     """
-    _no_domain("seg-photo", domain)
-    x, masks = _render_scenes("photo", n, image_size, scene_seed)
+    return _shape_domain("seg-photo", "photo", domain, n, image_size, seed, scene_seed)
+
+
+def _shape_domain(
+    name: str, style: str, domain: str | None, n: int, image_size: int, seed: int, scene_seed: int
+) -> DomainData:
+    _no_domain(name, domain)
+    x, masks = _render_scenes(style, n, image_size, scene_seed)
     return DomainData.from_arrays(
-        "seg-photo",
-        x,
-        masks.long(),
-        class_names=SHAPE_CLASSES,
-        seed=seed,
-        task="segmentation",
-        meta={"hflip": True},
+        name, x, masks.long(), class_names=SHAPE_CLASSES, seed=seed, task="segmentation", meta={"hflip": True}
     )
 
 
@@ -515,17 +506,7 @@ def build_segfolder(
     root_path = _root(root, "segfolder", layout)
     available = [d for d in _subfolders(root_path) if (root_path / d / "images").is_dir()]
     listing = ", ".join(available) if available else "none (no sub-folder holds an images folder)"
-    if domain is None:
-        raise DatasetError(
-            f"dataset 'segfolder' needs a domain (a sub-folder of {root_path}); available: {listing}",
-            hint="name the domain as segfolder/<domain> or via a dataset alias",
-        )
-    domain_dir = root_path / domain
-    if domain in ("", ".", "..") or not domain_dir.is_dir():
-        raise DatasetError(
-            f"domain folder not found: {domain_dir}; available domains: {listing}",
-            hint="the domain is the name of a sub-folder of root",
-        )
+    domain_dir = domain_folder("segfolder", root_path, domain, listing)
     images_dir, masks_dir = domain_dir / "images", domain_dir / "masks"
     _missing_dirs((images_dir, masks_dir), layout)
 
