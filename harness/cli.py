@@ -104,7 +104,12 @@ def run(
 
 
 @app.command("leaderboard")
-def leaderboard_cmd(study: StudyOpt, storage: StorageOpt = None, results_dir: ResultsOpt = Path("results")) -> None:
+def leaderboard_cmd(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    results_dir: ResultsOpt = Path("results"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="the same overrides the run was given")] = None,
+) -> None:
     """Rebuild results/<study>/ leaderboard files from the storage, without training.
 
     Example: harness leaderboard --study quickstart
@@ -112,7 +117,7 @@ def leaderboard_cmd(study: StudyOpt, storage: StorageOpt = None, results_dir: Re
     from harness.search import default_storage
     from harness.study import load_study
 
-    spec = load_study(study)
+    spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
     target_dir = results_dir / spec.name
     url = storage or default_storage(target_dir)

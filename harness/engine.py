@@ -25,8 +25,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available here (use \"auto\" or \"cpu\")")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {spec!r} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -145,6 +148,8 @@ class TrainConfig:
     device: torch.device
     precision: Precision
     params: dict[str, Any] = field(default_factory=dict)
+    #: seed of the k-shot target subset: fixed per study so that trials compare on the same images
+    data_seed: int = 0
 
 
 @dataclass
@@ -156,6 +161,8 @@ class TrainResult:
 
 def few_shot_indices(y: Tensor, shots: int, seed: int) -> Tensor:
     """``shots`` seeded indices per class (all of a class when it has fewer)."""
+    if y.ndim != 1:
+        raise ValueError("k-shot subsets are defined for class labels, not segmentation masks")
     g = torch.Generator().manual_seed(seed)
     y = y.cpu()
     picks = []
@@ -202,6 +209,7 @@ class Trainer:
     ) -> None:
         self.model, self.strategy, self.cfg = model, strategy, cfg
         self.device = cfg.device
+        seed_everything(cfg.seed)  # modules a strategy adds in setup() start from the run's seed
         self.source, self.target = source, target
         self.num_classes = target.num_classes
         model.to(self.device)
@@ -251,8 +259,10 @@ class Trainer:
         target_split: Split | None = None
         if strategy.uses_target:
             target_split = self.target.train
+            if strategy.target_labels == "few" and not strategy.shots:
+                raise ValueError(f"strategy {type(strategy).__name__} declares target_labels='few' but no shots")
             if strategy.shots:
-                target_split = target_split.subset(few_shot_indices(target_split.y, strategy.shots, cfg.seed))
+                target_split = target_split.subset(few_shot_indices(target_split.y, strategy.shots, cfg.data_seed))
             target_split = target_split.to(device)
         give_target_labels = strategy.target_labels != "none"
         primary = source_split if source_split is not None else target_split

@@ -119,13 +119,16 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     board = pd.DataFrame(rows)
     primary = f"test_{primary_metric(spec.task)}"
     if primary in board:
-        board["rank"] = board.groupby("pair")[primary].rank(ascending=False, method="min").astype("Int64")
+        # only rows with all their final seeds compete; partial rows stay unranked
+        ranked = board[primary].where(board["status"] == "final")
+        board["rank"] = ranked.groupby(board["pair"]).rank(ascending=False, method="min").astype("Int64")
         board = board.sort_values(["pair", "rank"], na_position="last", kind="stable").reset_index(drop=True)
     trials_df = pd.DataFrame(trial_rows)
     provenance = {
         "study": spec.name,
         "study_file": spec.path,
         "study_file_sha256": spec.file_hash,
+        "overrides": spec.overrides,
         "harness_version": __version__,
         "git_commit": git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
         "final_runs_git_commits": sorted(run_commits),

@@ -82,7 +82,8 @@ class Registry:
             info = PluginInfo(ep.name, dist, version, ep.value)
             if ep.name in self.plugins:
                 other = self.plugins[ep.name]
-                info.error = f"entry-point name {ep.name!r} is also used by {other.dist}"
+                info.name = f"{ep.name} ({dist})"  # keep the first plugin's row; report this one beside it
+                info.error = f"entry-point name {ep.name!r} is also used by {other.dist}; not loaded"
                 self._fail(info)
                 continue
             self.plugins[ep.name] = info

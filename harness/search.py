@@ -24,6 +24,7 @@ from harness.engine import (
     predict,
     resolve_device,
     resolve_freeze_depth,
+    seed_everything,
 )
 from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
 from harness.metrics import primary_metric, score
@@ -36,7 +37,9 @@ STUDY_SEP = " | "
 #: decoder used to pretrain a backbone on a segmentation source (weights = "source")
 SOURCE_PRETRAIN_SEG_HEAD = "fpn"
 # keys of a study's configuration that must not change between runs sharing a storage
-_FROZEN_CONFIG = ("pair", "method", "task", "image_size", "batch_size", "max_epochs", "search", "selection", "data")
+_FROZEN_CONFIG = (
+    "pair", "method", "task", "image_size", "batch_size", "max_epochs", "search", "selection", "data", "pretrain",
+)  # fmt: skip
 
 
 def optuna_study_name(pair: Pair, method: Method) -> str:
@@ -48,9 +51,15 @@ def default_storage(results_dir: Path) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    try:
+        if url.startswith("sqlite:"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and servers fail in many ways
+        raise HarnessError(
+            f"cannot open storage {url.split('@')[-1]!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            hint="use a URL Optuna supports (sqlite:///path.db, postgresql://user@host/db) with its driver installed",
+        ) from None
 
 
 def selection_rule(spec: StudySpec, strategy: api.Strategy) -> tuple[str, bool]:
@@ -59,7 +68,8 @@ def selection_rule(spec: StudySpec, strategy: api.Strategy) -> tuple[str, bool]:
     rule = spec.selection
     if rule == "auto":
         rule = "target-val" if strategy.target_labels != "none" else "source-val"
-    oracle = rule == "target-val" and strategy.target_labels == "none"
+    # "few" counts too: its trials would be chosen with far more target labels than k per class
+    oracle = rule == "target-val" and strategy.target_labels in ("none", "few")
     return rule, oracle
 
 
@@ -126,9 +136,13 @@ def resolve_methods(spec: StudySpec, registry: Registry) -> list[ResolvedMethod]
             raise spec_error(spec, f"methods[{i}].head", f"head {m.head!r} supports {', '.join(tasks)}, not {spec.task}")
         rm = ResolvedMethod(m, entries["backbone"], entries["head"], entries["strategy"])
         try:
-            rm.new_strategy()
+            strategy = rm.new_strategy()
         except (TypeError, ValueError) as exc:
             raise spec_error(spec, f"methods[{i}].strategy_options", f"{m.strategy}: {exc}") from None
+        if strategy.shots and spec.task != "classification":
+            raise spec_error(
+                spec, f"methods[{i}].strategy_options", "shots (k labelled images per class) applies to classification only"
+            )
         out.append(rm)
     return out
 
@@ -155,7 +169,10 @@ class Runner:
     precision: Precision = field(init=False)
 
     def __post_init__(self) -> None:
-        self.device = resolve_device(self.spec.device)
+        try:
+            self.device = resolve_device(self.spec.device)
+        except (RuntimeError, ValueError) as exc:
+            raise spec_error(self.spec, "device", str(exc)) from None
         self.precision = Precision.for_device(self.device, self.spec.precision)
         self.methods = resolve_methods(self.spec, self.registry)
         self.domains = {
@@ -252,7 +269,7 @@ class Runner:
                         with torch.no_grad():
                             x = target.val.x[:2].float().div(255)
                             out = model.eval().to(self.device)(model.to(self.device).normalize(x))
-                    except (RuntimeError, ValueError) as exc:
+                    except Exception as exc:  # noqa: BLE001 - timm and smp refuse shapes in many ways
                         raise PluginContractError(
                             f"{rm.method.backbone} + {rm.method.head} fails on a sample batch of "
                             f"{self.spec.image_size} px images: {str(exc).splitlines()[0][:200]}"
@@ -279,6 +296,7 @@ class Runner:
             "search": self.spec.search.model_dump(),
             "selection": rule,
             "oracle": oracle,
+            "pretrain": self.spec.pretrain.model_dump() if rm.method.weights == "source" else None,
             "data": {"source": source.fingerprint, "target": target.fingerprint},
             "target_labels": strategy.target_labels,
             "plugins": {
@@ -315,9 +333,8 @@ class Runner:
         seed = self.spec.seed + n_done
         if self.spec.search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=max(0, self.spec.search.startup_trials - n_done), multivariate=True
-        )
+        # TPE counts the finished trials itself when deciding whether start-up is over
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.spec.search.startup_trials, multivariate=True)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         s, epochs = self.spec.search, self.spec.budget.max_epochs
@@ -370,6 +387,7 @@ class Runner:
             device=self.device,
             precision=self.precision,
             params=params,
+            data_seed=self.spec.seed,
         )
 
     def selection_split(self, rule: str, source: api.DomainData, target: api.DomainData) -> api.Split:
@@ -384,6 +402,7 @@ class Runner:
             split = self.selection_split(rule, source, target)
             metric = primary_metric(self.spec.task)
             try:
+                seed_everything(self.spec.seed + trial.number)
                 model = self.build_model(rm, weights, target.num_classes)
                 params = self.suggest(trial, strategy, model.num_stages)
                 cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages)
@@ -407,6 +426,9 @@ class Runner:
                 trial.set_user_attr("fail_reason", failure_reason(exc))
                 trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
                 raise
+            except BaseException:  # Ctrl-C, SIGTERM: the trial did not fail on its own merits
+                trial.set_user_attr("fail_reason", "interrupted")
+                raise
             finally:
                 _release_memory(self.device)
 
@@ -417,7 +439,7 @@ class Runner:
         source, _ = self.pair_data(i)
         if self.storage_url == default_storage(self.options.results_dir):
             _fail_stale_running(study)
-        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+        done = count_budget(study)
         remaining = self.spec.budget.trials - done
         label = optuna_study_name(self.spec.pairs[i], rm.method)
         if remaining <= 0:
@@ -429,10 +451,7 @@ class Runner:
         study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
         study.set_user_attr("pruner", type(study.pruner).__name__)
         started = time.perf_counter()
-        callbacks = [
-            optuna.study.MaxTrialsCallback(self.spec.budget.trials, states=FINISHED),
-            self._progress_callback(label, started),
-        ]
+        callbacks = [self._progress_callback(label, started), self._budget_callback()]
         study.optimize(
             self.objective(i, rm, weights),
             n_trials=remaining,
@@ -442,6 +461,13 @@ class Runner:
             gc_after_trial=False,
         )
         return study
+
+    def _budget_callback(self) -> Callable[[optuna.Study, Any], None]:
+        def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if count_budget(study) >= self.spec.budget.trials:
+                study.stop()
+
+        return cb
 
     def _progress_callback(self, label: str, started: float) -> Callable[[optuna.Study, Any], None]:
         def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -493,6 +519,7 @@ class Runner:
             rule, _ = selection_rule(self.spec, strategy)
             params = {k2.removeprefix("param:"): v for k2, v in best.user_attrs.items() if k2.startswith("param:")}
             t0 = time.perf_counter()
+            seed_everything(seed)
             model = self.build_model(rm, weights, target.num_classes)
             cfg = self.train_config(params, seed, model.num_stages)
             trainer = Trainer(model, strategy, source, target, cfg)
@@ -528,6 +555,15 @@ class Runner:
             for rm in self.methods:
                 study = self.search(i, rm)
                 self.final_runs(i, rm, study)
+
+
+def count_budget(study: optuna.Study) -> int:
+    """Finished trials that use up the budget: interrupted ones (killed, pre-empted) do not."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if not (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == "interrupted")
+    )
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ Every problem ends as one ``StudySpecError`` naming the file, the key and what i
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,8 @@ SELECTION_RULES = ("auto", "target-val", "source-val")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a string where a number belongs is an error, not a silent conversion
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Pair(_Strict):
@@ -154,11 +156,12 @@ class StudySpec(_Strict):
     name: str = ""
     path: str = ""
     file_hash: str = ""
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"expected \"auto\", \"cpu\" or \"cuda[:N]\", got {v!r}")
         return v
 
@@ -216,6 +219,7 @@ def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root:
             "name": path.stem,
             "path": str(shown),
             "file_hash": hashlib.sha256(raw_bytes).hexdigest()[:16],
+            "overrides": dict(overrides or {}),
         }
     )
 
@@ -223,8 +227,14 @@ def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root:
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise StudySpecError(
+                f"--set {key}: {where} is not a table",
+                hint="--set reaches table keys (budget.trials=4); lists like pairs and methods are edited in the file",
+            )
     node[parts[-1]] = value
 
 
@@ -273,7 +283,7 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         if nxt is None:
             break
         model = nxt
-    hidden = {"name", "path", "file_hash"} if model is StudySpec else set()
+    hidden = {"name", "path", "file_hash", "overrides"} if model is StudySpec else set()
     return [k for k in model.model_fields if k not in hidden]
 
 

@@ -61,11 +61,17 @@ class _SourceCE(Strategy):
         return nn.functional.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
 
 
-def source_weights_key(backbone: str, source: DomainData, recipe: SourceRecipe, head: str = "linear") -> str:
+def source_weights_key(
+    backbone: str, source: DomainData, recipe: SourceRecipe, head: str = "linear", extra: dict[str, Any] | None = None
+) -> str:
+    import importlib.metadata as md
+
     from harness import __version__
 
     payload = json.dumps(
         {
+            "extra": extra or {},
+            "timm": md.version("timm"),
             "backbone": backbone,
             "head": head,
             "source": source.fingerprint,
@@ -93,10 +99,16 @@ def source_pretrained(
     from filelock import FileLock
     from safetensors.torch import save_file
 
-    from harness.engine import TrainConfig, Trainer, TransferModel
+    from harness.engine import TrainConfig, Trainer, TransferModel, seed_everything
     from harness.metrics import primary_metric, score
 
-    key = source_weights_key(backbone_name, source, recipe, head.name if head is not None else "linear")
+    key = source_weights_key(
+        backbone_name,
+        source,
+        recipe,
+        head.name if head is not None else "linear",
+        {"plugin": f"{entry.plugin} ({entry.dist})", "precision": precision.describe(), "device": device.type},
+    )
     path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -104,6 +116,7 @@ def source_pretrained(
             return path
         if log:
             log(f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})")
+        seed_everything(recipe.seed)
         backbone = build_backbone(entry, backbone_name, "none")
         if head is None:
             model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))

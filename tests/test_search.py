@@ -208,3 +208,55 @@ def test_declared_sub_domains_are_checked_before_training(tmp_path):
     with pytest.raises(StudySpecError) as err:
         resolve_domain(spec, reg, "cities/roma", "pairs[0].target")
     assert "pairs[0].target" in str(err.value) and "'rome'" in str(err.value)
+
+
+def test_same_study_same_seed_same_numbers_whatever_ran_before(tmp_path):
+    import torch
+
+    spec = load_study(str(write_study(tmp_path, trials=2)))
+    spec = spec.model_copy(update={"methods": spec.methods[1:2], "final_seeds": 1})
+    values = []
+    for k, noise in enumerate((1, 999)):
+        torch.manual_seed(noise)  # leftover global random state must not leak into a run
+        runner = Runner(spec, registry_with(), RunOptions(results_dir=tmp_path / f"r{k}", log=lambda m: None))
+        runner.run()
+        board = leaderboard.collect(spec, runner.storage_url)[0]
+        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage_url).get_trials()
+        values.append(([t.value for t in trials], board["test_accuracy"].tolist()))
+    assert values[0] == values[1]
+
+
+def test_few_shot_methods_selected_on_target_labels_are_oracle(tmp_path):
+    from harness.search import selection_rule
+    from harness_plugins.strategies import FineTune, SourceOnly
+
+    spec = load_study(str(write_study(tmp_path)))
+    assert selection_rule(spec, FineTune()) == ("target-val", False)
+    assert selection_rule(spec, FineTune(shots=5)) == ("target-val", True)
+    assert selection_rule(spec, SourceOnly()) == ("source-val", False)
+    oracle = spec.model_copy(update={"selection": "target-val"})
+    assert selection_rule(oracle, SourceOnly()) == ("target-val", True)
+
+
+def test_interrupted_trials_do_not_use_up_the_budget():
+    from harness.search import count_budget
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted"}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "nonfinite"}))
+    assert count_budget(study) == 2
+
+
+def test_shots_are_refused_for_segmentation(tmp_path):
+    from harness.engine import few_shot_indices
+
+    body = write_study(tmp_path).read_text().replace('strategy = "finetune"', 'strategy = "finetune"\nstrategy_options = {shots = 2}')
+    path = tmp_path / "seg.toml"
+    path.write_text('task = "segmentation"\n' + body.replace('head = "linear"', 'head = "unet"').replace('head = "mlp"', 'head = "fpn"').replace("digits-m", "seg-photo").replace('"digits"', '"seg-synthetic"'))
+    with pytest.raises(StudySpecError, match="shots .* classification only"):
+        make_runner(tmp_path, load_study(str(path)))
+    with pytest.raises(ValueError, match="segmentation masks"):
+        import torch
+
+        few_shot_indices(torch.zeros(4, 5, 5, dtype=torch.long), 2, 0)

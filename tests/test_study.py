@@ -130,3 +130,33 @@ def test_cli_validate_ok(study_dir):
     result = _cli("validate", "--study", str(path))
     assert result.returncode == 0, result.stderr
     assert "ok (1 pair(s), 3 method(s))" in result.stdout
+
+
+def test_wrong_types_are_not_silently_converted(study_dir):
+    path = write_study(study_dir)
+    path.write_text(path.read_text().replace("image_size = 16", 'image_size = "16"'))
+    with pytest.raises(StudySpecError, match="image_size: .*integer"):
+        load_study(str(path))
+
+
+def test_set_into_a_list_is_a_clear_error(study_dir):
+    path = write_study(study_dir)
+    with pytest.raises(StudySpecError, match="--set pairs.source: pairs is not a table"):
+        load_study(str(path), {"pairs.source": "x"})
+
+
+@pytest.mark.parametrize("device", ["cudax", "gpu", "cuda:a"])
+def test_bad_device_names_are_refused(study_dir, device):
+    path = write_study(study_dir, extra_top=f'device = "{device}"')
+    with pytest.raises(StudySpecError, match="device: expected"):
+        load_study(str(path))
+
+
+def test_cli_unusable_device_and_storage_are_one_line_errors(study_dir):
+    path = write_study(study_dir)
+    result = _cli("run", "--study", str(path), "--set", 'device="cuda:7"', cwd=study_dir.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "device" in result.stderr and "CUDA" in result.stderr
+    result = _cli("run", "--study", str(path), "--storage", "bogus://nowhere", cwd=study_dir.parent)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot open storage" in result.stderr
