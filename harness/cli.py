@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -208,7 +209,72 @@ def validate(study: StudyOpt) -> None:
     out.print(f"{spec.path}: ok ({len(spec.pairs)} pair(s), {len(spec.methods)} method(s))")
 
 
+@app.command("ls")
+def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
+    """List the studies under benchmarks/ and their state: not started, partial or published.
+
+    Example: harness ls
+    """
+    import json
+
+    base = Path.cwd() / "benchmarks"
+    studies = sorted(base.glob("*.toml")) if base.is_dir() else []
+    if not studies:
+        raise HarnessError(f"no study files in {base}", hint="a study is benchmarks/<name>.toml")
+    table = Table(title="studies")
+    for col in ("study", "state", "rows", "description"):
+        table.add_column(col, overflow="fold")
+    for path in studies:
+        folder = results_dir / path.stem
+        board = folder / "leaderboard.json"
+        state, rows, description = "not started", "-", ""
+        if board.is_file():
+            data = json.loads(board.read_text())
+            statuses = [r.get("status") for r in data.get("rows", [])]
+            rows = str(len(statuses))
+            description = data.get("description", "")
+            state = "published" if statuses and all(s == "final" for s in statuses) else "partial"
+        elif (folder / "optuna.db").is_file():
+            state = "partial"
+        if not description:
+            try:
+                import tomllib
+
+                description = str(tomllib.loads(path.read_text()).get("description", ""))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                description = "(not valid TOML)"
+        table.add_row(path.stem, state, rows, description)
+    out.print(table)
+
+
+BUILTIN_COMMANDS = {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "report", "export", "index"}
+
+
+def add_plugin_commands(target: typer.Typer = app) -> list[str]:
+    """Add the subcommands plugins register (``register_commands``); returns their names."""
+    from harness.registry import get_registry
+
+    added = []
+    registry = get_registry()
+    for name in registry.names("command"):
+        entry = registry.entries["command"][name]
+        if name in BUILTIN_COMMANDS:
+            info = registry.plugins.get(entry.plugin)
+            if info is not None:
+                info.error = f"command {name!r} is a built-in command; not added"
+            continue
+        help_text = entry.description or (entry.factory.__doc__ or "").strip() or None
+        target.command(name, help=help_text)(entry.factory)
+        added.append(name)
+    return added
+
+
 def main() -> None:
+    # Plugin commands need the plugins loaded; built-in commands start without that cost.
+    if len(sys.argv) < 2 or sys.argv[1] not in BUILTIN_COMMANDS:
+        # a failure is reported by `harness plugins`; the built-in commands still work
+        with contextlib.suppress(HarnessError):
+            add_plugin_commands()
     try:
         app()
     except HarnessError as exc:

@@ -189,6 +189,31 @@ def register_strategies(register: Register) -> None:
     """
 
 
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register subcommands of the ``harness`` command line.
+
+    ``register(name, function, description="")``
+
+    ``function`` is a plain function whose parameters are declared the way typer reads them
+    (type hints, ``typer.Option`` defaults); it becomes ``harness <name>``. Raise
+    ``harness.errors.HarnessError`` for a user error: it is printed as one line with exit status 2.
+    A name that a built-in command already uses is refused.
+
+    Example::
+
+        import typer
+
+        @hookimpl
+        def register_commands(register):
+            register("hello", hello, description="say hello")
+
+        def hello(name: str = typer.Option("world", help="who to greet")) -> None:
+            \"\"\"Say hello. Example: harness hello --name you\"\"\"
+            print(f"hello {name}")
+    """
+
+
 def hook_names() -> list[str]:
     """Names of every hook in this contract (used by the meta-tests and ``harness plugins``)."""
     return sorted(name for name, obj in globals().items() if _is_hookspec(obj))

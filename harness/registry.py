@@ -26,6 +26,7 @@ KINDS = {
     "head": "register_heads",
     "dataset": "register_datasets",
     "strategy": "register_strategies",
+    "command": "register_commands",
 }
 #: comma-separated entry-point names; when set, only these plugins load (tests use it for isolation)
 ENV_PLUGINS = "HARNESS_PLUGINS"

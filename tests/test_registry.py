@@ -169,7 +169,7 @@ def test_builtin_plugins_are_declared_in_the_entry_point_group():
 
 def test_every_hook_is_documented_with_an_example():
     names = hookspecs.hook_names()
-    assert names == ["register_backbones", "register_datasets", "register_heads", "register_strategies"]
+    assert names == ["register_backbones", "register_commands", "register_datasets", "register_heads", "register_strategies"]
     for name in names:
         doc = inspect.getdoc(getattr(hookspecs, name))
         assert doc and "register(" in doc and "Example" in doc, name
@@ -185,3 +185,15 @@ def test_every_builtin_registers_something():
     assert {"digits", "digits-m", "folder"} <= set(reg.names("dataset"))
     assert {"linear", "mlp"} <= set(reg.names("head"))
     assert "test_resnet" in reg.names("backbone") and "resnet18" in reg.names("backbone")
+
+
+def test_every_hook_is_documented_in_the_plugin_guide():
+    guide = (REPO / "docs" / "plugins.md").read_text()
+    for name in hookspecs.hook_names():
+        assert f"def {name}(register)" in guide, f"{name} missing from docs/plugins.md"
+        doc = inspect.getdoc(getattr(hookspecs, name))
+        register_line = next(line for line in doc.splitlines() if line.startswith("``register("))
+        assert register_line.strip("`") in guide, f"signature of {name} differs in docs/plugins.md"
+        factory = [line.strip() for line in doc.splitlines() if line.strip().startswith("factory(")]
+        for line in factory:
+            assert line.split(" ->")[0].rstrip() in guide, f"factory signature of {name} differs in docs/plugins.md"

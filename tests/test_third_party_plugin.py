@@ -147,6 +147,18 @@ def test_harness_plugins_shows_the_distribution(plugin_site: Path, tmp_path: Pat
     assert rows["strategies"][1] == "transfer-harness"
 
 
+def test_plugin_adds_its_own_subcommand(plugin_site: Path, tmp_path: Path) -> None:
+    proc = _harness(["example-shapes-info", "--image-size", "16", "--n", "30"], _env(plugin_site), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "plain: square=" in proc.stdout and "bar=" in proc.stdout, proc.stdout
+    assert "noisy: " in proc.stdout
+    helped = _harness(["--help"], _env(plugin_site), tmp_path)
+    assert "example-shapes-info" in helped.stdout
+    # without the plugin installed the command does not exist
+    bare = _harness(["example-shapes-info"], _env(tmp_path), tmp_path)
+    assert bare.returncode != 0
+
+
 def test_harness_plugins_kind_strategy(plugin_site: Path, tmp_path: Path) -> None:
     proc = _harness(["plugins", "--kind", "strategy"], _env(plugin_site), tmp_path)
     assert proc.returncode == 0, proc.stderr

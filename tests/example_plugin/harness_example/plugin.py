@@ -103,6 +103,23 @@ def register_strategies(register: Any) -> None:
     register("example-entropy", EntropyMinimization, description=EntropyMinimization.description)
 
 
+@hookimpl
+def register_commands(register: Any) -> None:
+    """Add ``harness example-shapes-info`` to the command line: a plugin can bring its own tools."""
+    register("example-shapes-info", shapes_info, description="describe the example-shapes domains")
+
+
+def shapes_info(image_size: int = 32, n: int = 240) -> None:
+    """Print the class balance of the example-shapes domains.
+
+    Example: harness example-shapes-info --image-size 16
+    """
+    for domain in ("plain", "noisy"):
+        data = build_shapes(domain, image_size=image_size, seed=0, n=n)
+        counts = torch.bincount(torch.cat([data.train.y, data.val.y, data.test.y]), minlength=3)
+        print(f"{domain}: " + ", ".join(f"{c}={k}" for c, k in zip(data.class_names, counts.tolist(), strict=True)))
+
+
 # ======================================================================================= backbone
 
 
