@@ -451,7 +451,7 @@ class Runner:
         study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
         study.set_user_attr("pruner", type(study.pruner).__name__)
         started = time.perf_counter()
-        callbacks = [self._progress_callback(label, started), self._budget_callback()]
+        callbacks = [self._progress_callback(label, started), self._budget_callback(), *self._tracking_callbacks()]
         study.optimize(
             self.objective(i, rm, weights),
             n_trials=remaining,
@@ -461,6 +461,20 @@ class Runner:
             gc_after_trial=False,
         )
         return study
+
+    def _tracking_callbacks(self) -> list[Callable[[optuna.Study, Any], None]]:
+        uri = self.spec.tracking.mlflow_uri
+        if not uri:
+            return []
+        try:
+            from optuna_integration.mlflow import MLflowCallback
+        except ImportError:
+            raise spec_error(
+                self.spec,
+                "tracking.mlflow_uri",
+                "MLflow tracking needs the optional packages: pip install 'transfer-harness[tracking]'",
+            ) from None
+        return [MLflowCallback(tracking_uri=uri, metric_name=primary_metric(self.spec.task), create_experiment=True)]
 
     def _budget_callback(self) -> Callable[[optuna.Study, Any], None]:
         def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -124,6 +124,12 @@ class Pretrain(_Strict):
         return v
 
 
+class Tracking(_Strict):
+    """Experiment tracking through Optuna's integration callbacks; off unless a URI is given."""
+
+    mlflow_uri: str | None = Field(None, min_length=1)
+
+
 class DatasetAlias(BaseModel):
     """``[datasets.NAME] plugin = "folder", root = "..."``: binds a dataset plugin to options."""
 
@@ -150,6 +156,7 @@ class StudySpec(_Strict):
     budget: Budget = Field(default_factory=Budget)
     search: SearchSpace = Field(default_factory=SearchSpace)
     pretrain: Pretrain = Field(default_factory=Pretrain)
+    tracking: Tracking = Field(default_factory=Tracking)
     datasets: dict[str, DatasetAlias] = Field(default_factory=dict)
 
     # filled in by load_study, not by the file

@@ -260,3 +260,18 @@ def test_shots_are_refused_for_segmentation(tmp_path):
         import torch
 
         few_shot_indices(torch.zeros(4, 5, 5, dtype=torch.long), 2, 0)
+
+
+def test_mlflow_tracking_through_optunas_callback(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store starts in a second; sqlite migrates first
+    uri = f"file://{tmp_path / 'mlruns'}"
+    spec = load_study(str(write_study(tmp_path, trials=2)), {"tracking.mlflow_uri": uri})
+    spec = spec.model_copy(update={"methods": spec.methods[:1], "final_seeds": 1})
+    runner = make_runner(tmp_path, spec)
+    runner.run()
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[optuna_study_name(spec.pairs[0], spec.methods[0])])
+    assert len(runs) == 2
+    assert "metrics.accuracy" in runs and runs["metrics.accuracy"].between(0, 1).all()
+    assert "params.head.lr" in runs
