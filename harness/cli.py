@@ -28,6 +28,13 @@ out = Console(highlight=False, soft_wrap=True)
 
 StudyOpt = Annotated[str, typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file")]
 ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results/<study>/ folders go")]
+ReportOpt = Annotated[
+    bool,
+    typer.Option(
+        "--report/--no-report",
+        help="also write index.html with plots, the reproducible bundle/ and results/README.md",
+    ),
+]
 StorageOpt = Annotated[
     str | None,
     typer.Option("--storage", help="Optuna storage URL (default: sqlite file under results/<study>/)"),
@@ -65,6 +72,7 @@ def run(
     results_dir: ResultsOpt = Path("results"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a study field: --set budget.trials=4")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only print the leaderboard")] = False,
+    report: ReportOpt = True,
 ) -> None:
     """Search every pair x method of a study, run the final seeds, and write the leaderboard.
 
@@ -100,7 +108,7 @@ def run(
             console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
             raise typer.Exit(130) from None
         raise
-    _write_board(spec, runner.storage_url, target_dir, quiet=False)
+    _write_board(spec, runner.storage_url, target_dir, quiet=False, report=report)
     log(f"done in {time.perf_counter() - started:.0f}s")
 
 
@@ -110,6 +118,7 @@ def leaderboard_cmd(
     storage: StorageOpt = None,
     results_dir: ResultsOpt = Path("results"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="the same overrides the run was given")] = None,
+    report: ReportOpt = True,
 ) -> None:
     """Rebuild results/<study>/ leaderboard files from the storage, without training.
 
@@ -127,14 +136,20 @@ def leaderboard_cmd(
             f"no results storage for study {spec.name!r} at {target_dir / 'optuna.db'}",
             hint=f"run `harness run --study {spec.name}` first, or pass --storage URL",
         )
-    _write_board(spec, url, target_dir, quiet=False)
+    _write_board(spec, url, target_dir, quiet=False, report=report)
 
 
-def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool) -> None:
+def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: bool = False) -> None:
     from harness import leaderboard
 
     board, trials, provenance = leaderboard.collect(spec, url)
     paths = leaderboard.write(target_dir, spec, board, trials, provenance)
+    if report:
+        from harness.report import export_bundle, write_report, write_results_index
+
+        paths.append(export_bundle(target_dir, spec, board, url))  # first: the page links the bundle
+        paths.append(write_report(target_dir, spec, board, trials, provenance, url))
+        paths.append(write_results_index(target_dir.parent))
     if quiet:
         return
     from harness.metrics import LABELS, primary_metric
@@ -209,6 +224,47 @@ def validate(study: StudyOpt) -> None:
     out.print(f"{spec.path}: ok ({len(spec.pairs)} pair(s), {len(spec.methods)} method(s))")
 
 
+@app.command("check-plugin")
+def check_plugin_cmd(
+    name: Annotated[str, typer.Argument(help="plugin (entry-point) name, as `harness plugins` lists it")],
+) -> None:
+    """Run the contract checks of harness.testing on every entry of one plugin and print what failed.
+
+    Example: harness check-plugin strategies
+    """
+    from harness.registry import get_registry, unknown_message
+    from harness.testing import check_plugin
+
+    _quiet_libraries()
+    registry = get_registry()
+    if name not in registry.plugins:
+        raise HarnessError(unknown_message("plugin", name, sorted(registry.plugins)), hint="`harness plugins` lists them")
+    results = check_plugin(registry, name)
+    failed = 0
+    for entry, checks in results.items():
+        bad = [c for c in checks if not c.passed]
+        failed += len(bad)
+        mark = "[green]ok[/]" if not bad else f"[red]{len(bad)} failed[/]"
+        out.print(f"{escape(entry)}: {mark} ({len(checks)} checks)")
+        for c in bad:
+            out.print(f"  [red]x[/] {escape(c.name)}: {escape(c.detail)}")
+    if failed:
+        console.print(f"[red]{failed} check(s) failed[/] in plugin {name!r}")
+        raise typer.Exit(1)
+    console.print(f"plugin {name!r} passes every check")
+
+
+@app.command("index")
+def index_cmd(results_dir: ResultsOpt = Path("results")) -> None:
+    """Regenerate results/README.md: every published study with its headline row.
+
+    Example: harness index
+    """
+    from harness.report import write_results_index
+
+    console.print(f"wrote {write_results_index(results_dir)}")
+
+
 @app.command("ls")
 def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
     """List the studies under benchmarks/ and their state: not started, partial or published.
@@ -247,7 +303,7 @@ def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
     out.print(table)
 
 
-BUILTIN_COMMANDS = {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "report", "export", "index"}
+BUILTIN_COMMANDS = {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "index"}
 
 
 def add_plugin_commands(target: typer.Typer = app) -> list[str]:

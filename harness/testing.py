@@ -1,7 +1,7 @@
 """Contract checks for harness plugins, to call from a plugin's own test suite.
 
 The hooks in :mod:`harness.hookspecs` describe what a backbone, head, dataset or strategy factory
-must do. This module checks it, in the spirit of scikit-learn's ``check_estimator``: each
+(and a plugin's command) must do. This module checks it, in the spirit of scikit-learn's ``check_estimator``: each
 ``check_*`` function builds the thing from its factory, runs a list of named checks on it and
 returns one :class:`CheckResult` per check. One failing check never hides the others: each runs on
 its own, and a check that cannot run because an earlier one failed says so (``"not run: ..."``).
@@ -62,6 +62,8 @@ What is checked
   names start with ``strategy.``; it rejects an unknown option with ``TypeError``; it trains a tiny
   model for a few steps through the harness's own engine with a finite loss, and the engine hands
   it target labels only as ``target_labels`` allows.
+- command: its name is not a built-in command, typer can build ``harness <name> --help`` from
+  its signature, and it has a description or docstring. Nothing is run.
 
 Each check function accepts a registry :class:`~harness.registry.Entry` (its factory, name and
 metadata such as ``tasks`` are used) or the bare factory. The checks seed torch, numpy and
@@ -106,6 +108,7 @@ __all__ = [
     "PluginCheckError",
     "assert_passes",
     "check_backbone",
+    "check_command",
     "check_dataset",
     "check_entry",
     "check_head",
@@ -124,7 +127,7 @@ DUPLICATE_TOLERANCE = 0.10
 UNKNOWN_OPTION = "harness_contract_check_unknown_option"
 #: number of classes of the heads and data the checks build
 NUM_CLASSES = 3
-#: fixed-size keys the harness reads from ``Strategy.fixed``
+#: the keys of ``Strategy.fixed`` the harness reads
 KNOWN_FIXED = ("freeze_depth",)
 #: a plugin registering more backbones than this is checked on its ``test_*`` names only
 MAX_BACKBONES = 50
@@ -167,7 +170,9 @@ class PluginCheckError(AssertionError):
         lines = [f"{len(self.failures)} of {total} plugin contract checks failed:"]
         lines += [f"  {f.name}: {f.detail}" for f in root]
         if blocked:
-            lines.append(f"  not run because of the failures above: {', '.join(f.name for f in blocked)}")
+            lines.append(
+                f"  not run because of the failures above: {', '.join(f.name for f in blocked)}"
+            )
         super().__init__("\n".join(lines))
 
 
@@ -301,7 +306,9 @@ def _unpack(obj: EntryOrFactory, kind: str) -> tuple[Callable[..., Any], str, di
     raise TypeError(f"check_{kind} needs a registry Entry or a factory, got {type(obj).__name__}")
 
 
-def _missing_required(factory: Callable[..., Any], positional: int, provided: Iterable[str]) -> list[str]:
+def _missing_required(
+    factory: Callable[..., Any], positional: int, provided: Iterable[str]
+) -> list[str]:
     """Required parameters of ``factory`` the call would not supply (from its signature)."""
     try:
         sig = inspect.signature(factory)
@@ -374,16 +381,25 @@ def check_backbone(
     with _isolated_rng():
         bb = c.value("factory", lambda: _build_backbone(factory, name))
         if bb is None:
-            for check in ("stages", "stage_order", "forward", "normalization", "freeze", "trains", "deterministic"):
+            for check in (
+                "stages",
+                "forward",
+                "stage_order",
+                "normalization",
+                "freeze",
+                "deterministic",
+                "trains",
+            ):
                 c.blocked(check, ["factory"])
             return c.results
         c.run("stages", lambda: _backbone_stages(bb))
         c.run("forward", lambda: _backbone_forward(bb, image_size))
-        c.run("stage_order", lambda: _backbone_stage_order(bb, image_size), needs=["stages", "forward"])
+        c.run("stage_order", lambda: _backbone_stage_order(bb, image_size), needs=["forward"])
         c.run("normalization", lambda: _backbone_normalization(bb))
         c.run("freeze", lambda: _backbone_freeze(bb), needs=["stages"])
-        c.run("trains", lambda: _backbone_trains(factory, name, image_size), needs=["forward"])
-        c.run("deterministic", lambda: _backbone_deterministic(factory, name))
+        # deterministic compares the untouched first build with a second one; trains then uses it
+        c.run("deterministic", lambda: _backbone_deterministic(bb, factory, name))
+        c.run("trains", lambda: _backbone_trains(bb, image_size), needs=["forward"])
     return c.results
 
 
@@ -456,7 +472,9 @@ def _backbone_forward(bb: Backbone, size: int) -> None:
         hint = ""
         if fixed.get("fixed_input_size") and fixed.get("input_size"):
             hint = f"; the model takes {tuple(fixed['input_size'])} inputs only: check it with image_size={fixed['input_size'][-1]}"
-        raise _Fail(f"forward of a (2, 3, {size}, {size}) batch failed: {_describe(exc)}{hint}") from None
+        raise _Fail(
+            f"forward of a (2, 3, {size}, {size}) batch failed: {_describe(exc)}{hint}"
+        ) from None
     finally:
         module.train(was_training)
     if not isinstance(out, Tensor):
@@ -488,7 +506,9 @@ def _backbone_stage_order(bb: Backbone, size: int) -> str | None:
     def hook(mod: nn.Module, _args: Any) -> None:
         first_call.setdefault(id(mod), len(first_call))
 
-    handles = [m.register_forward_pre_hook(hook) for m in {id(m): m for m in owner.values()}.values()]
+    handles = [
+        m.register_forward_pre_hook(hook) for m in {id(m): m for m in owner.values()}.values()
+    ]
     was_training = module.training
     module.eval()
     try:
@@ -500,12 +520,18 @@ def _backbone_stage_order(bb: Backbone, size: int) -> str | None:
             h.remove()
     starts: list[tuple[int, int, str]] = []  # (first call, stage, a parameter of it)
     for i, stage in enumerate(bb.stages):
-        calls = [(first_call[id(owner[n])], n) for n in stage if n in owner and id(owner[n]) in first_call]
+        calls = [
+            (first_call[id(owner[n])], n)
+            for n in stage
+            if n in owner and id(owner[n]) in first_call
+        ]
         if calls:
             at, n = min(calls)
             starts.append((at, i, n))
     if not starts or starts[0][1] != 0:
-        return "cannot tell where stage 0 runs (its parameters belong to no module that forward calls)"
+        return (
+            "cannot tell where stage 0 runs (its parameters belong to no module that forward calls)"
+        )
     for (at_a, i, n_a), (at_b, j, n_b) in zip(starts, starts[1:], strict=False):
         if at_b < at_a:
             raise _Fail(
@@ -519,8 +545,13 @@ def _backbone_stage_order(bb: Backbone, size: int) -> str | None:
 def _backbone_normalization(bb: Backbone) -> None:
     for label, value in (("mean", bb.mean), ("std", bb.std)):
         if not isinstance(value, tuple | list) or len(value) != 3:
-            raise _Fail(f"Backbone.{label} must be a 3-tuple (one value per RGB channel), got {value!r}")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise _Fail(
+                f"Backbone.{label} must be a 3-tuple (one value per RGB channel), got {value!r}"
+            )
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        ):
             raise _Fail(f"Backbone.{label} must hold finite numbers, got {value!r}")
     if any(s <= 0 for s in bb.std):
         raise _Fail(f"Backbone.std must be positive, got {tuple(bb.std)}")
@@ -545,20 +576,23 @@ def _backbone_freeze(bb: Backbone) -> str:
                 if trainable - expected:
                     parts.append(f"still trainable: {_short(sorted(trainable - expected))}")
                 if expected - trainable:
-                    parts.append(f"frozen but in a later stage: {_short(sorted(expected - trainable))}")
+                    parts.append(
+                        f"frozen but in a later stage: {_short(sorted(expected - trainable))}"
+                    )
                 raise _Fail(
                     f"freeze depth {k} of {n} should leave exactly stages {k}..{n - 1} trainable; "
                     + "; ".join(parts)
                 )
             if not all(p.requires_grad for p in head.parameters()):
-                raise _Fail(f"freeze depth {k} froze head parameters: the backbone shares them with the head")
+                raise _Fail(
+                    f"freeze depth {k} froze head parameters: the backbone shares them with the head"
+                )
     finally:
         model.freeze(0)
     return f"freeze depths 0..{n} checked"
 
 
-def _backbone_trains(factory: Callable[..., Any], name: str, size: int) -> str:
-    bb = _build_backbone(factory, name)
+def _backbone_trains(bb: Backbone, size: int) -> str:
     model = TransferModel(bb, nn.Linear(bb.num_features, NUM_CLASSES)).train()
     x = _images(4, size, seed=1)
     y = torch.tensor([0, 1, 2, 0])
@@ -569,7 +603,11 @@ def _backbone_trains(factory: Callable[..., Any], name: str, size: int) -> str:
         raise _Fail(f"the loss of a linear head on the features is {float(loss)}")
     optimizer.zero_grad()
     loss.backward()
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
     if bad:
         raise _Fail(f"non-finite gradients in {_short(bad)}")
     params = dict(bb.module.named_parameters())
@@ -592,13 +630,15 @@ def _backbone_trains(factory: Callable[..., Any], name: str, size: int) -> str:
     return note
 
 
-def _backbone_deterministic(factory: Callable[..., Any], name: str) -> None:
-    a = _build_backbone(factory, name).module.state_dict()
+def _backbone_deterministic(first: Backbone, factory: Callable[..., Any], name: str) -> None:
+    a = first.module.state_dict()
     b = _build_backbone(factory, name).module.state_dict()
     if a.keys() != b.keys():
         raise _Fail("two builds with weights='none' have different state-dict keys")
     differ = [
-        k for k in a if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
+        k
+        for k in a
+        if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
     ]
     if differ:
         raise _Fail(
@@ -629,13 +669,15 @@ def check_head(
     segmentation on ``seg_image_size`` px ones (or the entry's ``min_image_size`` when larger).
     Checks, named ``head.<task>.<check>``: ``factory``, ``output``, ``backward`` and
     ``unknown_option``; plus ``head.tasks`` and ``head.backbone`` (the tiny backbone builds).
+    A factory with required options that are not given is skipped with a passed note.
     """
     factory, _, meta = _unpack(entry_or_factory, "head")
-    declared = tuple(tasks) if tasks is not None else tuple(meta.get("tasks", ("classification",)))
+    raw = tasks if tasks is not None else meta.get("tasks", ("classification",))
+    declared = (raw,) if isinstance(raw, str) else tuple(raw)
     opts = dict(options or {})
     seg_size = max(seg_image_size, int(meta.get("min_image_size") or 0))
     c = _Checks("head")
-    c.run("tasks", lambda: _head_tasks(declared))
+    c.run("tasks", lambda: _declared_tasks(raw))
     missing = _missing_required(factory, 0, {"backbone", "num_classes", "task", *opts})
     if missing:
         c.add("factory", True, _skip_message(missing))
@@ -653,8 +695,13 @@ def _builds(backbone: str) -> None:
     _tiny_backbone(backbone)
 
 
-def _head_tasks(declared: Sequence[str]) -> None:
-    if isinstance(declared, str) or not declared:
+def _declared_tasks(declared: Any) -> None:
+    if isinstance(declared, str):
+        raise _Fail(
+            f"tasks={declared!r} is a string: register with tasks=({declared!r},), a tuple (the "
+            "harness tests `task in tasks`, which on a string matches substrings)"
+        )
+    if not isinstance(declared, Sequence) or not declared:
         raise _Fail(f"tasks must be a non-empty tuple of task names, got {declared!r}")
     unknown = [t for t in declared if t not in TASKS]
     if unknown:
@@ -662,7 +709,12 @@ def _head_tasks(declared: Sequence[str]) -> None:
 
 
 def _check_head_task(
-    c: _Checks, factory: Callable[..., Any], task: str, backbone: str, size: int, opts: dict[str, Any]
+    c: _Checks,
+    factory: Callable[..., Any],
+    task: str,
+    backbone: str,
+    size: int,
+    opts: dict[str, Any],
 ) -> None:
     t = f"{task}."
 
@@ -681,7 +733,11 @@ def _check_head_task(
         bb, head = built
         c.run(t + "output", lambda: _head_output(bb, head, task, size))
         c.run(t + "backward", lambda: _head_backward(bb, head, task, size), needs=[t + "output"])
-    c.run(t + "unknown_option", lambda: _head_unknown_option(factory, backbone, task, opts), needs=["backbone"])
+    c.run(
+        t + "unknown_option",
+        lambda: _head_unknown_option(factory, backbone, task, opts),
+        needs=["backbone"],
+    )
 
 
 def _head_model(bb: Backbone, head: nn.Module, task: str) -> TransferModel:
@@ -709,7 +765,9 @@ def _head_output(bb: Backbone, head: nn.Module, task: str, size: int) -> None:
             f"{size} px and num_classes={NUM_CLASSES}; {how}"
         )
     if not out.is_floating_point() or not torch.isfinite(out).all():
-        raise _Fail(f"{task} output must be finite floating-point logits, got {out.dtype} with NaN/inf")
+        raise _Fail(
+            f"{task} output must be finite floating-point logits, got {out.dtype} with NaN/inf"
+        )
 
 
 def _head_backward(bb: Backbone, head: nn.Module, task: str, size: int) -> str | None:
@@ -737,7 +795,9 @@ def _head_backward(bb: Backbone, head: nn.Module, task: str, size: int) -> str |
     return None
 
 
-def _head_unknown_option(factory: Callable[..., Any], backbone: str, task: str, opts: dict[str, Any]) -> None:
+def _head_unknown_option(
+    factory: Callable[..., Any], backbone: str, task: str, opts: dict[str, Any]
+) -> None:
     bb = _tiny_backbone(backbone)
     try:
         factory(backbone=bb, num_classes=NUM_CLASSES, task=task, **opts, **{UNKNOWN_OPTION: 1})
@@ -776,7 +836,9 @@ def check_dataset(
     ``disjoint_splits``, ``deterministic`` and ``fingerprint``.
     """
     factory, _, meta = _unpack(entry_or_factory, "dataset")
-    declared = tuple(meta.get("tasks", ("classification",))) if isinstance(entry_or_factory, Entry) else TASKS
+    declared = (
+        meta.get("tasks", ("classification",)) if isinstance(entry_or_factory, Entry) else TASKS
+    )
     opts = dict(options or {})
     c = _Checks("dataset" if domain is None else f"dataset/{domain}")
     missing = _missing_required(factory, 1, {"image_size", "seed", *opts})
@@ -806,10 +868,22 @@ def check_dataset(
             c.add("factory", False, _describe(exc))
             data = None
         if data is None:
-            for check in ("contract", "image_size", "task", "class_names", "disjoint_splits", "deterministic", "fingerprint"):
+            for check in (
+                "contract",
+                "image_size",
+                "task",
+                "class_names",
+                "disjoint_splits",
+                "deterministic",
+                "fingerprint",
+            ):
                 c.blocked(check, ["factory"])
             return c.results
-        c.add("factory", True, f"{len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images")
+        c.add(
+            "factory",
+            True,
+            f"{len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images",
+        )
         c.run("contract", lambda: _dataset_contract(data, image_size))
         c.run("image_size", lambda: _dataset_image_size(data, image_size))
         c.run("task", lambda: _dataset_task(data, declared))
@@ -828,19 +902,26 @@ def _dataset_contract(data: DomainData, size: int) -> None:
     for split_name in ("train", "val", "test"):
         y = getattr(data, split_name).y
         if data.task == "classification" and y.ndim != 1:
-            raise _Fail(f"{split_name} labels of a classification domain must be (N,), got {tuple(y.shape)}")
+            raise _Fail(
+                f"{split_name} labels of a classification domain must be (N,), got {tuple(y.shape)}"
+            )
         if data.task == "segmentation" and y.ndim != 3:
-            raise _Fail(f"{split_name} masks of a segmentation domain must be (N, H, W), got {tuple(y.shape)}")
+            raise _Fail(
+                f"{split_name} masks of a segmentation domain must be (N, H, W), got {tuple(y.shape)}"
+            )
 
 
 def _dataset_image_size(data: DomainData, size: int) -> None:
     for split_name in ("train", "val", "test"):
         shape = tuple(getattr(data, split_name).x.shape[1:])
         if shape != (3, size, size):
-            raise _Fail(f"{split_name} images are {shape}, expected (3, {size}, {size}) for image_size={size}")
+            raise _Fail(
+                f"{split_name} images are {shape}, expected (3, {size}, {size}) for image_size={size}"
+            )
 
 
-def _dataset_task(data: DomainData, declared: Sequence[str]) -> None:
+def _dataset_task(data: DomainData, declared: Any) -> None:
+    _declared_tasks(declared)
     if data.task not in TASKS:
         raise _Fail(f"DomainData.task is {data.task!r}; the harness knows {', '.join(TASKS)}")
     if data.task not in declared:
@@ -882,7 +963,9 @@ def _dataset_disjoint(data: DomainData) -> str | None:
                 "disjoint splits (harness.api.DomainData.from_arrays splits one pool for you)"
             )
         if shared:
-            notes.append(f"{shared} of {len(hashes)} {split_name} images also in train (within tolerance)")
+            notes.append(
+                f"{shared} of {len(hashes)} {split_name} images also in train (within tolerance)"
+            )
     return "; ".join(notes) or None
 
 
@@ -959,7 +1042,8 @@ def check_strategy(
     ``backbone`` with a linear head on 32 px images for ``task="classification"``, or with the
     ``fpn`` segmentation head on 64 px images for ``task="segmentation"``. Checks, named
     ``strategy.<check>``: ``factory``, ``declarations``, ``search_space``, ``unknown_option``,
-    ``trains`` and ``target_labels``.
+    ``trains`` and ``target_labels``. A factory with required options that are not given is
+    skipped (one passed ``strategy.factory`` result saying ``"skipped: needs options: ..."``).
     """
     factory, _, _ = _unpack(entry_or_factory, "strategy")
     if task not in TASKS:
@@ -973,7 +1057,13 @@ def check_strategy(
     with _isolated_rng():
         strategy = c.value("factory", lambda: _build_strategy(factory, opts))
         if strategy is None:
-            for check in ("declarations", "search_space", "unknown_option", "trains", "target_labels"):
+            for check in (
+                "declarations",
+                "search_space",
+                "unknown_option",
+                "trains",
+                "target_labels",
+            ):
                 c.blocked(check, ["factory"])
             return c.results
         c.run("declarations", lambda: _strategy_declarations(strategy, task))
@@ -1004,13 +1094,17 @@ def _strategy_declarations(s: Strategy, task: str) -> str | None:
         if not isinstance(getattr(s, attr), bool):
             raise _Fail(f"{attr} must be a bool, got {getattr(s, attr)!r}")
     if not (s.uses_source or s.uses_target):
-        raise _Fail("uses_source and uses_target are both False: the strategy would receive no data")
+        raise _Fail(
+            "uses_source and uses_target are both False: the strategy would receive no data"
+        )
     labels = s.target_labels
     if labels not in TARGET_LABELS:
         raise _Fail(f"target_labels must be one of {TARGET_LABELS}, got {labels!r}")
     shots = s.shots
     if labels == "few" and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
-        raise _Fail(f"target_labels='few' needs shots, a positive int (labelled images per class), got {shots!r}")
+        raise _Fail(
+            f"target_labels='few' needs shots, a positive int (labelled images per class), got {shots!r}"
+        )
     if shots and labels != "few":
         raise _Fail(
             f"shots={shots!r} but target_labels={labels!r}: a k-shot strategy declares 'few', so that "
@@ -1062,7 +1156,9 @@ def _strategy_search_space(s: Strategy) -> dict[str, Any]:
     try:
         json.dumps(dict(space))
     except (TypeError, ValueError) as exc:
-        raise _Fail(f"search_space values must be JSON-serialisable (they are stored with the trial): {exc}") from None
+        raise _Fail(
+            f"search_space values must be JSON-serialisable (they are stored with the trial): {exc}"
+        ) from None
     return dict(space)
 
 
@@ -1097,9 +1193,11 @@ def _tiny_domain(name: str, task: str, n: int, size: int, seed: int) -> DomainDa
     return DomainData.from_arrays(name, x, y, class_names=names, seed=seed, task=task)  # type: ignore[arg-type]
 
 
-def _strategy_trains(s: Strategy, space: dict[str, Any], task: str, backbone: str, record: _Recorded) -> str:
+def _strategy_trains(
+    s: Strategy, space: dict[str, Any], task: str, backbone: str, record: _Recorded
+) -> str:
     segmentation = task == "segmentation"
-    size, n = (64, 10) if segmentation else (32, 30)
+    size, n = (64, 10) if segmentation else (32, 24)
     source = _tiny_domain("contract-source", task, n, size, seed=0)
     target = _tiny_domain("contract-target", task, n, size, seed=1)
     bb = _tiny_backbone(backbone)
@@ -1142,7 +1240,11 @@ def _strategy_trains(s: Strategy, space: dict[str, Any], task: str, backbone: st
         record.batches.append(batch)
         loss = original(model, batch, ctx)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            got = type(loss).__name__ if not isinstance(loss, Tensor) else f"a tensor of shape {tuple(loss.shape)}"
+            got = (
+                type(loss).__name__
+                if not isinstance(loss, Tensor)
+                else f"a tensor of shape {tuple(loss.shape)}"
+            )
             raise _Fail(f"training_step must return the loss as a scalar tensor, got {got}")
         if not loss.requires_grad:
             raise _Fail(
@@ -1164,7 +1266,9 @@ def _strategy_trains(s: Strategy, space: dict[str, Any], task: str, backbone: st
         raise _Fail("the engine ran no training step")
     if not all(math.isfinite(v) for v in record.losses):
         raise _Fail(f"training produced non-finite losses: {record.losses}")
-    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())]
+    changed = [
+        name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())
+    ]
     if not changed:
         raise _Fail(f"{len(record.losses)} training steps changed no model parameter")
     return (
@@ -1176,7 +1280,11 @@ def _strategy_trains(s: Strategy, space: dict[str, Any], task: str, backbone: st
 def _label_hint(s: Strategy, record: _Recorded, exc: BaseException) -> str:
     """A strategy that declares no target labels and crashes on ``y=None`` gets told why."""
     got_none = any(b.target is not None and b.target[1] is None for b in record.batches)
-    if got_none and s.target_labels == "none" and isinstance(exc, TypeError | AttributeError | ValueError):
+    if (
+        got_none
+        and s.target_labels == "none"
+        and isinstance(exc, TypeError | AttributeError | ValueError)
+    ):
         return (
             "; this strategy declares target_labels='none', so the engine hands it target batches "
             "with y=None: if training_step reads target labels, declare target_labels='all' (or "
@@ -1202,11 +1310,78 @@ def _strategy_target_labels(s: Strategy, record: _Recorded) -> str:
             if labels == "none" and b.target[1] is not None:
                 raise _Fail(f"step {i}: target_labels='none' but the target batch carries labels")
             if labels != "none" and b.target[1] is None:
-                raise _Fail(f"step {i}: target_labels={labels!r} but the target batch carries no labels")
+                raise _Fail(
+                    f"step {i}: target_labels={labels!r} but the target batch carries no labels"
+                )
     return f"target_labels={labels!r} honoured in {len(record.batches)} steps"
 
 
+# =========================================================================================== commands
+
+
+def check_command(entry_or_function: EntryOrFactory, name: str | None = None) -> list[CheckResult]:
+    """Check a command registered with ``register_commands``: ``function`` becomes ``harness <name>``.
+
+    ``name`` is the subcommand name (from the entry when an Entry is given; for a bare function
+    its name with ``-`` for ``_``). The command is mounted on a fresh typer app the way the
+    harness mounts it and asked for ``--help``; nothing is run. Checks, named
+    ``command.<check>``: ``name`` (not a built-in command), ``help`` (typer accepts the
+    signature) and ``docs`` (a description or docstring for ``harness --help``).
+    """
+    function, entry_name, _ = _unpack(entry_or_function, "command")
+    description = entry_or_function.description if isinstance(entry_or_function, Entry) else ""
+    name = name or entry_name or getattr(function, "__name__", "").replace("_", "-")
+    c = _Checks("command")
+    c.run("name", lambda: _command_name(name))
+    c.run("help", lambda: _command_help(function, name, description))
+    c.run("docs", lambda: _command_docs(function, description))
+    return c.results
+
+
+def _command_name(name: str) -> None:
+    from harness.cli import BUILTIN_COMMANDS
+
+    if not name:
+        raise _Fail("the command has no name")
+    if name in BUILTIN_COMMANDS:
+        raise _Fail(
+            f"{name!r} is a built-in harness command, so the harness refuses to add it; pick another name"
+        )
+
+
+def _command_help(function: Callable[..., Any], name: str, description: str) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _group() -> None:
+        """A group, so that the command is reached by its name as under ``harness``."""
+
+    how = "declare parameters the way typer reads them (type hints, typer.Option defaults)"
+    try:
+        app.command(name or "command", help=description or None)(function)
+        result = CliRunner().invoke(app, [name or "command", "--help"])
+    except Exception as exc:  # noqa: BLE001 - typer refuses signatures in many ways
+        raise _Fail(f"`harness {name} --help` fails: {_describe(exc)}; {how}") from None
+    if result.exit_code != 0:
+        why = _describe(result.exception) if result.exception else result.output.strip()[-300:]
+        raise _Fail(f"`harness {name} --help` fails (exit {result.exit_code}): {why}; {how}")
+
+
+def _command_docs(function: Callable[..., Any], description: str) -> None:
+    if not (description or "").strip() and not (inspect.getdoc(function) or "").strip():
+        raise _Fail(
+            "no description and no docstring: `harness --help` would list the command without a "
+            "word; pass description= to register() or give the function a docstring"
+        )
+
+
 # =========================================================================================== registry
+
+#: the kinds of entry the kit checks (a kind added to the registry later is reported as unchecked)
+CHECKED_KINDS = ("backbone", "head", "dataset", "strategy", "command")
 
 
 def check_entry(entry: Entry, **kwargs: Any) -> list[CheckResult]:
@@ -1227,7 +1402,9 @@ def check_entry(entry: Entry, **kwargs: Any) -> list[CheckResult]:
         return check_dataset(entry, **kwargs)
     if entry.kind == "strategy":
         return check_strategy(entry, **kwargs)
-    raise ValueError(f"unknown entry kind {entry.kind!r}; kinds are {', '.join(KINDS)}")
+    if entry.kind == "command":
+        return check_command(entry, **kwargs)
+    raise ValueError(f"the kit has no checks for {entry.kind} entries ({entry.name!r})")
 
 
 def check_plugin(
@@ -1254,11 +1431,22 @@ def check_plugin(
     if info.error:
         out[f"plugin:{name}"] = [CheckResult("plugin.load", False, info.error)]
     for kind in KINDS:
-        entries = sorted((e for e in registry.entries[kind].values() if e.plugin == name), key=lambda e: e.name)
+        entries = sorted(
+            (e for e in registry.entries[kind].values() if e.plugin == name), key=lambda e: e.name
+        )
         if kind == "backbone" and len(entries) > max_backbones:
             entries = [e for e in entries if e.name.startswith("test_")]
         for entry in entries:
             key = f"{kind}:{entry.name}"
+            if kind not in CHECKED_KINDS:
+                out[key] = [
+                    CheckResult(
+                        f"{kind}.unchecked",
+                        True,
+                        f"{_SKIPPED}the kit has no checks for {kind} entries",
+                    )
+                ]
+                continue
             kwargs = {**dict(options.get(kind, {})), **dict(options.get(key, {}))}
             out[key] = check_entry(entry, **kwargs)
     return out

@@ -37,6 +37,8 @@ def register_heads(register):
             _factory(arch),
             description=f"segmentation-models-pytorch {arch} decoder over the backbone's stages",
             tasks=("segmentation",),
+            # PAN pools its deepest map further: below 128 px there is nothing left to pool
+            min_image_size=128 if arch == "pan" else 32,
         )
 
 

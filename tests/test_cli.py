@@ -86,3 +86,23 @@ def test_missing_weights_file_fails_before_training(tmp_path):
     assert "methods[0]" in result.stderr and "weights file not found" in result.stderr
     assert "trial 0" not in result.stderr  # no trial ran before the error
     assert not (tmp_path / "results" / "w" / "leaderboard.csv").exists()  # nothing to publish
+
+
+def test_check_plugin_command(tmp_path):
+    ok = harness("check-plugin", "strategies", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "strategy:finetune: ok" in ok.stdout and "passes every check" in ok.stderr
+    bad = harness("check-plugin", "strategy", cwd=tmp_path)
+    assert bad.returncode == 2 and "'strategies'" in bad.stderr
+
+
+def test_ls_shows_study_states(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    write_study(tmp_path / "benchmarks", "fresh")
+    write_study(tmp_path / "benchmarks", "begun")
+    (tmp_path / "results" / "begun").mkdir(parents=True)
+    (tmp_path / "results" / "begun" / "optuna.db").write_bytes(b"")
+    result = harness("ls", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
+    assert "not started" in lines["fresh"] and "partial" in lines["begun"]

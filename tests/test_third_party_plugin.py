@@ -125,6 +125,7 @@ def test_registry_discovers_the_installed_plugin(
         "backbone": ["example-lenet"],
         "dataset": ["example-shapes"],
         "strategy": ["example-entropy"],
+        "command": ["example-shapes-info"],
     }
     assert registry.get("dataset", "example-shapes").meta["domains"] == ["plain", "noisy"]
     assert registry.get("strategy", "example-entropy").dist == DIST

@@ -1,0 +1,327 @@
+"""Publishing: plots, the self-contained index.html, the re-run bundle and results/README.md, built
+from a real (tiny) Optuna storage; plus the browser check and Optuna's public API on the storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import types
+from html.parser import HTMLParser
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import BUILTIN_PLUGINS
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from PIL import Image
+
+from harness import leaderboard, report
+from harness.registry import Registry
+from harness.search import Runner, RunOptions, default_storage, optuna_study_name
+from harness.study import load_study
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Two methods, two trials each, two final seeds; one pinned augmentation policy and no pruning keep
+# it to a few seconds, and target-val selection makes source-only an oracle row.
+STUDY = """
+description = "report test: source-only vs fine-tuning <small> & quick"
+image_size = 16
+batch_size = 64
+seed = 0
+final_seeds = 2
+selection = "target-val"
+
+[[pairs]]
+source = "digits"
+target = "digits-m"
+
+[[methods]]
+backbone = "test_resnet"
+head = "linear"
+strategy = "source-only"
+
+[[methods]]
+backbone = "test_resnet"
+head = "linear"
+strategy = "finetune"
+
+[budget]
+trials = 2
+max_epochs = 2
+
+[search]
+startup_trials = 1
+pruner = "none"
+augment = "none"
+"""
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Run the tiny study once, then publish it: leaderboard files, bundle, report, results index."""
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "benchmarks").mkdir()
+    path = tmp / "benchmarks" / "report.toml"
+    path.write_text(textwrap.dedent(STUDY))
+    spec = load_study(str(path))
+    registry = Registry()
+    registry.load_entry_points(only=BUILTIN_PLUGINS.split(","))
+    results_dir = tmp / "results" / spec.name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster on a busy machine
+    try:
+        runner = Runner(spec, registry, RunOptions(results_dir=results_dir, log=lambda m: None))
+        runner.run()
+    finally:
+        torch.set_num_threads(threads)
+    url = runner.storage_url
+    board, trials, provenance = leaderboard.collect(spec, url)
+    leaderboard.write(results_dir, spec, board, trials, provenance)
+    bundle = report.export_bundle(results_dir, spec, board, url)
+    index = report.write_report(results_dir, spec, board, trials, provenance, url)
+    readme = report.write_results_index(tmp / "results")
+    return types.SimpleNamespace(
+        tmp=tmp, spec=spec, url=url, results_dir=results_dir, board=board, trials=trials,
+        provenance=provenance, bundle=bundle, index=index, readme=readme, study_file=path,
+    )  # fmt: skip
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data", "action") and value is not None:
+                self.urls.append((tag, name, value))
+
+
+def _links(text: str) -> _Links:
+    parser = _Links()
+    parser.feed(text)
+    return parser
+
+
+def test_plots_are_valid_pngs(published):
+    plots = published.results_dir / "plots"
+    names = sorted(p.name for p in plots.glob("*.png"))
+    assert "digits-digits-m__leaderboard.png" in names
+    assert "digits-digits-m__freeze-depth.png" in names
+    for kind in ("history", "importance"):
+        assert sum(n.endswith(f"__{kind}.png") for n in names) == 2, names
+    for name in names:
+        path = plots / name
+        assert path.stat().st_size > 0
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width > 100 and img.height > 100
+            img.verify()
+
+
+def test_index_html_is_self_contained_and_complete(published):
+    text = published.index.read_text(encoding="utf-8")
+    for method in published.board["method"]:
+        assert method in text
+    assert "± " in text and "Provenance" in text
+    assert "report test: source-only vs fine-tuning &lt;small&gt; &amp; quick" in text  # escaped
+    assert 'class="badge oracle">oracle</span>' in text  # source-only selected on target labels
+    assert text.count("data:image/png;base64,") == len(list((published.results_dir / "plots").glob("*.png")))
+    # nothing is fetched from anywhere: no scheme but data:, no protocol-relative URLs, no scripts
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)
+    assert "http://" not in text and "https://" not in text
+    links = _links(text)
+    assert not {"script", "link", "iframe", "object", "embed"} & set(links.tags)
+    assert "url(" not in text and "@import" not in text
+    hrefs = {value for tag, attr, value in links.urls if attr == "href"}
+    for name in ("leaderboard.csv", "leaderboard.json", "leaderboard.md", "trials.csv"):
+        assert name in hrefs, name
+    for tag, attr, value in links.urls:
+        if attr == "src":
+            assert tag == "img" and value.startswith("data:image/png;base64,")
+        elif not value.startswith("#"):
+            assert ":" not in value, value  # relative links only
+            assert (published.results_dir / value).is_file(), value  # and none of them broken
+    assert any(v.startswith("plots/") and v.endswith(".png") for v in hrefs)
+    assert any(v.startswith("bundle/") for v in hrefs)
+    # the table: one row per method, with the trial counts
+    assert text.count("<tr>") >= len(published.board) + 1
+    assert "2/0/0" in text
+
+
+def test_text_from_the_study_and_storage_is_escaped(published, tmp_path):
+    spec = published.spec.model_copy(update={"description": "<script>alert(1)</script>"})
+    board = published.board.copy()
+    board.loc[0, "method"] = '<img src=x onerror="alert(1)">'
+    index = report.write_report(tmp_path, spec, board, published.trials, published.provenance, published.url)
+    text = index.read_text(encoding="utf-8")
+    assert "<script>" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;" in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
+
+
+def test_report_notes_plots_it_cannot_draw(published, tmp_path):
+    """A storage where one method has only pruned trials and the other never started."""
+    spec = published.spec
+    url = default_storage(tmp_path)
+    study = optuna.create_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=url, direction="maximize")
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"head.lr": 1e-3},
+                                 distributions={"head.lr": FloatDistribution(1e-4, 1e-2, log=True)},
+                                 intermediate_values={0: 0.2}))  # fmt: skip
+    board, trials, provenance = leaderboard.collect(spec, url)
+    assert set(board["status"]) == {"no completed trial", "not started"}
+    index = report.write_report(tmp_path, spec, board, trials, provenance, url)
+    text = index.read_text(encoding="utf-8")
+    assert "no completed trial yet" in text and "not started" in text
+    assert "no row has a test score yet" in text
+    assert "data:image/png" not in text and not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_importances_need_two_completed_trials_and_two_varying_params():
+    def study_with(*params: dict) -> optuna.Study:
+        study = optuna.create_study(direction="maximize")
+        dists = {"a": FloatDistribution(0.1, 1.0), "b": FloatDistribution(0.1, 1.0)}
+        for i, p in enumerate(params):
+            study.add_trial(create_trial(value=0.1 * i, params=p, distributions={k: dists[k] for k in p}))
+        return study
+
+    assert "at least 2 completed trials (1 so far)" in report.importance_note(study_with({"a": 0.2, "b": 0.3}))
+    note = report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.3}))
+    assert "more than one" in note and "(only a)" in note
+    assert report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.4})) is None
+
+
+def test_bundle_has_study_resolved_spec_best_params_and_rerun_script(published):
+    bundle, spec = published.bundle, published.spec
+    assert bundle == published.results_dir / "bundle"
+    for name in ("report.toml", "resolved_study.json", "best_params.json", "rerun.sh", "README.txt"):
+        assert (bundle / name).is_file(), name
+    assert (bundle / "report.toml").read_bytes() == published.study_file.read_bytes()
+    assert json.loads((bundle / "resolved_study.json").read_text()) == spec.model_dump(mode="json")
+    best = json.loads((bundle / "best_params.json").read_text())
+    methods = best["pairs"]["digits->digits-m"]
+    assert set(methods) == set(published.board["method"])
+    for row in published.board.to_dict("records"):
+        entry = methods[row["method"]]
+        assert entry["params"] == row["best_params"] and entry["best_trial"] == row["best_trial"]
+        assert {"head.lr", "optimizer.weight_decay", "backbone.freeze_depth"} <= set(entry["params"])
+    script = (bundle / "rerun.sh").read_text()
+    assert os.stat(bundle / "rerun.sh").st_mode & stat.S_IXUSR
+    assert 'run --study "$HERE/report.toml" --storage "$STORAGE"' in script
+    assert "resumes: completed trials are reused" in script and "final seeded runs" in script
+    assert subprocess.run(["sh", "-n", str(bundle / "rerun.sh")]).returncode == 0
+    assert "rerun.sh" in (bundle / "README.txt").read_text()
+
+
+def test_bundle_rerun_script_runs_harness_with_the_right_arguments(published, tmp_path):
+    """rerun.sh with a stand-in harness that prints its arguments: the study copy and the storage."""
+    fake = tmp_path / "fake-harness"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    out = subprocess.run(
+        ["sh", str(published.bundle / "rerun.sh"), "--quiet"], capture_output=True, text=True,
+        env={**os.environ, "HARNESS": str(fake)}, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0] == "run" and out[-1] == "--quiet"
+    args = dict(zip(out[1:-1:2], out[2:-1:2], strict=True))
+    assert Path(args["--study"]).resolve() == (published.bundle / "report.toml").resolve()
+    db = Path(args["--storage"].removeprefix("sqlite:///"))
+    assert args["--storage"].startswith("sqlite:////") and db.resolve() == (published.results_dir / "optuna.db").resolve()
+    assert Path(args["--results-dir"]).resolve() == published.results_dir.parent.resolve()
+
+
+@pytest.mark.slow
+def test_bundle_rerun_script_resumes_without_training(published):
+    """The real thing: the same storage, every trial and final run done, so nothing is trained."""
+    exe = Path(sys.executable).with_name("harness")
+    if not exe.is_file():
+        pytest.skip(f"no harness executable beside {sys.executable}")
+    before = json.loads((published.results_dir / "leaderboard.json").read_text())["rows"]
+    result = subprocess.run(
+        ["sh", str(published.bundle / "rerun.sh")], capture_output=True, text=True, cwd=published.tmp,
+        env={**os.environ, "HARNESS": str(exe)}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already spent" in result.stderr and "final seed" not in result.stderr
+    after = json.loads((published.results_dir / "leaderboard.json").read_text())["rows"]
+    assert [r["test_accuracy"] for r in after] == [r["test_accuracy"] for r in before]
+
+
+def test_results_index_lists_every_published_study(published, tmp_path):
+    text = published.readme.read_text()
+    assert published.readme == published.tmp / "results" / "README.md"
+    top = published.board[published.board["rank"] == 1].iloc[0]
+    row = next(line for line in text.splitlines() if line.startswith("| report |"))
+    assert top["method"] in row and "acc " in row and "± " in row
+    assert "[index.html](report/index.html)" in row and "[leaderboard.md](report/leaderboard.md)" in row
+    assert "report test: source-only vs fine-tuning &lt;small> & quick" in row
+    assert row.split("|")[4].strip() == str(len(published.board))
+    # other folders: a second study, one with a broken leaderboard.json, one with none
+    shutil.copytree(published.results_dir, tmp_path / "second", ignore=shutil.ignore_patterns("optuna.db", "bundle"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "leaderboard.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    text = report.write_results_index(tmp_path).read_text()
+    assert "| second |" in text and "| broken | (unreadable leaderboard.json" in text and "| empty |" not in text
+
+
+def test_storage_loads_with_optunas_public_api_as_optuna_dashboard_does(published):
+    """optuna-dashboard reads a storage with these calls only."""
+    spec, url = published.spec, published.url
+    assert url == default_storage(published.results_dir) and url.startswith("sqlite:///")
+    summaries = optuna.get_all_study_summaries(url)
+    assert {s.study_name for s in summaries} == {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
+    for summary in summaries:
+        assert summary.n_trials == 2 and summary.direction == optuna.study.StudyDirection.MAXIMIZE
+        study = optuna.load_study(study_name=summary.study_name, storage=url)
+        best = study.best_trial
+        assert best.params and {k for k in best.user_attrs if k.startswith("param:")}
+        assert any(k.startswith(f"final:{best.number}:") for k in study.user_attrs)
+        assert all(len(t.intermediate_values) == 2 for t in study.trials)
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]  # fmt: skip
+    return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_index_html_renders_in_headless_chromium(published, tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the browser check needs it")
+    url = published.index.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    result = _chromium(f"--screenshot={shot}", "--window-size=1200,1600", url, profile=tmp_path / "profile")
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    dom = _chromium("--dump-dom", url, profile=tmp_path / "profile2")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = dom.stdout
+    assert "<table>" in text and "Leaderboard: report" in text
+    for method in published.board["method"]:
+        assert method in text
+    rows = re.findall(r"<tr>.*?</tr>", text, re.S)
+    assert any("source-only" in r and "oracle" in r and "± " in r for r in rows)
+    assert any("finetune" in r and "± " in r and "target-val" in r for r in rows)
+    images = re.findall(r"<img [^>]*>", text)
+    assert len(images) == len(list((published.results_dir / "plots").glob("*.png")))
+    assert all('src="data:image/png;base64,' in img for img in images)
+    with Image.open(shot) as img:
+        rgb = img.convert("RGB")
+        assert rgb.size == (1200, 1600)
+        colours = rgb.getcolors(maxcolors=1 << 24)
+        assert len(colours) > 1, "blank screenshot"
+        # the leaderboard bar chart is in view: its bars are matplotlib's first colour
+        r0, g0, b0 = (int(report.BAR_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
+        bar = sum(n for n, (r, g, b) in colours if abs(r - r0) < 12 and abs(g - g0) < 12 and abs(b - b0) < 12)
+        assert bar > 500, f"only {bar} bar-coloured pixels: the plots did not render"
