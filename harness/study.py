@@ -232,17 +232,34 @@ def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``budget.trials`` or ``methods[1].head``: set one value in the parsed TOML, in place."""
     parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        match = re.fullmatch(r"([A-Za-z_][\w-]*)\[(\d+)\]", part)
         if not isinstance(node, dict):
-            where = ".".join(parts[: i + 1])
-            raise StudySpecError(
-                f"--set {key}: {where} is not a table",
-                hint="--set reaches table keys (budget.trials=4); lists like pairs and methods are edited in the file",
-            )
-    node[parts[-1]] = value
+            raise StudySpecError(f"--set {key}: {'.'.join(parts[:i])} is not a table", hint=_SET_HINT)
+        if match:
+            name, index = match.group(1), int(match.group(2))
+            items = node.get(name)
+            if not isinstance(items, list) or index >= len(items):
+                size = len(items) if isinstance(items, list) else 0
+                raise StudySpecError(f"--set {key}: {where} does not exist ({name} has {size} entries)", hint=_SET_HINT)
+            if last:
+                items[index] = value
+            else:
+                node = items[index]
+        elif last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if isinstance(node, list):
+                raise StudySpecError(f"--set {key}: {where} is a list; name an entry, e.g. {part}[0]", hint=_SET_HINT)
+
+
+_SET_HINT = "examples: --set budget.trials=4, --set methods[0].head=mlp, --set 'pairs[0].target=\"digits-m\"'"
 
 
 def _first_error(path: Path, exc: ValidationError) -> str:

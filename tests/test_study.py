@@ -139,10 +139,15 @@ def test_wrong_types_are_not_silently_converted(study_dir):
         load_study(str(path))
 
 
-def test_set_into_a_list_is_a_clear_error(study_dir):
+def test_set_reaches_list_entries_and_explains_mistakes(study_dir):
     path = write_study(study_dir)
-    with pytest.raises(StudySpecError, match="--set pairs.source: pairs is not a table"):
+    spec = load_study(str(path), {"methods[1].head": "mlp", "pairs[0].target": "digits"})
+    assert spec.methods[1].head == "mlp" and spec.pairs[0].target == "digits"
+    assert spec.overrides == {"methods[1].head": "mlp", "pairs[0].target": "digits"}
+    with pytest.raises(StudySpecError, match=r"--set pairs.source: pairs is a list; name an entry, e.g. pairs\[0\]"):
         load_study(str(path), {"pairs.source": "x"})
+    with pytest.raises(StudySpecError, match=r"methods\[9\] does not exist \(methods has 3 entries\)"):
+        load_study(str(path), {"methods[9].head": "mlp"})
 
 
 @pytest.mark.parametrize("device", ["cudax", "gpu", "cuda:a"])
