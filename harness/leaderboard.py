@@ -299,11 +299,13 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit(where: Path) -> str | None:
+    """The checkout's commit, "-dirty" when tracked code differs from it (published results
+    under results/ are outputs, not code, and do not count)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
         )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"], cwd=where, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
