@@ -106,3 +106,14 @@ def test_ls_shows_study_states(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
     assert "not started" in lines["fresh"] and "partial" in lines["begun"]
+
+
+def test_every_command_help_has_an_example():
+    import typer
+
+    from harness.cli import BUILTIN_COMMANDS, app
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == BUILTIN_COMMANDS
+    for name, command in group.commands.items():
+        assert "Example: harness " in (command.help or ""), name
