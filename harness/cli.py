@@ -147,9 +147,15 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
     if report:
         from harness.report import export_bundle, write_report, write_results_index
 
-        paths.append(export_bundle(target_dir, spec, board, url))  # first: the page links the bundle
-        paths.append(write_report(target_dir, spec, board, trials, provenance, url))
-        paths.append(write_results_index(target_dir.parent))
+        try:
+            paths.append(export_bundle(target_dir, spec, board, url))  # first: the page links the bundle
+            paths.append(write_report(target_dir, spec, board, trials, provenance, url))
+            paths.append(write_results_index(target_dir.parent))
+        except Exception as exc:  # noqa: BLE001 - the leaderboard is written; a page must not undo that
+            console.print(
+                f"[yellow]warning:[/] the leaderboard is written but the report is not: "
+                f"{escape(type(exc).__name__ + ': ' + str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)}"
+            )
     if quiet:
         return
     from harness.metrics import LABELS, primary_metric

@@ -117,3 +117,24 @@ def test_every_command_help_has_an_example():
     assert set(group.commands) == BUILTIN_COMMANDS
     for name, command in group.commands.items():
         assert "Example: harness " in (command.help or ""), name
+
+
+def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, monkeypatch):
+    import optuna
+
+    import harness.report
+    from harness.cli import _write_board
+    from harness.study import load_study
+
+    (tmp_path / "benchmarks").mkdir()
+    spec = load_study(str(write_study(tmp_path / "benchmarks", "rep")))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    optuna.create_study(storage=url, study_name="unrelated")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib exploded")
+
+    monkeypatch.setattr(harness.report, "write_report", broken)
+    _write_board(spec, url, tmp_path / "out", quiet=True, report=True)
+    assert (tmp_path / "out" / "leaderboard.json").is_file()
+    assert not (tmp_path / "out" / "index.html").exists()
