@@ -248,10 +248,15 @@ def build_folder(
         fractions=(train_fraction, val_fraction, test_fraction),
         meta={"hflip": True, "root": str(root_path)},
     )
+    return require_nonempty_splits(data, f"domain folder {domain_dir}", len(y))
+
+
+def require_nonempty_splits(data: DomainData, where: str, n_images: int) -> DomainData:
+    """``data`` itself, or a DatasetError when the fractions leave a split without images."""
     for split_name in ("train", "val", "test"):
         if len(getattr(data, split_name)) == 0:
             raise DatasetError(
-                f"domain folder {domain_dir}: {len(y)} images leave the {split_name} split empty",
+                f"{where}: {n_images} images leave the {split_name} split empty",
                 hint="add images, or change val_fraction / test_fraction",
             )
     return data

@@ -37,6 +37,7 @@ from harness_plugins.datasets import (
     _photo_crops,
     _subfolders,
     domain_folder,
+    require_nonempty_splits,
 )
 
 __all__ = [
@@ -472,13 +473,7 @@ def _assemble(
         task="segmentation",
         meta=meta,
     )
-    for split_name in ("train", "val", "test"):
-        if len(getattr(data, split_name)) == 0:
-            raise DatasetError(
-                f"{where}: {len(x)} images leave the {split_name} split empty",
-                hint="add images, or change val_fraction / test_fraction",
-            )
-    return data
+    return require_nonempty_splits(data, where, len(x))
 
 
 # --------------------------------------------------------------------------------------- segfolder
