@@ -332,6 +332,8 @@ class Strategy:
     target_labels: ClassVar[Literal["none", "few", "all"]] = "none"
     #: hyperparameters the strategy pins instead of searching, e.g. {"freeze_depth": "all"}
     fixed: ClassVar[dict[str, Any]] = {}
+    #: the tasks the strategy applies to; a study of another task is refused before training
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
     description: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
@@ -347,10 +349,18 @@ class Strategy:
         return {}
 
     def setup(self, model: nn.Module, num_classes: int, params: dict[str, Any]) -> nn.Module | None:
+        """Build extra trainable modules (a domain discriminator, ...); they reach ``training_step``
+        as ``ctx.extra`` and are optimized with the head's learning rate, times the module's
+        ``lr_scale`` attribute when it has one."""
         return None
 
     def training_step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> Tensor:
         raise NotImplementedError
+
+    def adapt(self, model: nn.Module, target_images: Iterable[Tensor]) -> None:
+        """Called after every epoch, before the model is scored, for strategies with
+        ``uses_target``: ``target_images`` yields normalized, unaugmented target training batches
+        without labels (AdaBN re-estimates normalization statistics here). Default: nothing."""
 
 
 def check_finite(loss: Tensor) -> Tensor:

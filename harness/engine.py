@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,16 +224,38 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        groups = []
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        if backbone:
-            groups.append({"params": backbone, "lr": cfg.backbone_lr})
-        head = self.model.head_parameters()
-        if self.extra is not None:
-            head += list(self.extra.parameters())
-        groups.append({"params": head, "lr": cfg.head_lr})
+        groups = [g for g in self._backbone_groups() if g["params"]]
+        groups.append({"params": self.model.head_parameters(), "lr": cfg.head_lr})
+        extra = list(self.extra.parameters()) if self.extra is not None else []
+        if extra:
+            scale = float(getattr(self.extra, "lr_scale", 1.0))
+            groups.append({"params": extra, "lr": cfg.head_lr * scale})
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
+
+    def _backbone_groups(self) -> list[dict[str, Any]]:
+        """Trainable backbone parameters, one group per stage when ``backbone.lr_decay`` < 1:
+        the last stage gets ``backbone_lr``, each earlier one ``lr_decay`` times the next."""
+        decay = float(self.cfg.params.get("backbone.lr_decay", 1.0))
+        named = dict(self.model.backbone.named_parameters())
+        if decay == 1.0:
+            return [{"params": [p for p in named.values() if p.requires_grad], "lr": self.cfg.backbone_lr}]
+        stages = self.model.spec.stages
+        return [
+            {
+                "params": [named[n] for n in stage if named[n].requires_grad],
+                "lr": self.cfg.backbone_lr * decay ** (len(stages) - 1 - i),
+            }
+            for i, stage in enumerate(stages)
+        ]
+
+    def target_images(self, split: Split) -> Iterator[Tensor]:
+        """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt``."""
+        for start in range(0, len(split), self.cfg.batch_size):
+            x = self.model.normalize(split.x[start : start + self.cfg.batch_size].float().div_(255.0))
+            if self.cfg.precision.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x
 
     def _prepare(self, x_uint8: Tensor, y: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """uint8 batch -> augmented, normalized float batch; a mask moves with its image."""
@@ -322,6 +344,9 @@ class Trainer:
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) in epoch {epoch + 1}")
             losses.append(mean_loss)
+            if target_split is not None:
+                with torch.no_grad(), cfg.precision.autocast(device):
+                    strategy.adapt(self.model, self.target_images(target_split))
             if on_epoch is not None:
                 value = on_epoch(epoch, self.model)
                 if value is not None:
@@ -352,5 +377,40 @@ def predict(
         with precision.autocast(device):
             logits = model(x)
         out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def unlabelled_logits(
+    model: TransferModel,
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    pixels_per_image: int = 64,
+    seed: int = 0,
+) -> Tensor:
+    """Logits of shape (rows, classes) for label-free validators, read from images only: one
+    row per image for classification, ``pixels_per_image`` seeded pixels per image for
+    segmentation (the same pixels for every model, so that trials compare)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(split), batch_size):
+        x = split.x[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
+        x = model.normalize(x)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        if logits.ndim == 4:
+            b, c, h, w = logits.shape
+            flat = logits.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            idx = torch.randint(0, h * w, (b, pixels_per_image), generator=g).to(flat.device)
+            logits = torch.gather(flat, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
+        out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out)

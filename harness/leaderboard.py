@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 from harness import __version__
 from harness.fileio import atomic_path, write_json, write_text
 from harness.metrics import LABELS, METRICS, primary_metric
-from harness.search import make_storage, optuna_study_name
+from harness.search import best_trial, make_storage, optuna_study_name, trial_score
 from harness.study import StudySpec
+from harness.validators import VALIDATORS, rank_agreement
 
 PACKAGES = (
     "torch", "torchvision", "timm", "optuna", "segmentation-models-pytorch", "pluggy",
@@ -45,6 +46,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     devices, precisions, samplers, pruners, fingerprints, plugins = set(), set(), set(), set(), {}, set()
     compute_s, starts, ends = 0.0, [], []
     run_commits: set[str] = set()
+    agreement: list[dict[str, Any]] = []
+    counted: dict[tuple[str, int], set[int]] = {}  # final runs shared by several rules count once
     for pair in spec.pairs:
         for method in spec.methods:
             name = optuna_study_name(pair, method)
@@ -80,48 +83,57 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                 trial_rows.append(_trial_row(pair.key, method.key, t))
             complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
             row.update(
-                selection=config.get("selection", ""),
-                oracle=bool(config.get("oracle", False)),
                 target_labels=config.get("target_labels", ""),
                 trials_complete=sum(t.state == TrialState.COMPLETE for t in trials),
                 trials_pruned=sum(t.state == TrialState.PRUNED for t in trials),
                 trials_failed=sum(t.state == TrialState.FAIL for t in trials),
             )
-            if not complete:
-                rows.append({**row, "status": "no completed trial"})
-                continue
-            best = max(complete, key=lambda t: (t.value, -t.number))
-            finals = [attrs[k] for s in final_seeds(spec) if (k := f"final:{best.number}:{s}") in attrs]
-            for f in finals:
-                run_commits.add(f.get("git_commit") or "unknown")
-                devices.add(f.get("device", "?"))
-                precisions.add(f.get("precision", "?"))
-                compute_s += f.get("seconds", 0.0)
-            params = {k.removeprefix("param:"): v for k, v in best.user_attrs.items() if k.startswith("param:")}
-            row.update(
-                status="final" if len(finals) == spec.final_seeds else f"{len(finals)}/{spec.final_seeds} seeds",
-                best_trial=best.number,
-                val_score=best.value,
-                n_seeds=len(finals),
-                seeds=[f["seed"] for f in finals],
-                best_params=params,
-            )
-            for metric in METRICS[spec.task]:
-                values = [f["test"][metric] for f in finals if _finite(f["test"].get(metric))]
-                mean, std = _mean_std(values)
-                row[f"test_{metric}"] = mean
-                row[f"test_{metric}_std"] = std
-            per_class = [f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]]
-            if per_class:
-                frame = pd.DataFrame(per_class, dtype=float)
-                row["test_per_class_iou"] = [None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)]
-            rows.append(row)
+            rules = config.get("selection_rules") or [
+                {"rule": config.get("selection", ""), "oracle": bool(config.get("oracle", False))}
+            ]
+            agreement.append(_agreement(pair.key, method.key, complete))
+            for sel in rules:
+                rule_row = {**row, "selection": sel["rule"], "oracle": bool(sel["oracle"])}
+                best = best_trial(complete, sel["rule"])
+                if best is None:
+                    rows.append({**rule_row, "status": "no completed trial"})
+                    continue
+                finals = [attrs[k] for s in final_seeds(spec) if (k := f"final:{best.number}:{s}") in attrs]
+                for f in finals:
+                    if f["seed"] not in counted.setdefault((name, best.number), set()):
+                        counted[(name, best.number)].add(f["seed"])
+                        compute_s += f.get("seconds", 0.0)
+                    run_commits.add(f.get("git_commit") or "unknown")
+                    devices.add(f.get("device", "?"))
+                    precisions.add(f.get("precision", "?"))
+                params = {k.removeprefix("param:"): v for k, v in best.user_attrs.items() if k.startswith("param:")}
+                rule_row.update(
+                    status="final" if len(finals) == spec.final_seeds else f"{len(finals)}/{spec.final_seeds} seeds",
+                    best_trial=best.number,
+                    val_score=trial_score(best, sel["rule"]) if trial_score(best, sel["rule"]) is not None else best.value,
+                    n_seeds=len(finals),
+                    seeds=[f["seed"] for f in finals],
+                    best_params=params,
+                )
+                for metric in METRICS[spec.task]:
+                    values = [f["test"][metric] for f in finals if _finite(f["test"].get(metric))]
+                    mean, std = _mean_std(values)
+                    rule_row[f"test_{metric}"] = mean
+                    rule_row[f"test_{metric}_std"] = std
+                    rule_row[f"test_{metric}_se"] = std / math.sqrt(len(values)) if _finite(std) else math.nan
+                per_class = [f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]]
+                if per_class:
+                    frame = pd.DataFrame(per_class, dtype=float)
+                    rule_row["test_per_class_iou"] = [None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)]
+                rows.append(rule_row)
     board = pd.DataFrame(rows)
     primary = f"test_{primary_metric(spec.task)}"
     if primary in board:
         # only rows with all their final seeds compete; partial rows stay unranked
+        # oracle rows are ranked among themselves, never against honestly selected ones
         ranked = board[primary].where(board["status"] == "final")
-        board["rank"] = ranked.groupby(board["pair"]).rank(ascending=False, method="min").astype("Int64")
+        group = [board["pair"], board["oracle"].fillna(False).astype(bool)] if "oracle" in board else board["pair"]
+        board["rank"] = ranked.groupby(group).rank(ascending=False, method="min").astype("Int64")
         board = board.sort_values(["pair", "rank"], na_position="last", kind="stable").reset_index(drop=True)
     trials_df = pd.DataFrame(trial_rows)
     provenance = {
@@ -146,7 +158,12 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         "sampler": [json.loads(s) for s in sorted(samplers)],
         "pruner": sorted(pruners),
         "selection_rule": spec.selection,
-        "selection_note": "trials are scored on validation splits only; the target test split is read once per final seeded run",
+        "selection_note": (
+            "trials are scored on validation splits and label-free validators only; the target test split "
+            "is read once per final seeded run; target-val accuracy of every trial is recorded to judge the "
+            "validators afterwards and selects only rows whose rule is target-val"
+        ),
+        "validator_agreement": agreement,
         "data_fingerprints": fingerprints,
         "plugins": sorted(plugins),
         "budget": spec.budget.model_dump(),
@@ -186,10 +203,12 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         lines += [spec.description.strip(), ""]
     m1, m2 = METRICS[spec.task][:2]
     lines += [
-        f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard deviation over "
-        f"{spec.final_seeds} seeded final runs of the best trial. Trials were selected on a "
-        "validation split (column *selection*); the test split was read only by the final runs. "
-        "Rows marked **oracle** were selected with target labels although the method trains without them.",
+        f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard error over "
+        f"{spec.final_seeds} seeded final runs of the trial that the row's selection rule picked "
+        "(standard deviations are in leaderboard.csv/json). Trials were selected on a validation split "
+        "or by a label-free validator on unlabelled target validation images (column *selection*); the "
+        "test split was read only by the final runs. Rows marked **oracle** were selected with target "
+        "labels although the method trains without them; they are ranked among themselves.",
         "",
     ]
     for pair, group in board.groupby("pair", sort=False):
@@ -214,6 +233,7 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
             }
         )
         lines += [table.to_markdown(index=False), ""]
+    lines += _agreement_markdown(provenance.get("validator_agreement") or [])
     p = provenance
     lines += [
         "## Provenance",
@@ -231,8 +251,36 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
     return "\n".join(lines)
 
 
+def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
+    rows = [a for a in agreement if a.get("trials", 0) >= 3]
+    if not rows:
+        return []
+    table = pd.DataFrame(
+        {
+            "pair": [a["pair"] for a in rows],
+            "method": [a["method"] for a in rows],
+            "trials": [a["trials"] for a in rows],
+            **{rule: [_rho(a.get(rule)) for a in rows] for rule in AGREEMENT_RULES},
+        }
+    )
+    return [
+        "## How well label-free rules ranked the trials",
+        "",
+        "Spearman correlation between each rule's score and the target validation accuracy of the "
+        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Computed after the "
+        "search from scores recorded with every trial; it plays no part in selection.",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ]
+
+
+def _rho(v: Any) -> str:
+    return f"{v:+.2f}" if _finite(v) else "-"
+
+
 def _pm(row: dict[str, Any], metric: str) -> str:
-    mean, std = row.get(f"test_{metric}"), row.get(f"test_{metric}_std")
+    mean, std = row.get(f"test_{metric}"), row.get(f"test_{metric}_se")
     if not _finite(mean):
         return "-"
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(std) else f"{100 * mean:.1f}"
@@ -261,6 +309,20 @@ def _plain(v: Any) -> Any:
     return v
 
 
+AGREEMENT_RULES = ("source-val", *VALIDATORS)
+
+
+def _agreement(pair: str, method: str, complete: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
+    """Spearman correlation, over a study's completed trials, between each label-free rule's score
+    and the trial's target-val accuracy. Computed after the search; it never selects anything."""
+    scored = [t.user_attrs.get("scores") or {} for t in complete]
+    truth = [s.get("target-val") for s in scored]
+    out: dict[str, Any] = {"pair": pair, "method": method, "trials": sum(_finite(v) for v in truth)}
+    for rule in AGREEMENT_RULES:
+        out[rule] = rank_agreement([s.get(rule) for s in scored], truth)
+    return out
+
+
 def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     row = {
         "pair": pair,
@@ -274,6 +336,7 @@ def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str,
         "error": t.user_attrs.get("error", ""),
     }
     row.update({k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")})
+    row.update({f"score:{k}": v for k, v in (t.user_attrs.get("scores") or {}).items()})
     return row
 
 

@@ -398,11 +398,12 @@ def _html(
     out.append(
         f"<p>Target <strong>test</strong> {_e(LABELS[m1])}"
         + (f" and {_e(LABELS[m2])}" if m2 else "")
-        + f" in %, mean ± standard deviation over {spec.final_seeds} seeded final runs of the best trial. "
-        "Trials were selected on a validation split (column <em>selection</em>); the test split was read "
+        + f" in %, mean ± standard error over {spec.final_seeds} seeded final runs of the trial the row's "
+        "selection rule picked. Trials were selected on a validation split or by a label-free validator on "
+        "unlabelled target validation images (column <em>selection</em>); the test split was read "
         "only by the final runs. Rows marked "
         '<span class="badge oracle">oracle</span> were selected with target labels although the method '
-        "trains without them.</p>"
+        "trains without them, and are ranked among themselves.</p>"
     )
     out.append(_nav(pairs))
     for pair in pairs:
@@ -694,7 +695,7 @@ def _bundle_readme(
         + (f" and the --set overrides {json.dumps(spec.overrides)} applied" if spec.overrides else "")
         + ".",
         "best_params.json      per pair and method: the best trial's parameters, its validation score,",
-        f"                      selection rule, rank and target test {metric} (mean and sd over the seeds).",
+        f"                      selection rule, rank and target test {metric} (mean, sd and se over the seeds).",
         "rerun.sh              re-runs the study against its storage (see below).",
         "",
         "Re-running",
@@ -754,7 +755,7 @@ def write_results_index(results_root: Path) -> Path:
         "# Published results",
         "",
         "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair, "
-        "its target **test** primary metric in %, mean ± standard deviation over the seeded final runs "
+        "its target **test** primary metric in %, mean ± standard error over the seeded final runs "
         "(trials were selected on validation splits). Each study's `index.html` is a self-contained "
         "report with plots; `leaderboard.md` the table and provenance.",
         "",
@@ -783,9 +784,8 @@ def _headline(records: list[dict[str, Any]]) -> str:
         return "-"
     parts = []
     for r in records:
-        if r.get("rank") == 1:
-            oracle = " (oracle)" if r.get("oracle") else ""
-            parts.append(f"{r.get('pair')}: {r.get('method')}{oracle}, {LABELS[metric]} {_pm(r, metric)}")
+        if r.get("rank") == 1 and not r.get("oracle"):  # oracle rows rank among themselves
+            parts.append(f"{r.get('pair')}: {r.get('label') or r.get('method')}, {LABELS[metric]} {_pm(r, metric)}")
     return "; ".join(parts) or "-"
 
 

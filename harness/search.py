@@ -25,11 +25,13 @@ from harness.engine import (
     resolve_device,
     resolve_freeze_depth,
     seed_everything,
+    unlabelled_logits,
 )
 from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
 from harness.metrics import primary_metric, score
 from harness.registry import Entry, Registry
 from harness.study import Method, Pair, StudySpec, spec_error
+from harness.validators import VALIDATORS
 from harness.weights import SourceRecipe, build_backbone, source_pretrained
 
 FINISHED = (TrainState := TrialState).COMPLETE, TrialState.PRUNED, TrialState.FAIL
@@ -62,15 +64,46 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def selection_rule(spec: StudySpec, strategy: api.Strategy) -> tuple[str, bool]:
-    """The split that selects trials, and whether that is oracle selection (target labels used by
-    a method that claims not to need them)."""
-    rule = spec.selection
+def resolve_rule(rule: str, strategy: api.Strategy) -> tuple[str, bool]:
+    """A study's selection rule for one method, and whether that is oracle selection (target
+    labels used by a method that claims not to need them)."""
     if rule == "auto":
         rule = "target-val" if strategy.target_labels != "none" else "source-val"
     # "few" counts too: its trials would be chosen with far more target labels than k per class
     oracle = rule == "target-val" and strategy.target_labels in ("none", "few")
     return rule, oracle
+
+
+def selection_rules(spec: StudySpec, strategy: api.Strategy) -> list[tuple[str, bool]]:
+    """Every rule the study selects with, resolved for ``strategy``; the first drives the search."""
+    out: list[tuple[str, bool]] = []
+    for rule in spec.selection_rules:
+        resolved = resolve_rule(rule, strategy)
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+def selection_rule(spec: StudySpec, strategy: api.Strategy) -> tuple[str, bool]:
+    """The rule that drives the search (the sampler and pruner see its scores)."""
+    return selection_rules(spec, strategy)[0]
+
+
+def trial_score(trial: optuna.trial.FrozenTrial, rule: str) -> float | None:
+    """A finished trial's score under ``rule`` (validation splits and label-free validators only)."""
+    value = (trial.user_attrs.get("scores") or {}).get(rule)
+    return value if is_finite_number(value) else None
+
+
+def best_trial(trials: list[optuna.trial.FrozenTrial], rule: str) -> optuna.trial.FrozenTrial | None:
+    """The completed trial that ``rule`` selects: highest score, then the earliest."""
+    scored = [(v, t) for t in trials if t.state == TrialState.COMPLETE and (v := trial_score(t, rule)) is not None]
+    if not scored:
+        # storages written before per-rule scores existed: the objective value is the driving rule's
+        scored = [(t.value, t) for t in trials if t.state == TrialState.COMPLETE and is_finite_number(t.value)]
+    if not scored:
+        return None
+    return max(scored, key=lambda vt: (vt[0], -vt[1].number))[1]
 
 
 # ------------------------------------------------------------------------------------- resolution
@@ -134,6 +167,11 @@ def resolve_methods(spec: StudySpec, registry: Registry) -> list[ResolvedMethod]
         tasks = entries["head"].meta.get("tasks", ("classification",))
         if spec.task not in tasks:
             raise spec_error(spec, f"methods[{i}].head", f"head {m.head!r} supports {', '.join(tasks)}, not {spec.task}")
+        strategy_tasks = entries["strategy"].meta.get("tasks", ("classification", "segmentation"))
+        if spec.task not in strategy_tasks:
+            raise spec_error(
+                spec, f"methods[{i}].strategy", f"strategy {m.strategy!r} supports {', '.join(strategy_tasks)}, not {spec.task}"
+            )
         rm = ResolvedMethod(m, entries["backbone"], entries["head"], entries["strategy"])
         try:
             strategy = rm.new_strategy()
@@ -287,6 +325,7 @@ class Runner:
         source, target = self.pair_data(i)
         rule, oracle = selection_rule(self.spec, strategy)
         return {
+            "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(self.spec, strategy)],
             "pair": self.spec.pairs[i].model_dump(),
             "method": rm.method.model_dump(),
             "task": self.spec.task,
@@ -359,6 +398,12 @@ class Runner:
         params["backbone.freeze_depth"] = depth
         if depth < num_stages:
             params["backbone.lr"] = _suggest_float(trial, "backbone.lr", s.backbone_lr)
+            if isinstance(s.layer_decay, list) and s.layer_decay[0] < s.layer_decay[1]:
+                params["backbone.lr_decay"] = trial.suggest_float("backbone.lr_decay", *s.layer_decay)
+            else:
+                decay = s.layer_decay[0] if isinstance(s.layer_decay, list) else s.layer_decay
+                if decay != 1.0:
+                    params["backbone.lr_decay"] = float(decay)
         params["head.lr"] = _suggest_float(trial, "head.lr", s.head_lr)
         params["optimizer.weight_decay"] = _suggest_float(trial, "optimizer.weight_decay", s.weight_decay)
         policies = [s.augment] if isinstance(s.augment, str) else s.augment
@@ -390,8 +435,21 @@ class Runner:
             data_seed=self.spec.seed,
         )
 
-    def selection_split(self, rule: str, source: api.DomainData, target: api.DomainData) -> api.Split:
-        return target.val if rule == "target-val" else source.val
+    def rule_score(self, rule: str, model: TransferModel, source: api.DomainData, target: api.DomainData) -> float:
+        """``model``'s score under a selection rule: accuracy (mIoU) on a labelled validation split,
+        or a label-free validator on the unlabelled target validation images."""
+        if rule in ("target-val", "source-val"):
+            split = target.val if rule == "target-val" else source.val
+            out = predict(model, split, self.spec.batch_size * 4, self.device, self.precision)
+            return float(score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)])
+        logits = unlabelled_logits(model, target.val, self.spec.batch_size * 4, self.device, self.precision, seed=self.spec.seed)
+        return VALIDATORS[rule](logits)
+
+    def all_scores(self, model: TransferModel, source: api.DomainData, target: api.DomainData) -> dict[str, float]:
+        """Every rule's score, recorded with each trial: the study's rules select from them, and the
+        label-free validators are later compared with target-val (never used by the search)."""
+        rules = ("target-val", "source-val", *VALIDATORS)
+        return {rule: self.rule_score(rule, model, source, target) for rule in rules}
 
     def objective(self, i: int, rm: ResolvedMethod, weights: str) -> Callable[[optuna.Trial], float]:
         source, target = self.pair_data(i)
@@ -399,8 +457,6 @@ class Runner:
         def run(trial: optuna.Trial) -> float:
             strategy = rm.new_strategy()
             rule, _ = selection_rule(self.spec, strategy)
-            split = self.selection_split(rule, source, target)
-            metric = primary_metric(self.spec.task)
             try:
                 seed_everything(self.spec.seed + trial.number)
                 model = self.build_model(rm, weights, target.num_classes)
@@ -409,14 +465,17 @@ class Runner:
                 trainer = Trainer(model, strategy, source, target, cfg)
 
                 def on_epoch(epoch: int, m: TransferModel) -> float:
-                    logits = predict(m, split, cfg.batch_size * 4, self.device, self.precision)
-                    value = float(score(self.spec.task, logits, split.y, target.num_classes)[metric])
+                    value = self.rule_score(rule, m, source, target)
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(f"non-finite {rule} score ({value}) after epoch {epoch + 1}")
                     trial.report(value, epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
                     return value
 
                 result = trainer.fit(on_epoch)
+                scores = self.all_scores(trainer.model, source, target)
+                trial.set_user_attr("scores", {k: v if math.isfinite(v) else None for k, v in scores.items()})
                 trial.set_user_attr("epochs", result.epochs_run)
                 trial.set_user_attr("train_loss", result.train_loss[-1])
                 return result.history[-1]
@@ -515,46 +574,52 @@ class Runner:
     # -------------------------------------------------------------------------------- finals
 
     def final_runs(self, i: int, rm: ResolvedMethod, study: optuna.Study) -> None:
-        """Re-train the best parameters with K seeds and read the target test split once each."""
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-        if not complete:
+        """Re-train the trial each selection rule picks with K seeds; each run reads the target test
+        split once. Rules that pick the same trial share its runs."""
+        trials = study.get_trials(deepcopy=False)
+        picks: list[optuna.trial.FrozenTrial] = []
+        for rule, _ in selection_rules(self.spec, rm.new_strategy()):
+            best = best_trial(trials, rule)
+            if best is not None and best.number not in {t.number for t in picks}:
+                picks.append(best)
+        if not picks:
             self.log(f"{study.study_name}: no completed trial, no final runs")
             return
-        best = max(complete, key=lambda t: (t.value, -t.number))
         source, target = self.pair_data(i)
         weights = None
-        for k in range(self.spec.final_seeds):
-            seed = self.spec.seed + 10_000 + k
-            key = f"final:{best.number}:{seed}"
-            if key in study.user_attrs:
-                continue
-            weights = weights or self.backbone_weights(rm, source)
-            strategy = rm.new_strategy()
-            rule, _ = selection_rule(self.spec, strategy)
-            params = {k2.removeprefix("param:"): v for k2, v in best.user_attrs.items() if k2.startswith("param:")}
-            t0 = time.perf_counter()
-            seed_everything(seed)
-            model = self.build_model(rm, weights, target.num_classes)
-            cfg = self.train_config(params, seed, model.num_stages)
-            trainer = Trainer(model, strategy, source, target, cfg)
-            trainer.fit()
-            split = self.selection_split(rule, source, target)
-            val = score(self.spec.task, trainer.predict(split), split.y, target.num_classes)
-            test = self.evaluate_test(trainer, target)
-            record = {
-                "trial": best.number,
-                "seed": seed,
-                "val": val[primary_metric(self.spec.task)],
-                "test": test,
-                "seconds": time.perf_counter() - t0,
-                "device": str(self.device),
-                "precision": self.precision.describe(),
-                "git_commit": self.git_commit,
-            }
-            study.set_user_attr(key, record)
-            metric = primary_metric(self.spec.task)
-            self.log(f"{study.study_name}: final seed {seed}: target test {metric} {test[metric]:.4f}")
-            _release_memory(self.device)
+        metric = primary_metric(self.spec.task)
+        for best in picks:
+            for k in range(self.spec.final_seeds):
+                seed = self.spec.seed + 10_000 + k
+                key = f"final:{best.number}:{seed}"
+                if key in study.user_attrs:
+                    continue
+                weights = weights or self.backbone_weights(rm, source)
+                strategy = rm.new_strategy()
+                rule, _ = selection_rule(self.spec, strategy)
+                params = {k2.removeprefix("param:"): v for k2, v in best.user_attrs.items() if k2.startswith("param:")}
+                t0 = time.perf_counter()
+                seed_everything(seed)
+                model = self.build_model(rm, weights, target.num_classes)
+                cfg = self.train_config(params, seed, model.num_stages)
+                trainer = Trainer(model, strategy, source, target, cfg)
+                trainer.fit()
+                scores = self.all_scores(trainer.model, source, target)
+                test = self.evaluate_test(trainer, target)
+                record = {
+                    "trial": best.number,
+                    "seed": seed,
+                    "val": scores[rule],
+                    "scores": {k2: v if math.isfinite(v) else None for k2, v in scores.items()},
+                    "test": test,
+                    "seconds": time.perf_counter() - t0,
+                    "device": str(self.device),
+                    "precision": self.precision.describe(),
+                    "git_commit": self.git_commit,
+                }
+                study.set_user_attr(key, record)
+                self.log(f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}")
+                _release_memory(self.device)
 
     def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
         """The only place the target test split is read."""

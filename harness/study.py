@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import HarnessError, StudySpecError
 
 AUGMENT_POLICIES = ("none", "light", "strong")
-SELECTION_RULES = ("auto", "target-val", "source-val")
+#: "auto": target-val for methods that train on target labels, source-val for the others;
+#: the last four are label-free validators on unlabelled target validation images
+SELECTION_RULES = ("auto", "target-val", "source-val", "entropy", "im", "snd", "bnm")
 
 
 class _Strict(BaseModel):
@@ -72,6 +74,9 @@ class SearchSpace(_Strict):
     head_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])
     weight_decay: list[float] | float = Field(default_factory=lambda: [1e-6, 1e-2])
     augment: list[str] | str = Field(default_factory=lambda: list(AUGMENT_POLICIES))
+    #: layer-wise learning-rate decay: each backbone stage learns this many times slower than the
+    #: next one (1 = off); [low, high] searches it for every method that trains the backbone
+    layer_decay: list[float] | float = 1.0
 
     @field_validator("backbone_lr", "head_lr", "weight_decay")
     @classmethod
@@ -84,6 +89,16 @@ class SearchSpace(_Strict):
                 raise ValueError(f"expected [low, high] with 0 < low <= high, got {v} (empty range)")
         elif v <= 0:
             raise ValueError(f"expected a positive number, got {v}")
+        return v
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _decay(cls, v: list[float] | float) -> list[float] | float:
+        values = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError(f"expected [low, high] with low <= high, or one number, got {v}")
+        if not all(0 < x <= 1 for x in values):
+            raise ValueError(f"expected values in (0, 1] (1 = no decay), got {v}")
         return v
 
     @field_validator("freeze_depth")
@@ -150,7 +165,8 @@ class StudySpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     final_seeds: int = Field(3, ge=1)
-    selection: Literal["auto", "target-val", "source-val"] = "auto"
+    #: one rule, or several: the first drives the search (sampler, pruner); each gets its own rows
+    selection: str | list[str] = "auto"
     pairs: list[Pair] = Field(min_length=1)
     methods: list[Method] = Field(min_length=1)
     budget: Budget = Field(default_factory=Budget)
@@ -171,6 +187,23 @@ class StudySpec(_Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"expected \"auto\", \"cpu\" or \"cuda[:N]\", got {v!r}")
         return v
+
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, v: str | list[str]) -> str | list[str]:
+        values = [v] if isinstance(v, str) else v
+        if not values:
+            raise ValueError(f"expected a rule or a list of rules from {', '.join(SELECTION_RULES)} (empty list)")
+        bad = [r for r in values if r not in SELECTION_RULES]
+        if bad:
+            raise ValueError(f"unknown rule {bad[0]!r}; allowed: {', '.join(SELECTION_RULES)}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"a rule is listed twice in {values}")
+        return v
+
+    @property
+    def selection_rules(self) -> list[str]:
+        return [self.selection] if isinstance(self.selection, str) else list(self.selection)
 
     @model_validator(mode="after")
     def _unique(self) -> StudySpec:

@@ -1,11 +1,14 @@
-"""Strategies for a labelled source and a target: the baseline and the supervised fine-tuning family.
+"""Strategies for a labelled source and a target: the baseline and the supervised fine-tuning family
+(fine-tuning, linear probing, LP-FT, L2-SP).
 
 The same code serves classification and segmentation: cross-entropy ignores void pixels (255).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 from harness import hookimpl
 from harness.api import IGNORE_INDEX, Batch, StepContext, Strategy
@@ -57,8 +60,67 @@ class LinearProbe(FineTune):
     description = "backbone frozen, head trained on target labels"
 
 
+class LPFT(FineTune):
+    """Linear probe, then fine-tune (Kumar et al., 2022): for the first ``strategy.lp_fraction``
+    of training the backbone is held fixed (no gradient, normalization statistics frozen) while the
+    head learns; then everything trains, so the features start moving under a sensible head."""
+
+    description = "linear probe first, then fine-tune everything (LP-FT)"
+
+    def search_space(self, trial):
+        return {"strategy.lp_fraction": trial.suggest_float("strategy.lp_fraction", 0.1, 0.7)}
+
+    def training_step(self, model, batch: Batch, ctx: StepContext):
+        x, y = batch.target
+        if ctx.progress < float(ctx.params.get("strategy.lp_fraction", 0.5)) and not model.head_takes_images:
+            model.backbone.eval()
+            with torch.no_grad():
+                features = model.features(x)
+            logits = model.head(features)
+        else:
+            logits = model(x)
+        return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+
+
+class _StartingPoint(nn.Module):
+    """The backbone's weights at the start of training, as buffers (nothing to optimize)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.names = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+        for i, n in enumerate(self.names):
+            self.register_buffer(f"w{i}", dict(model.backbone.named_parameters())[n].detach().clone())
+
+    def distance(self, model) -> torch.Tensor:
+        params = dict(model.backbone.named_parameters())
+        total = torch.zeros((), device=next(iter(self.buffers())).device) if self.names else torch.zeros(())
+        for i, n in enumerate(self.names):
+            total = total + (params[n].float() - getattr(self, f"w{i}").float()).pow(2).sum()
+        return total
+
+
+class L2SP(FineTune):
+    """Fine-tune with a penalty ``alpha / 2 * ||w - w0||^2`` pulling the trainable backbone weights
+    towards their starting point w0 (Li et al., 2018) instead of towards zero."""
+
+    description = "fine-tune with an L2 penalty towards the starting weights (L2-SP)"
+
+    def search_space(self, trial):
+        return {"strategy.alpha": trial.suggest_float("strategy.alpha", 1e-4, 1.0, log=True)}
+
+    def setup(self, model, num_classes, params):
+        return _StartingPoint(model)
+
+    def training_step(self, model, batch: Batch, ctx: StepContext):
+        x, y = batch.target
+        ce = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+        return ce + 0.5 * float(ctx.params.get("strategy.alpha", 0.01)) * ctx.extra.distance(model)
+
+
 @hookimpl
 def register_strategies(register):
     register("source-only", SourceOnly, description=SourceOnly.description)
     register("finetune", FineTune, description=FineTune.description)
     register("linear-probe", LinearProbe, description=LinearProbe.description)
+    register("lp-ft", LPFT, description=LPFT.description)
+    register("l2-sp", L2SP, description=L2SP.description)

@@ -1,0 +1,160 @@
+"""Selection rules: label-free validators and oracle flags, and the test split read only by final runs."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import write_study
+from optuna.trial import TrialState
+from test_search import make_runner
+
+from harness import leaderboard
+from harness.errors import StudySpecError
+from harness.search import Runner, optuna_study_name
+from harness.study import load_study
+
+UDA_STUDY = """
+image_size = 16
+batch_size = 64
+seed = 0
+final_seeds = 1
+selection = ["snd", "target-val", "source-val"]
+
+[[pairs]]
+source = "digits"
+target = "digits-m"
+
+[[methods]]
+backbone = "test_resnet"
+head = "linear"
+strategy = "source-only"
+
+[[methods]]
+backbone = "test_resnet"
+head = "linear"
+strategy = "dann"
+
+[budget]
+trials = 3
+max_epochs = 1
+
+[search]
+startup_trials = 1
+pruner = "none"
+"""
+
+
+class _Poison:
+    """Stands in for the target test split outside the final runs: any use fails the trial."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the target test split was read outside a final run (.{name})")
+
+    def __len__(self):
+        raise AssertionError("the target test split was read outside a final run (len)")
+
+
+@pytest.fixture(scope="module")
+def uda_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("selection")
+    spec = load_study(str(write_study(tmp, "uda", body=UDA_STUDY)))
+    runner = make_runner(tmp, spec)
+    target = runner.pair_data(0)[1]
+    real_test = target.test
+    target.test = _Poison()
+    reads = []
+    real_eval = Runner.evaluate_test
+
+    def evaluate_test(self, trainer, target_data):
+        target_data.test = real_test
+        try:
+            reads.append(1)
+            return real_eval(self, trainer, target_data)
+        finally:
+            target_data.test = _Poison()
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Runner, "evaluate_test", evaluate_test)
+    try:
+        runner.run()
+    finally:
+        mp.undo()
+    return spec, runner, reads
+
+
+def studies(spec, runner):
+    return [optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage_url) for m in spec.methods]
+
+
+def test_search_and_selection_never_read_the_test_split(uda_run):
+    spec, runner, reads = uda_run
+    for study in studies(spec, runner):
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs.get("error") for t in trials]
+    # one read per final run; rules that pick the same trial share its runs
+    finals = sum(1 for s in studies(spec, runner) for k in s.user_attrs if k.startswith("final:"))
+    assert len(reads) == finals >= 2
+
+
+def test_every_trial_records_every_rule_and_the_first_rule_drives_the_search(uda_run):
+    spec, runner, _ = uda_run
+    for study in studies(spec, runner):
+        for t in study.get_trials():
+            scores = t.user_attrs["scores"]
+            assert set(scores) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
+            assert t.value == pytest.approx(scores["snd"])
+
+
+def test_each_rule_gets_its_row_and_target_labels_flag_oracle(uda_run):
+    spec, runner, _ = uda_run
+    board, _, prov = leaderboard.collect(spec, runner.storage_url)
+    assert len(board) == 6 and set(board["status"]) == {"final"}
+    oracle = {(r["strategy"], r["selection"]): r["oracle"] for r in board.to_dict("records")}
+    assert oracle == {
+        ("source-only", "snd"): False,
+        ("source-only", "target-val"): True,
+        ("source-only", "source-val"): False,
+        ("dann", "snd"): False,
+        ("dann", "target-val"): True,
+        ("dann", "source-val"): False,
+    }
+    for study, method in zip(studies(spec, runner), spec.methods, strict=True):
+        trials = study.get_trials()
+        for rule in ("snd", "target-val", "source-val"):
+            row = board[(board["method"] == method.key) & (board["selection"] == rule)].iloc[0]
+            expected = max(trials, key=lambda t: (t.user_attrs["scores"][rule], -t.number))
+            assert row["best_trial"] == expected.number
+            assert row["val_score"] == pytest.approx(expected.user_attrs["scores"][rule])
+    # oracle rows are ranked among themselves
+    assert sorted(board.loc[board["oracle"], "rank"].tolist()) == [1, 2]
+    assert sorted(board.loc[~board["oracle"], "rank"].tolist())[0] == 1
+
+
+def test_validator_agreement_is_reported_in_json_and_markdown(uda_run, tmp_path):
+    spec, runner, _ = uda_run
+    board, trials, prov = leaderboard.collect(spec, runner.storage_url)
+    agreement = prov["validator_agreement"]
+    assert {a["method"] for a in agreement} == {m.key for m in spec.methods}
+    for a in agreement:
+        assert a["trials"] == 3 and set(a) >= {"entropy", "im", "snd", "bnm", "source-val"}
+        assert all(a[r] is None or -1.0 <= a[r] <= 1.0 for r in ("entropy", "im", "snd", "bnm"))
+    leaderboard.write(tmp_path, spec, board, trials, prov)
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "How well label-free rules ranked the trials" in md and "| snd" in md.replace("|   snd", "| snd")
+    assert "score:snd" in (tmp_path / "trials.csv").read_text()
+
+
+def test_a_classification_only_strategy_is_refused_for_segmentation(tmp_path):
+    body = UDA_STUDY.replace('task = "classification"', "")
+    body = 'task = "segmentation"\n' + body.replace('source = "digits"', 'source = "seg-synthetic"').replace(
+        'target = "digits-m"', 'target = "seg-photo"'
+    ).replace('head = "linear"', 'head = "unet"')
+    spec = load_study(str(write_study(tmp_path, "seg", body=body)))
+    with pytest.raises(StudySpecError, match=r"methods\[1\]\.strategy.*'dann' supports classification, not segmentation"):
+        make_runner(tmp_path, spec)
+
+
+def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
+    path = write_study(tmp_path, "bad", body=UDA_STUDY.replace('"snd", ', '"snd", "oracle", '))
+    with pytest.raises(StudySpecError, match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm"):
+        load_study(str(path))

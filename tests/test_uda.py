@@ -1,0 +1,263 @@
+"""Domain adaptation strategies: each changes what it should, on tiny hand-built models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.api import IGNORE_INDEX, Backbone, Batch, StepContext
+from harness.engine import Precision, TrainConfig, Trainer, TransferModel
+from harness_plugins import uda
+
+
+def tiny_model(num_classes: int = 3, bn: bool = False, features: int = 8) -> TransferModel:
+    layers: list[nn.Module] = [nn.BatchNorm2d(3)] if bn else []
+    layers += [nn.Conv2d(3, features, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    module = nn.Sequential(*layers)
+    names = [n for n, _ in module.named_parameters()]
+    backbone = Backbone(module=module, num_features=features, stages=[names[:2], names[2:]] if bn else [names])
+    return TransferModel(backbone, nn.Linear(features, num_classes))
+
+
+def ctx(params=None, progress: float = 1.0, extra=None, num_classes: int = 3) -> StepContext:
+    return StepContext(params=params or {}, epoch=0, epochs=1, step=int(progress * 100), total_steps=100, num_classes=num_classes, extra=extra)
+
+
+def batch(n: int = 6, seed: int = 0, shift: float = 1.0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 3, 8, 8, generator=g)
+    xt = torch.randn(n, 3, 8, 8, generator=g) + shift
+    return Batch(source=(xs, torch.randint(0, 3, (n,), generator=g)), target=(xt, None))
+
+
+def grads(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+# ------------------------------------------------------------------------------ DANN
+
+
+def test_reverse_grad_is_identity_forward_and_negated_scaled_backward():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = uda.reverse_grad(x, 0.5)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -0.5))
+
+
+def test_dann_discriminator_learns_and_backbone_receives_its_gradient_reversed():
+    torch.manual_seed(0)
+    model, strategy, b = tiny_model(), uda.DANN(), batch()
+    params = {"strategy.weight": 2.0, "strategy.disc_hidden": 16, "strategy.disc_lr_scale": 3.0}
+    disc = strategy.setup(model, 3, params).eval()  # eval: no dropout, so passes are comparable
+    assert disc.lr_scale == 3.0
+    c = ctx(params, progress=0.5, extra=disc)
+    coeff = 2.0 * uda.ramp(0.5)
+
+    strategy.training_step(model, b, c).backward()
+    total_backbone, total_disc = grads(model.backbone), grads(disc)
+
+    # the same two losses computed by hand, without the reversal
+    model.zero_grad(), disc.zero_grad()
+    (xs, ys), (xt, _) = b.source, b.target
+    f = model.features(torch.cat([xs, xt]))
+    F.cross_entropy(model.head(f[:6]), ys).backward(retain_graph=True)
+    ce_backbone = grads(model.backbone)
+    model.zero_grad()
+    domain = torch.cat([torch.ones(6), torch.zeros(6)])
+    F.binary_cross_entropy_with_logits(disc(f), domain).backward()
+    adv_backbone, adv_disc = grads(model.backbone), grads(disc)
+
+    for t, ce, adv in zip(total_backbone, ce_backbone, adv_backbone, strict=True):
+        assert torch.allclose(t, ce - coeff * adv, atol=1e-5)
+    for t, adv in zip(total_disc, adv_disc, strict=True):  # the discriminator minimizes its loss
+        assert torch.allclose(t, adv, atol=1e-6)
+    assert any(a.abs().sum() > 0 for a in adv_backbone)
+
+
+def test_dann_schedule_starts_at_zero_and_rises_to_one():
+    assert uda.ramp(0.0) == 0.0
+    assert 0.99 < uda.ramp(1.0) <= 1.0
+    assert uda.ramp(0.1) < uda.ramp(0.3) < uda.ramp(0.6)
+
+
+def test_the_engine_optimizes_a_strategy_module_at_its_own_learning_rate(digits_pair):
+    source, target = digits_pair
+    model = tiny_model(num_classes=10)
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.0, freeze_depth=0, augment="none",
+        seed=0, device=torch.device("cpu"), precision=Precision(False, False),
+        params={"strategy.weight": 1.0, "strategy.disc_hidden": 8, "strategy.disc_lr_scale": 0.1},
+    )
+    trainer = Trainer(model, uda.DANN(), source, target, cfg)
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-2])  # backbone, discriminator (0.1 x head), head
+    before = [p.detach().clone() for p in trainer.extra.parameters()]
+    trainer.fit()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.extra.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------------------ feature alignment
+
+
+def test_coral_is_zero_for_equal_covariances_and_grows_with_the_difference():
+    f = torch.randn(64, 5)
+    assert uda.coral_loss(f, f + 3.0) == pytest.approx(0.0, abs=1e-6)  # a shift keeps the covariance
+    assert uda.coral_loss(f, 2 * f) > uda.coral_loss(f, 1.2 * f) > 0
+
+
+def test_mmd_separates_shifted_distributions():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+    assert abs(float(uda.mmd_loss(a, b))) < 0.1
+    assert float(uda.mmd_loss(a, b + 3.0)) > 5 * abs(float(uda.mmd_loss(a, b)))
+
+
+@pytest.mark.parametrize("cls", [uda.CORAL, uda.MMD])
+def test_alignment_strategies_add_their_term_to_the_source_loss(cls):
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch(shift=2.0)
+    plain = float(cls().training_step(model, b, ctx({"strategy.weight": 0.0})))
+    weighted = float(cls().training_step(model, b, ctx({"strategy.weight": 10.0})))
+    assert weighted > plain
+    assert plain == pytest.approx(float(F.cross_entropy(model(b.source[0]), b.source[1])), rel=1e-5)
+
+
+def test_class_confusion_is_zero_for_confident_distinct_classes_and_high_for_uniform_ones():
+    confident = 20 * torch.eye(4)
+    assert float(uda.class_confusion_loss(confident, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.zeros(8, 4)
+    assert float(uda.class_confusion_loss(uniform, 2.5)) == pytest.approx(3 / 4, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ AdaBN
+
+
+def test_adabn_changes_normalization_statistics_only():
+    torch.manual_seed(0)
+    model = tiny_model(bn=True)
+    model.train()
+    bn = model.backbone[0]
+    target = [torch.randn(16, 3, 8, 8) * 2 + 5, torch.randn(16, 3, 8, 8) * 2 + 5]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    uda.AdaBN().adapt(model, iter(target))
+    every = torch.cat(target)
+    assert torch.allclose(bn.running_mean, every.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, every.var((0, 2, 3), unbiased=True), rtol=0.02)
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    assert bn.momentum == 0.1 and model.training and bn.training
+
+
+def test_adabn_runs_after_every_epoch_in_the_engine(digits_pair):
+    source, target = digits_pair
+    model = tiny_model(num_classes=10, bn=True)
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.0, freeze_depth=0, augment="none",
+        seed=0, device=torch.device("cpu"), precision=Precision(False, False),
+    )
+    Trainer(model, uda.AdaBN(), source, target, cfg).fit()
+    x = model.normalize(target.train.x.float() / 255)
+    # a cumulative average of batch means: the short last batch weighs a little more than its share
+    assert torch.allclose(model.backbone[0].running_mean, x.mean((0, 2, 3)), atol=2e-3)
+    assert not torch.allclose(model.backbone[0].running_mean, torch.zeros(3), atol=0.05)
+
+
+# ------------------------------------------------------------------------------ entropy, pseudo-labels
+
+
+def test_entropy_of_known_distributions():
+    assert float(uda.entropy(torch.zeros(1, 4))[0]) == pytest.approx(math.log(4))
+    assert float(uda.entropy(torch.tensor([[30.0, 0.0, 0.0]]))[0]) == pytest.approx(0.0, abs=1e-6)
+    per_pixel = uda.entropy(torch.zeros(2, 5, 3, 3))
+    assert per_pixel.shape == (2, 3, 3) and torch.allclose(per_pixel, torch.full((2, 3, 3), math.log(5)))
+
+
+def test_entropy_minimization_makes_target_predictions_more_confident():
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch(n=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    start = float(uda.entropy(model(b.target[0])).mean())
+    for _ in range(30):
+        opt.zero_grad()
+        uda.EntropyMin().training_step(model, b, ctx({"strategy.weight": 5.0})).backward()
+        opt.step()
+    assert float(uda.entropy(model(b.target[0])).mean()) < 0.5 * start
+
+
+def test_pseudo_labels_keep_confident_predictions_only():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    assert uda.pseudo_labels(logits, 0.9).tolist() == [0, IGNORE_INDEX, 2]
+    seg = torch.zeros(1, 3, 2, 2)
+    seg[0, 1, 0, 0] = 10.0
+    assert uda.pseudo_labels(seg, 0.9).tolist() == [[[1, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX]]]
+
+
+def test_self_training_adds_nothing_during_warmup_and_pseudo_label_loss_after():
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch()
+    with torch.no_grad():
+        model.head.weight.mul_(50)  # confident target predictions
+    params = {"strategy.warmup": 0.5, "strategy.threshold": 0.5, "strategy.weight": 1.0}
+    source_ce = float(F.cross_entropy(model(b.source[0]), b.source[1]))
+    assert float(uda.SelfTraining().training_step(model, b, ctx(params, progress=0.2))) == pytest.approx(source_ce, rel=1e-5)
+    assert float(uda.SelfTraining().training_step(model, b, ctx(params, progress=0.8))) > source_ce
+
+
+# ------------------------------------------------------------------------------ FDA
+
+
+def test_fda_swaps_low_frequency_amplitude_and_keeps_the_phase():
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g) * 0.5 + 0.3
+    out = uda.low_frequency_swap(src, tgt, beta=0.125)  # half-width 2
+    fo = torch.fft.fftshift(torch.fft.fft2(out), dim=(-2, -1))
+    fs = torch.fft.fftshift(torch.fft.fft2(src), dim=(-2, -1))
+    ft = torch.fft.fftshift(torch.fft.fft2(tgt), dim=(-2, -1))
+    window = (slice(None), slice(None), slice(6, 11), slice(6, 11))
+    assert torch.allclose(fo.abs()[window], ft.abs()[window], atol=1e-3)
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[6:11, 6:11] = False
+    assert torch.allclose(fo.abs()[..., outside], fs.abs()[..., outside], atol=1e-3)
+    strong = fs.abs() > 1e-2
+    dphase = torch.remainder(fo.angle() - fs.angle() + math.pi, 2 * math.pi) - math.pi
+    assert dphase[strong].abs().max() < 1e-3
+    # the mean colour (zero frequency) now is the target's
+    assert torch.allclose(out.mean((2, 3)), tgt.mean((2, 3)), atol=1e-4)
+
+
+def test_fda_with_a_zero_window_returns_the_source():
+    src = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(uda.low_frequency_swap(src, torch.rand(1, 3, 8, 8), beta=0.01), src)
+
+
+def test_fda_step_trains_a_segmentation_model():
+    torch.manual_seed(0)
+    model = TransferModel(
+        Backbone(module=nn.Identity(), num_features=3, stages=[[]]),
+        nn.Conv2d(3, 4, 1),
+        task="segmentation",
+    )
+    model.spec.stages = [[]]
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.randint(0, 4, (4, 16, 16))
+    y[:, 0, 0] = IGNORE_INDEX
+    b = Batch(source=(x, y), target=(torch.rand(4, 3, 16, 16), None))
+    loss = uda.FDA().training_step(model, b, ctx({"strategy.beta": 0.1, "strategy.entropy_weight": 0.01}, num_classes=4))
+    loss.backward()
+    assert math.isfinite(float(loss)) and model.head.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def digits_pair():
+    from harness_plugins.datasets import build_digits, build_digits_m
+
+    return build_digits(None, image_size=8, seed=0), build_digits_m(None, image_size=8, seed=0)
