@@ -300,9 +300,10 @@ class SelfTraining(_Unsupervised):
         if ctx.progress < float(ctx.params.get("strategy.warmup", 0.2)):
             return loss
         pseudo = pseudo_labels(lt.detach(), float(ctx.params.get("strategy.threshold", 0.9)))
-        if (pseudo != IGNORE_INDEX).any():
-            loss = loss + float(ctx.params.get("strategy.weight", 1.0)) * _source_ce(lt, pseudo)
-        return loss
+        # mean over the confident predictions; zero when there is none (no host sync to check)
+        kept = (pseudo != IGNORE_INDEX).sum().clamp_min(1)
+        pseudo_ce = F.cross_entropy(lt, pseudo, ignore_index=IGNORE_INDEX, reduction="sum") / kept
+        return loss + float(ctx.params.get("strategy.weight", 1.0)) * pseudo_ce
 
 
 def pseudo_labels(logits: Tensor, threshold: float) -> Tensor:

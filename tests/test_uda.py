@@ -121,8 +121,8 @@ def test_mmd_separates_shifted_distributions():
 def test_alignment_strategies_add_their_term_to_the_source_loss(cls):
     torch.manual_seed(0)
     model, b = tiny_model(), batch(shift=2.0)
-    plain = float(cls().training_step(model, b, ctx({"strategy.weight": 0.0})))
-    weighted = float(cls().training_step(model, b, ctx({"strategy.weight": 10.0})))
+    plain = float(cls().training_step(model, b, ctx({"strategy.weight": 0.0})).detach())
+    weighted = float(cls().training_step(model, b, ctx({"strategy.weight": 10.0})).detach())
     assert weighted > plain
     assert plain == pytest.approx(float(F.cross_entropy(model(b.source[0]), b.source[1])), rel=1e-5)
 
@@ -261,3 +261,20 @@ def digits_pair():
     from harness_plugins.datasets import build_digits, build_digits_m
 
     return build_digits(None, image_size=8, seed=0), build_digits_m(None, image_size=8, seed=0)
+
+
+@pytest.mark.parametrize("name", ["entropy-min", "fda", "self-training", "adabn"])
+def test_output_level_strategies_pass_the_contract_on_segmentation(name):
+    from harness.registry import get_registry
+    from harness.testing import assert_passes, check_strategy
+
+    entry = get_registry().get("strategy", name)
+    assert "segmentation" in entry.meta["tasks"]
+    assert_passes(check_strategy(entry, task="segmentation"))
+
+
+def test_feature_level_strategies_declare_classification_only():
+    from harness.registry import get_registry
+
+    for name in ("dann", "mcc", "coral", "mmd"):
+        assert get_registry().get("strategy", name).meta["tasks"] == ("classification",)
