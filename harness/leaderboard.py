@@ -62,7 +62,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                 "strategy": method.strategy,
             }
             if name not in existing:
-                rows.append({**row, "status": "not started"})
+                rows.append({**row, "label": method.key, "selection": ", ".join(spec.selection_rules), "status": "not started"})
                 continue
             study = optuna.load_study(study_name=name, storage=storage)
             attrs = study.user_attrs
@@ -208,7 +208,9 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         "(standard deviations are in leaderboard.csv/json). Trials were selected on a validation split "
         "or by a label-free validator on unlabelled target validation images (column *selection*); the "
         "test split was read only by the final runs. Rows marked **oracle** were selected with target "
-        "labels although the method trains without them; they are ranked among themselves.",
+        "labels although the method trains without them; they are ranked among themselves. Column *val*: "
+        "the selecting score of the picked trial, in % for a validation split, the validator's own value "
+        "(higher is better) for a label-free rule.",
         "",
     ]
     for pair, group in board.groupby("pair", sort=False):
@@ -220,7 +222,7 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
                 "strategy": group["strategy"],
                 f"test {LABELS[m1]} %": [_pm(r, m1) for r in group.to_dict("records")],
                 f"test {LABELS[m2]} %": [_pm(r, m2) for r in group.to_dict("records")],
-                "val %": [_pct(r.get("val_score")) for r in group.to_dict("records")],
+                "val": [_val(r) for r in group.to_dict("records")],
                 "selection": [
                     (r.get("selection") or "-") + (" **oracle**" if r.get("oracle") else "")
                     for r in group.to_dict("records")
@@ -284,6 +286,14 @@ def _pm(row: dict[str, Any], metric: str) -> str:
     if not _finite(mean):
         return "-"
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(std) else f"{100 * mean:.1f}"
+
+
+def _val(row: dict[str, Any]) -> str:
+    """The selecting score: a validation metric in %, or a label-free validator's raw value."""
+    v = row.get("val_score")
+    if row.get("selection") in ("target-val", "source-val"):
+        return _pct(v)
+    return f"{float(v):.3f}" if _finite(v) else "-"
 
 
 def _pct(v: Any) -> str:

@@ -31,7 +31,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.fileio import atomic_path, write_json, write_text
-from harness.leaderboard import _finite, _int, _pct, _pm, _records, _redact
+from harness.leaderboard import _finite, _int, _pct, _pm, _records, _redact, _val
 from harness.metrics import LABELS, METRICS, primary_metric
 from harness.search import default_storage, make_storage, optuna_study_name
 from harness.study import StudySpec
@@ -442,7 +442,7 @@ def _nav(pairs: list[str]) -> str:
 def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
     head = ["rank", "method", "strategy", f"test {LABELS[m1]} %"]
     head += [f"test {LABELS[m2]} %"] if m2 else []
-    head += ["val %", "selection", "trials ok/pruned/failed", "status"]
+    head += ["val", "selection", "trials ok/pruned/failed", "status"]
     out = ["<table>", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
     for r in rows.to_dict("records"):
         rank = r.get("rank")
@@ -459,7 +459,7 @@ def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
         if m2:
             cells.append(f'<td class="num">{_e(_pm(r, m2))}</td>')
         cells += [
-            f'<td class="num">{_e(_pct(r.get("val_score")))}</td>',
+            f'<td class="num">{_e(_val(r))}</td>',
             f'<td class="nowrap">{selection}</td>',
             '<td class="num">'
             + _e(f"{_int(r.get('trials_complete'))}/{_int(r.get('trials_pruned'))}/{_int(r.get('trials_failed'))}")
