@@ -43,10 +43,14 @@ class Precision:
 
     @classmethod
     def for_device(cls, device: torch.device, spec: str = "auto") -> Precision:
+        """A pinned choice, or for "auto" the static default (the Runner probes per backbone
+        instead: see ``harness.probe``)."""
         if spec == "fp32":
             return cls(False, False)
         if spec == "bf16":
             return cls(True, device.type == "cuda")
+        if spec in ("fp32-channels_last", "bf16-channels_last"):
+            return cls(spec.startswith("bf16"), True)
         return cls(device.type == "cuda", device.type == "cuda")
 
     def autocast(self, device: torch.device):

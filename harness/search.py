@@ -243,7 +243,7 @@ class Runner:
         if source.task == "segmentation":
             head = self.registry.get("head", SOURCE_PRETRAIN_SEG_HEAD)
         return str(
-            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision, self.log, head)
+            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision_for(rm), self.log, head)
         )
 
     def build_model(self, rm: ResolvedMethod, weights: str, num_classes: int) -> TransferModel:
@@ -255,6 +255,22 @@ class Runner:
                 "not a torch.nn.Module"
             )
         return TransferModel(backbone, head, self.spec.task)
+
+    def precision_for(self, rm: ResolvedMethod) -> Precision:
+        """The pinned precision, or for "auto" the fastest by a short probe, cached on disk per
+        backbone, image size, batch size, device and torch version (see ``harness.probe``)."""
+        if self.spec.precision != "auto":
+            return self.precision
+        chosen = self.__dict__.setdefault("_precisions", {})
+        name = rm.method.backbone
+        if name not in chosen:
+            from harness import probe
+
+            chosen[name] = probe.resolve(
+                "auto", self.device, backbone=name, image_size=self.spec.image_size, batch_size=self.spec.batch_size,
+                build=lambda: self.build_model(rm, "none", 2), log=self.log,
+            )  # fmt: skip
+        return chosen[name]
 
     def preflight(self) -> None:
         """Everything that can fail before training: data, weights, heads, options."""
@@ -374,7 +390,9 @@ class Runner:
             trial.set_user_attr(f"param:{k}", v)
         return params
 
-    def train_config(self, params: dict[str, Any], seed: int, num_stages: int) -> TrainConfig:
+    def train_config(
+        self, params: dict[str, Any], seed: int, num_stages: int, precision: Precision | None = None
+    ) -> TrainConfig:
         return TrainConfig(
             epochs=self.spec.budget.max_epochs,
             batch_size=self.spec.batch_size,
@@ -385,7 +403,7 @@ class Runner:
             augment=str(params["augment.policy"]),
             seed=seed,
             device=self.device,
-            precision=self.precision,
+            precision=precision or self.precision,
             params=params,
             data_seed=self.spec.seed,
         )
@@ -405,11 +423,11 @@ class Runner:
                 seed_everything(self.spec.seed + trial.number)
                 model = self.build_model(rm, weights, target.num_classes)
                 params = self.suggest(trial, strategy, model.num_stages)
-                cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages)
+                cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages, self.precision_for(rm))
                 trainer = Trainer(model, strategy, source, target, cfg)
 
                 def on_epoch(epoch: int, m: TransferModel) -> float:
-                    logits = predict(m, split, cfg.batch_size * 4, self.device, self.precision)
+                    logits = predict(m, split, cfg.batch_size * 4, self.device, cfg.precision)
                     value = float(score(self.spec.task, logits, split.y, target.num_classes)[metric])
                     trial.report(value, epoch)
                     if trial.should_prune():
@@ -450,6 +468,7 @@ class Runner:
         study.pruner = self._pruner()
         study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
         study.set_user_attr("pruner", type(study.pruner).__name__)
+        study.set_user_attr("precision", self.precision_for(rm).describe())
         started = time.perf_counter()
         callbacks = [self._progress_callback(label, started), self._budget_callback(), *self._tracking_callbacks()]
         study.optimize(
@@ -535,7 +554,7 @@ class Runner:
             t0 = time.perf_counter()
             seed_everything(seed)
             model = self.build_model(rm, weights, target.num_classes)
-            cfg = self.train_config(params, seed, model.num_stages)
+            cfg = self.train_config(params, seed, model.num_stages, self.precision_for(rm))
             trainer = Trainer(model, strategy, source, target, cfg)
             trainer.fit()
             split = self.selection_split(rule, source, target)
@@ -548,7 +567,7 @@ class Runner:
                 "test": test,
                 "seconds": time.perf_counter() - t0,
                 "device": str(self.device),
-                "precision": self.precision.describe(),
+                "precision": cfg.precision.describe(),
                 "git_commit": self.git_commit,
             }
             study.set_user_attr(key, record)

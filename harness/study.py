@@ -147,7 +147,7 @@ class StudySpec(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=2)
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp32-channels_last", "bf16-channels_last"] = "auto"
     seed: int = 0
     final_seeds: int = Field(3, ge=1)
     selection: Literal["auto", "target-val", "source-val"] = "auto"
