@@ -255,6 +255,18 @@ class Trainer:
             lambda: feat.compute_features(self.model, split.x, self.cfg.precision, self.device, self.cfg.batch_size * 4),
         )
 
+    def _prepared(self, split: Split | None, max_bytes: int = 256 * 2**20) -> Tensor | None:
+        """The whole split preprocessed (no augmentation), when it is small enough to keep."""
+        if split is None or split.x.numel() * 4 > max_bytes:
+            return None
+        return self._prepare(split.x, None, torch.Generator())[0]
+
+    def _slice(self, prepared: Tensor, idx: Tensor) -> Tensor:
+        x = prepared[idx]
+        if self.cfg.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
         groups = []
@@ -320,6 +332,8 @@ class Trainer:
         if cached:
             source_feats, target_feats = self._cached(source_split), self._cached(target_split)
             frozen_state = feat.state_hash(self.model.backbone)
+            # without augmentation a batch is a slice of the preprocessed split: prepare it once
+            source_x, target_x = self._prepared(source_split), self._prepared(target_split)
         for epoch in range(cfg.epochs):
             self.model.train()
             if self.extra is not None:
@@ -334,18 +348,27 @@ class Trainer:
                     if wrapper is not None:
                         wrapper.clear()
                     if source_split is not None:
-                        batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
+                        if wrapper is not None and source_x is not None:
+                            batch.source = (self._slice(source_x, idx), source_split.y[idx])
+                        else:
+                            batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
                         if wrapper is not None:
                             wrapper.expect(batch.source[0], source_feats[idx])
                         if paired is not None:
                             tidx = paired.next().to(device, non_blocking=True)
                             ty = target_split.y[tidx] if give_target_labels else None
-                            batch.target = self._prepare(target_split.x[tidx], ty, aug_gen)
+                            if wrapper is not None and target_x is not None:
+                                batch.target = (self._slice(target_x, tidx), ty)
+                            else:
+                                batch.target = self._prepare(target_split.x[tidx], ty, aug_gen)
                             if wrapper is not None:
                                 wrapper.expect(batch.target[0], target_feats[tidx])
                     else:
                         ty = primary.y[idx] if give_target_labels else None
-                        batch.target = self._prepare(primary.x[idx], ty, aug_gen)
+                        if wrapper is not None and target_x is not None:
+                            batch.target = (self._slice(target_x, idx), ty)
+                        else:
+                            batch.target = self._prepare(primary.x[idx], ty, aug_gen)
                         if wrapper is not None:
                             wrapper.expect(batch.target[0], target_feats[idx])
                     ctx = StepContext(
