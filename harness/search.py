@@ -356,6 +356,8 @@ class Runner:
         s, epochs = self.spec.search, self.spec.budget.max_epochs
         if s.pruner == "none":
             return optuna.pruners.NopPruner()
+        if s.pruner == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
         return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3))
