@@ -32,13 +32,13 @@ def test_picks_the_fastest_and_caches_it_on_disk():
     key = probe.probe_key("test_resnet", 64, 32, CPU) | {"case": "fastest"}
     calls: list[str] = []
     logs: list[str] = []
-    choice, record = probe.choose(key, probe.candidates(CPU), fake(TIMES, calls), logs.append)
+    choice, record = probe.choose(key, probe.ALL, fake(TIMES, calls), logs.append)
     assert choice == Precision(True, True)
     assert sorted(calls) == sorted(TIMES)
     assert record["seconds_per_step"] == TIMES and "bf16-autocast+channels_last" in logs[-1]
     # a second resolution reads the cache and measures nothing
     again: list[str] = []
-    choice2, _ = probe.choose(key, probe.candidates(CPU), fake(TIMES, again), logs.append)
+    choice2, _ = probe.choose(key, probe.ALL, fake(TIMES, again), logs.append)
     assert choice2 == choice and again == [] and "probed before" in logs[-1]
 
 
@@ -49,16 +49,24 @@ def test_the_cache_key_separates_backbones_sizes_and_batches():
     assert base["torch"] == torch.__version__ and base["device"]
     slow_bf16 = {"fp32": 1.0, "fp32+channels_last": 1.1, "bf16-autocast": 2.0, "bf16-autocast+channels_last": 1.9}
     for k, times in ((keys[0] | {"case": "sep"}, TIMES), (keys[1] | {"case": "sep"}, slow_bf16)):
-        choice, _ = probe.choose(k, probe.candidates(CPU), fake(times, []), lambda m: None)
+        choice, _ = probe.choose(k, probe.ALL, fake(times, []), lambda m: None)
         assert choice.describe() == min(times, key=times.get)
 
 
 def test_a_failing_candidate_is_skipped():
     times = dict(TIMES, **{"bf16-autocast+channels_last": -1.0})
     choice, record = probe.choose({"case": "failing", "backbone": "x", "image_size": 1, "batch_size": 1, "device": "d"},
-                                  probe.candidates(CPU), fake(times, []), lambda m: None)  # fmt: skip
+                                  probe.ALL, fake(times, []), lambda m: None)  # fmt: skip
     assert choice.describe() == "fp32+channels_last"
     assert "bf16-autocast+channels_last" not in record["seconds_per_step"]
+
+
+def test_auto_on_a_cpu_leaves_bf16_to_an_explicit_choice(monkeypatch):
+    monkeypatch.delenv("HARNESS_PROBE_CPU_BF16", raising=False)
+    assert [p.describe() for p in probe.candidates(CPU)] == ["fp32", "fp32+channels_last"]
+    assert len(probe.candidates(torch.device("cuda"))) == 4
+    monkeypatch.setenv("HARNESS_PROBE_CPU_BF16", "1")
+    assert len(probe.candidates(CPU)) == 4
 
 
 def test_a_pinned_precision_skips_the_probe(monkeypatch):
@@ -100,6 +108,7 @@ def test_runner_probes_auto_once_per_backbone_and_records_it(tmp_path, monkeypat
     assert spec.precision == "auto"
     measured: list[str] = []
     monkeypatch.setattr(probe, "step_timer", lambda *a, **k: fake(TIMES, measured))
+    monkeypatch.setattr(probe, "candidates", lambda device: probe.ALL)
     runner = make_runner(tmp_path, spec)
     rm = runner.methods[0]
     assert runner.precision_for(rm).describe() == "bf16-autocast+channels_last"
