@@ -28,6 +28,8 @@ SAMPLER_SEEDS = (0, 1, 2)
 # trials than the quickstart's six so that the pruner has trials to prune after TPE's start-up
 PRUNING = {"budget.trials": int(os.environ.get("BENCH_TRIALS", 10)), "budget.max_epochs": 6, "precision": "fp32"}
 DEFAULT_PRUNER = SearchSpace.model_fields["pruner"].default
+# BENCH_PRUNER compares another pruner setting against no pruning (BENCH_TRIALS: trials per search)
+PRUNER = os.environ.get("BENCH_PRUNER", DEFAULT_PRUNER)
 
 
 class _SeededRunner(Runner):
@@ -67,7 +69,7 @@ def test_pruning_pays(benchmark, tmp_path):
     def run_all():
         for seed in SAMPLER_SEEDS:
             out = {}
-            for pruner in ("none", DEFAULT_PRUNER):
+            for pruner in ("none", PRUNER):
                 runner = _runner(tmp_path / f"{pruner}-{seed}", {**PRUNING, "search.pruner": pruner}, seed)
                 study, wall = _search(runner, "finetune")
                 trials = study.get_trials(deepcopy=False)
@@ -80,23 +82,23 @@ def test_pruning_pays(benchmark, tmp_path):
             rows.append((seed, out))
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
-    total = {p: sum(o[p]["epochs"] for _, o in rows) for p in ("none", DEFAULT_PRUNER)}
+    total = {p: sum(o[p]["epochs"] for _, o in rows) for p in ("none", PRUNER)}
     print(f"\npruning on the quickstart pair, finetune, {PRUNING['budget.trials']} trials x "
           f"{PRUNING['budget.max_epochs']} epochs, TPE; best target-val accuracy and epochs trained:")  # fmt: skip
     for seed, o in rows:
-        p = o[DEFAULT_PRUNER]
+        p = o[PRUNER]
         gap = 100 * (o["none"]["best"] - p["best"])
         print(f"  sampler seed {seed}: no pruning {100 * o['none']['best']:.2f} % in {o['none']['epochs']} epochs "
-              f"({o['none']['wall_s']:.0f} s); {DEFAULT_PRUNER} pruner {100 * p['best']:.2f} % in "
+              f"({o['none']['wall_s']:.0f} s); {PRUNER} pruner {100 * p['best']:.2f} % in "
               f"{p['epochs']} epochs ({p['pruned']} pruned, {p['wall_s']:.0f} s); "
               f"gap {gap:+.2f} points")  # fmt: skip
         benchmark.extra_info[f"seed{seed}"] = {
             "best_no_pruning": o["none"]["best"], "best_pruned": p["best"], "gap_points": round(gap, 2),
             "epochs_no_pruning": o["none"]["epochs"], "epochs_pruned": p["epochs"],
         }  # fmt: skip
-    fraction = total[DEFAULT_PRUNER] / total["none"]
+    fraction = total[PRUNER] / total["none"]
     benchmark.extra_info["epochs_fraction"] = round(fraction, 3)
-    print(f"  epochs trained with pruning / without: {total[DEFAULT_PRUNER]} / {total['none']} = {fraction:.2f}")
+    print(f"  epochs trained with pruning / without: {total[PRUNER]} / {total['none']} = {fraction:.2f}")
     assert total["none"] > 0
 
 
