@@ -11,7 +11,15 @@ import torch
 
 from harness import features as feat
 from harness.api import DomainData
-from harness.engine import Precision, TrainConfig, Trainer, TransferModel, predict, resolve_device, seed_everything
+from harness.engine import (
+    Precision,
+    TrainConfig,
+    Trainer,
+    TransferModel,
+    predict,
+    resolve_device,
+    seed_everything,
+)
 from harness.metrics import classification_metrics
 from harness_plugins.heads import build_linear
 from harness_plugins.strategies import LinearProbe
@@ -66,7 +74,7 @@ def test_linear_probe_with_cached_features(benchmark, name):
     first = []
     for _ in range(2):  # best of two cold-cache trials
         cache = feat.FeatureCache()
-        first.append(timed(lambda: _trial(template, data, device, precision, cache)))
+        first.append(timed(lambda c=cache: _trial(template, data, device, precision, c)))
     first_s, acc_cached = min(first)
     benchmark.pedantic(_trial, args=(template, data, device, precision, cache), rounds=5, iterations=1)
     reuse = benchmark.stats.stats.min

@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import harness.search
 from harness.engine import Trainer
 from harness.registry import get_registry
-from harness.search import RunOptions, Runner
+from harness.search import Runner, RunOptions
 from harness.study import SearchSpace, load_study
 
 QUICKSTART = str(Path(__file__).parent / "quickstart.toml")
