@@ -471,6 +471,11 @@ class Runner:
         study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
         study.set_user_attr("pruner", type(study.pruner).__name__)
         study.set_user_attr("precision", self.precision_for(rm).describe())
+        # Everything alive now (plugins, registries, data, imports) lives as long as the process:
+        # leave it out of the garbage collector's scans, so that the collection after each trial
+        # only walks that trial's objects (a full scan cost about a second per trial here).
+        gc.collect()
+        gc.freeze()
         started = time.perf_counter()
         callbacks = [self._progress_callback(label, started), self._budget_callback(), *self._tracking_callbacks()]
         study.optimize(
@@ -631,8 +636,10 @@ def _fail_stale_running(study: optuna.Study) -> None:
 
 
 def _release_memory(device: torch.device) -> None:
-    gc.collect()
+    # A trial's tensors go with their last reference; collecting cycles matters only where the
+    # caching allocator can then hand their memory back (a forced collection cost ~50 ms a trial).
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
