@@ -65,9 +65,9 @@ class FloatRange(_Strict):
 
 class SearchSpace(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
-    #: "asha" (successive halving: after epochs 1, 3, 9, ... only the top third goes on) is the
-    #: default because it trains about half the epochs for the same best score (benchmarks/README.md)
-    pruner: Literal["asha", "median", "hyperband", "none"] = "asha"
+    #: "asha" (successive halving: after epochs 1, 3, 9, ... only the top third goes on) trains
+    #: fewer epochs than "median" but lost the best trial on the quickstart (benchmarks/README.md)
+    pruner: Literal["median", "asha", "hyperband", "none"] = "median"
     startup_trials: int = Field(3, ge=0)
     freeze_depth: Literal["auto"] | list[int] | int = "auto"
     backbone_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])

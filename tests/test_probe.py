@@ -103,6 +103,7 @@ def test_runner_probes_auto_once_per_backbone_and_records_it(tmp_path, monkeypat
     from tests.conftest import write_study
     from tests.test_search import make_runner
 
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))  # no pick from earlier tests
     (tmp_path / "benchmarks").mkdir()
     spec = load_study(str(write_study(tmp_path / "benchmarks", trials=1)))
     assert spec.precision == "auto"
