@@ -6,6 +6,10 @@ weights. The engine then computes the pooled features of a split once, keeps the
 strategies a model whose backbone looks them up (``CachedBackbone``), so ``model(x)``,
 ``model.features(x)`` and ``model.head(f)`` behave exactly as before, only faster.
 
+A partly frozen backbone is not cached: its frozen prefix feeds trainable stages whose input
+would have to be cached per stage (timm models do not share one way to split the forward pass
+there), and that is left for later rather than approximated.
+
 The key holds everything the features depend on: a hash of the backbone's parameters and buffers,
 a hash of the split's images, the normalization, precision and memory format, and the device.
 """
