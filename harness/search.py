@@ -360,7 +360,7 @@ class Runner:
             return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 6))
+        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3))
 
     def suggest(self, trial: optuna.Trial, strategy: api.Strategy, num_stages: int) -> dict[str, Any]:
         s = self.spec.search
