@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from harness.augment import augment, get_policy
+from harness.engine import Precision, resolve_device
 
 N, SIZE, BATCH = 512, 32, 64
 
@@ -73,3 +75,35 @@ def test_batched_augmentation_vs_per_sample_dataloader(benchmark):
     print(f"\nstrong policy, {SIZE}px: per-sample DataLoader {N / per_sample:.0f} img/s, "
           f"batched on device {N / batched:.0f} img/s, speed-up {ratio:.1f}x")  # fmt: skip
     assert batched > 0  # reported, not asserted: see benchmarks/README.md
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet18"])
+def test_augmentation_outpaces_training(benchmark, name):
+    """Augmentation must never bound a trial: batched 'strong' augmentation against the model's
+    training throughput (the engine, fp32, same images and batch size) in the same run."""
+    from test_engine_overhead import _data, _engine_epoch, _model
+
+    device = resolve_device("auto")
+    precision = Precision.for_device(device, "fp32")
+    data = _data()
+    model = _model(name).to(device)
+    _engine_epoch(model, data, device, precision)  # warm-up
+    train = _best_of(lambda: _engine_epoch(model, data, device, precision), rounds=2)
+    x = torch.rand(N, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0), device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    _batched(x, g)
+    benchmark.pedantic(_batched, args=(x, g), rounds=5, iterations=1)
+    batched = benchmark.stats.stats.min
+    train_ips, aug_ips = len(data.train) / train, N / batched
+    ratio = aug_ips / train_ips
+    benchmark.extra_info.update(
+        {
+            "model": name,
+            "train_images_per_s": round(train_ips, 1),
+            "augment_images_per_s": round(aug_ips, 1),
+            "augment_over_training_throughput": round(ratio, 1),
+        }
+    )
+    print(f"\nstrong augmentation {aug_ips:.0f} img/s vs {name} training {train_ips:.0f} img/s "
+          f"({SIZE}px, batch {BATCH}, {device}): {ratio:.1f}x")  # fmt: skip
+    assert batched > 0

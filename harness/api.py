@@ -334,6 +334,12 @@ class Strategy:
     fixed: ClassVar[dict[str, Any]] = {}
     #: the tasks the strategy applies to; a study of another task is refused before training
     tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
+    #: may the engine compute a fully frozen, unaugmented backbone's features once and serve them
+    #: from a cache? ``model(x)``, ``model.features(x)`` and ``model.head(f)`` keep working either
+    #: way (only the exact batch tensors the engine built are served from the cache). Set False if
+    #: the strategy changes the backbone's weights or BatchNorm statistics during training (AdaBN)
+    #: or otherwise needs the backbone to really run on every step.
+    cache_features: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:

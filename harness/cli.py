@@ -93,7 +93,8 @@ def run(
     runner = Runner(spec, registry, RunOptions(results_dir=target_dir, storage=storage, log=log))
     log(
         f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
-        f"{spec.budget.trials} trials each, device {runner.device} ({runner.precision.describe()})"
+        f"{spec.budget.trials} trials each, device {runner.device} "
+        f"({'precision auto: probed per backbone' if spec.precision == 'auto' else runner.precision.describe()})"
     )
     try:
         runner.run()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import augment as aug
+from harness import features as feat
 from harness.api import Backbone, Batch, DomainData, Split, StepContext, Strategy
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
@@ -42,10 +43,14 @@ class Precision:
 
     @classmethod
     def for_device(cls, device: torch.device, spec: str = "auto") -> Precision:
+        """A pinned choice, or for "auto" the static default (the Runner probes per backbone
+        instead: see ``harness.probe``)."""
         if spec == "fp32":
             return cls(False, False)
         if spec == "bf16":
             return cls(True, device.type == "cuda")
+        if spec in ("fp32-channels_last", "bf16-channels_last"):
+            return cls(spec.startswith("bf16"), True)
         return cls(device.type == "cuda", device.type == "cuda")
 
     def autocast(self, device: torch.device):
@@ -150,6 +155,8 @@ class TrainConfig:
     params: dict[str, Any] = field(default_factory=dict)
     #: seed of the k-shot target subset: fixed per study so that trials compare on the same images
     data_seed: int = 0
+    #: reuse frozen backbone features where that is provably exact (see ``Trainer.caches_features``)
+    cache_features: bool = True
 
 
 @dataclass
@@ -221,6 +228,44 @@ class Trainer:
             self.extra.to(self.device)
         self.optimizer = self._optimizer()
         self.hflip = bool(source.meta.get("hflip", True)) and bool(target.meta.get("hflip", True))
+        self.feature_cache: feat.FeatureCache = feat.FEATURE_CACHE
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether the frozen backbone's output can be computed once and reused: the whole backbone
+        is frozen and in eval mode, the images see no random augmentation (so no flip either), the
+        head reads pooled features, and neither the run nor the strategy opted out."""
+        m = self.model
+        return (
+            self.cfg.cache_features
+            and bool(getattr(self.strategy, "cache_features", True))
+            and self.cfg.augment == "none"
+            and m.task == "classification"
+            and not m.head_takes_images
+            and m._frozen_modules == [m.backbone]
+            and not any(p.requires_grad for p in m.backbone.parameters())
+        )
+
+    def _cached(self, split: Split | None) -> Tensor | None:
+        if split is None:
+            return None
+        key = feat.feature_key(self.model, split.x, self.cfg.precision, self.device)
+        return self.feature_cache.get_or_compute(
+            key,
+            lambda: feat.compute_features(self.model, split.x, self.cfg.precision, self.device, self.cfg.batch_size * 4),
+        )
+
+    def _prepared(self, split: Split | None, max_bytes: int = 256 * 2**20) -> Tensor | None:
+        """The whole split preprocessed (no augmentation), when it is small enough to keep."""
+        if split is None or split.x.numel() * 4 > max_bytes:
+            return None
+        return self._prepare(split.x, None, torch.Generator())[0]
+
+    def _slice(self, prepared: Tensor, idx: Tensor) -> Tensor:
+        x = prepared[idx]
+        if self.cfg.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -304,42 +349,73 @@ class Trainer:
         history: list[float] = []
         losses: list[float] = []
         step = 0
+        cached = self.caches_features
+        wrapper = feat.CachedBackbone(self.model.backbone) if cached else None
+        if cached:
+            source_feats, target_feats = self._cached(source_split), self._cached(target_split)
+            frozen_state = feat.state_hash(self.model.backbone)
+            # without augmentation a batch is a slice of the preprocessed split: prepare it once
+            source_x, target_x = self._prepared(source_split), self._prepared(target_split)
         for epoch in range(cfg.epochs):
             self.model.train()
             if self.extra is not None:
                 self.extra.train()
             loss_sum = torch.zeros((), device=device)
             n_steps = 0
-            for idx in primary_batches.epoch():
-                idx = idx.to(device, non_blocking=True)
-                batch = Batch()
-                if source_split is not None:
-                    batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
-                    if paired is not None:
-                        tidx = paired.next().to(device, non_blocking=True)
-                        ty = target_split.y[tidx] if give_target_labels else None
-                        batch.target = self._prepare(target_split.x[tidx], ty, aug_gen)
-                else:
-                    ty = primary.y[idx] if give_target_labels else None
-                    batch.target = self._prepare(primary.x[idx], ty, aug_gen)
-                ctx = StepContext(
-                    params=cfg.params,
-                    epoch=epoch,
-                    epochs=cfg.epochs,
-                    step=step,
-                    total_steps=total,
-                    num_classes=self.num_classes,
-                    extra=self.extra,
+            swap = feat.swapped_backbone(self.model, wrapper) if wrapper is not None else nullcontext()
+            with swap:
+                for idx in primary_batches.epoch():
+                    idx = idx.to(device, non_blocking=True)
+                    batch = Batch()
+                    if wrapper is not None:
+                        wrapper.clear()
+                    if source_split is not None:
+                        if wrapper is not None and source_x is not None:
+                            batch.source = (self._slice(source_x, idx), source_split.y[idx])
+                        else:
+                            batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
+                        if wrapper is not None:
+                            wrapper.expect(batch.source[0], source_feats[idx])
+                        if paired is not None:
+                            tidx = paired.next().to(device, non_blocking=True)
+                            ty = target_split.y[tidx] if give_target_labels else None
+                            if wrapper is not None and target_x is not None:
+                                batch.target = (self._slice(target_x, tidx), ty)
+                            else:
+                                batch.target = self._prepare(target_split.x[tidx], ty, aug_gen)
+                            if wrapper is not None:
+                                wrapper.expect(batch.target[0], target_feats[tidx])
+                    else:
+                        ty = primary.y[idx] if give_target_labels else None
+                        if wrapper is not None and target_x is not None:
+                            batch.target = (self._slice(target_x, idx), ty)
+                        else:
+                            batch.target = self._prepare(primary.x[idx], ty, aug_gen)
+                        if wrapper is not None:
+                            wrapper.expect(batch.target[0], target_feats[idx])
+                    ctx = StepContext(
+                        params=cfg.params,
+                        epoch=epoch,
+                        epochs=cfg.epochs,
+                        step=step,
+                        total_steps=total,
+                        num_classes=self.num_classes,
+                        extra=self.extra,
+                    )
+                    with cfg.precision.autocast(device):
+                        loss = strategy.training_step(self.model, batch, ctx)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    scheduler.step()
+                    loss_sum += loss.detach().float()
+                    n_steps += 1
+                    step += 1
+            if cached and feat.state_hash(self.model.backbone) != frozen_state:
+                raise RuntimeError(
+                    f"strategy {type(strategy).__name__} changed the frozen backbone's weights or buffers "
+                    "while its features were cached; give the strategy cache_features = False"
                 )
-                with cfg.precision.autocast(device):
-                    loss = strategy.training_step(self.model, batch, ctx)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach().float()
-                n_steps += 1
-                step += 1
             mean_loss = float(loss_sum) / max(1, n_steps)  # one device sync per epoch
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) in epoch {epoch + 1}")
@@ -362,13 +438,37 @@ class Trainer:
 
 @torch.no_grad()
 def predict(
-    model: TransferModel, split: Split, batch_size: int, device: torch.device, precision: Precision
+    model: TransferModel,
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    cache: feat.FeatureCache | None = feat.FEATURE_CACHE,
 ) -> Tensor:
     """Outputs for every image of ``split``, in eval mode, on the CPU: float32 logits for
-    classification, predicted labels per pixel for segmentation (logits would not fit)."""
+    classification, predicted labels per pixel for segmentation (logits would not fit).
+
+    With a fully frozen backbone the split's features come from ``cache`` (computed once, keyed by
+    the backbone's weights and buffers, the images and the preprocessing); only the head runs."""
     was_training = model.training
     model.eval()
     out = []
+    frozen = (
+        cache is not None
+        and model.task == "classification"
+        and not model.head_takes_images
+        and isinstance(model.backbone, nn.Module)
+        and not any(p.requires_grad for p in model.backbone.parameters())
+    )
+    if frozen:
+        key = feat.feature_key(model, split.x, precision, device)
+        features = cache.get_or_compute(key, lambda: feat.compute_features(model, split.x, precision, device, batch_size))
+        for start in range(0, len(features), batch_size):
+            with precision.autocast(device):
+                logits = model.head(features[start : start + batch_size])
+            out.append(logits.float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
     for start in range(0, len(split), batch_size):
         x = split.x[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
         x = model.normalize(x)

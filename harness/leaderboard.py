@@ -114,6 +114,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     n_seeds=len(finals),
                     seeds=[f["seed"] for f in finals],
                     best_params=params,
+                    precision=", ".join(sorted({str(f.get("precision", "?")) for f in finals})),
                 )
                 for metric in METRICS[spec.task]:
                     values = [f["test"][metric] for f in finals if _finite(f["test"].get(metric))]

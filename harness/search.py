@@ -281,7 +281,7 @@ class Runner:
         if source.task == "segmentation":
             head = self.registry.get("head", SOURCE_PRETRAIN_SEG_HEAD)
         return str(
-            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision, self.log, head)
+            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision_for(rm), self.log, head)
         )
 
     def build_model(self, rm: ResolvedMethod, weights: str, num_classes: int) -> TransferModel:
@@ -293,6 +293,22 @@ class Runner:
                 "not a torch.nn.Module"
             )
         return TransferModel(backbone, head, self.spec.task)
+
+    def precision_for(self, rm: ResolvedMethod) -> Precision:
+        """The pinned precision, or for "auto" the fastest by a short probe, cached on disk per
+        backbone, image size, batch size, device and torch version (see ``harness.probe``)."""
+        if self.spec.precision != "auto":
+            return self.precision
+        chosen = self.__dict__.setdefault("_precisions", {})
+        name = rm.method.backbone
+        if name not in chosen:
+            from harness import probe
+
+            chosen[name] = probe.resolve(
+                "auto", self.device, backbone=name, image_size=self.spec.image_size, batch_size=self.spec.batch_size,
+                build=lambda: self.build_model(rm, "none", 2), log=self.log,
+            )  # fmt: skip
+        return chosen[name]
 
     def preflight(self) -> None:
         """Everything that can fail before training: data, weights, heads, options."""
@@ -379,6 +395,8 @@ class Runner:
         s, epochs = self.spec.search, self.spec.budget.max_epochs
         if s.pruner == "none":
             return optuna.pruners.NopPruner()
+        if s.pruner == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
         return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3))
@@ -419,7 +437,9 @@ class Runner:
             trial.set_user_attr(f"param:{k}", v)
         return params
 
-    def train_config(self, params: dict[str, Any], seed: int, num_stages: int) -> TrainConfig:
+    def train_config(
+        self, params: dict[str, Any], seed: int, num_stages: int, precision: Precision | None = None
+    ) -> TrainConfig:
         return TrainConfig(
             epochs=self.spec.budget.max_epochs,
             batch_size=self.spec.batch_size,
@@ -430,26 +450,30 @@ class Runner:
             augment=str(params["augment.policy"]),
             seed=seed,
             device=self.device,
-            precision=self.precision,
+            precision=precision or self.precision,
             params=params,
             data_seed=self.spec.seed,
         )
 
-    def rule_score(self, rule: str, model: TransferModel, source: api.DomainData, target: api.DomainData) -> float:
+    def rule_score(
+        self, rule: str, model: TransferModel, source: api.DomainData, target: api.DomainData, precision: Precision
+    ) -> float:
         """``model``'s score under a selection rule: accuracy (mIoU) on a labelled validation split,
         or a label-free validator on the unlabelled target validation images."""
         if rule in ("target-val", "source-val"):
             split = target.val if rule == "target-val" else source.val
-            out = predict(model, split, self.spec.batch_size * 4, self.device, self.precision)
+            out = predict(model, split, self.spec.batch_size * 4, self.device, precision)
             return float(score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)])
-        logits = unlabelled_logits(model, target.val, self.spec.batch_size * 4, self.device, self.precision, seed=self.spec.seed)
+        logits = unlabelled_logits(model, target.val, self.spec.batch_size * 4, self.device, precision, seed=self.spec.seed)
         return VALIDATORS[rule](logits)
 
-    def all_scores(self, model: TransferModel, source: api.DomainData, target: api.DomainData) -> dict[str, float]:
+    def all_scores(
+        self, model: TransferModel, source: api.DomainData, target: api.DomainData, precision: Precision
+    ) -> dict[str, float]:
         """Every rule's score, recorded with each trial: the study's rules select from them, and the
         label-free validators are later compared with target-val (never used by the search)."""
         rules = ("target-val", "source-val", *VALIDATORS)
-        return {rule: self.rule_score(rule, model, source, target) for rule in rules}
+        return {rule: self.rule_score(rule, model, source, target, precision) for rule in rules}
 
     def objective(self, i: int, rm: ResolvedMethod, weights: str) -> Callable[[optuna.Trial], float]:
         source, target = self.pair_data(i)
@@ -461,11 +485,11 @@ class Runner:
                 seed_everything(self.spec.seed + trial.number)
                 model = self.build_model(rm, weights, target.num_classes)
                 params = self.suggest(trial, strategy, model.num_stages)
-                cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages)
+                cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages, self.precision_for(rm))
                 trainer = Trainer(model, strategy, source, target, cfg)
 
                 def on_epoch(epoch: int, m: TransferModel) -> float:
-                    value = self.rule_score(rule, m, source, target)
+                    value = self.rule_score(rule, m, source, target, cfg.precision)
                     if not math.isfinite(value):
                         raise NonFiniteLossError(f"non-finite {rule} score ({value}) after epoch {epoch + 1}")
                     trial.report(value, epoch)
@@ -474,7 +498,7 @@ class Runner:
                     return value
 
                 result = trainer.fit(on_epoch)
-                scores = self.all_scores(trainer.model, source, target)
+                scores = self.all_scores(trainer.model, source, target, cfg.precision)
                 trial.set_user_attr("scores", {k: v if math.isfinite(v) else None for k, v in scores.items()})
                 trial.set_user_attr("epochs", result.epochs_run)
                 trial.set_user_attr("train_loss", result.train_loss[-1])
@@ -509,6 +533,12 @@ class Runner:
         study.pruner = self._pruner()
         study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
         study.set_user_attr("pruner", type(study.pruner).__name__)
+        study.set_user_attr("precision", self.precision_for(rm).describe())
+        # Everything alive now (plugins, registries, data, imports) lives as long as the process:
+        # leave it out of the garbage collector's scans, so that the collection after each trial
+        # only walks that trial's objects (a full scan cost about a second per trial here).
+        gc.collect()
+        gc.freeze()
         started = time.perf_counter()
         callbacks = [self._progress_callback(label, started), self._budget_callback(), *self._tracking_callbacks()]
         study.optimize(
@@ -601,10 +631,10 @@ class Runner:
                 t0 = time.perf_counter()
                 seed_everything(seed)
                 model = self.build_model(rm, weights, target.num_classes)
-                cfg = self.train_config(params, seed, model.num_stages)
+                cfg = self.train_config(params, seed, model.num_stages, self.precision_for(rm))
                 trainer = Trainer(model, strategy, source, target, cfg)
                 trainer.fit()
-                scores = self.all_scores(trainer.model, source, target)
+                scores = self.all_scores(trainer.model, source, target, cfg.precision)
                 test = self.evaluate_test(trainer, target)
                 record = {
                     "trial": best.number,
@@ -614,7 +644,7 @@ class Runner:
                     "test": test,
                     "seconds": time.perf_counter() - t0,
                     "device": str(self.device),
-                    "precision": self.precision.describe(),
+                    "precision": cfg.precision.describe(),
                     "git_commit": self.git_commit,
                 }
                 study.set_user_attr(key, record)
@@ -675,8 +705,10 @@ def _fail_stale_running(study: optuna.Study) -> None:
 
 
 def _release_memory(device: torch.device) -> None:
-    gc.collect()
+    # A trial's tensors go with their last reference; collecting cycles matters only where the
+    # caching allocator can then hand their memory back (a forced collection cost ~50 ms a trial).
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

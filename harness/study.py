@@ -67,7 +67,9 @@ class FloatRange(_Strict):
 
 class SearchSpace(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    #: "asha" (successive halving: after epochs 1, 3, 9, ... only the top third goes on) trains
+    #: fewer epochs than "median" but lost the best trial on the quickstart (benchmarks/README.md)
+    pruner: Literal["median", "asha", "hyperband", "none"] = "median"
     startup_trials: int = Field(3, ge=0)
     freeze_depth: Literal["auto"] | list[int] | int = "auto"
     backbone_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])
@@ -162,7 +164,7 @@ class StudySpec(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=2)
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp32-channels_last", "bf16-channels_last"] = "auto"
     seed: int = 0
     final_seeds: int = Field(3, ge=1)
     #: one rule, or several: the first drives the search (sampler, pruner); each gets its own rows

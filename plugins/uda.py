@@ -237,6 +237,7 @@ class AdaBN(Strategy):
     uses_target = True
     target_labels = "none"
     description = "source training, BatchNorm statistics re-estimated on the target"
+    cache_features = False  # adapt() changes the backbone's statistics
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.source
