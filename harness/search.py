@@ -390,6 +390,8 @@ class Runner:
         config = self.config_of(i, rm, strategy)
         study = optuna.create_study(storage=self.storage, study_name=name, direction="maximize", load_if_exists=True)
         old = study.user_attrs.get("config")
+        if old is None and study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            old = {}  # made by something else than the harness, which always maximizes
         if old is None:
             study.set_user_attr("config", config)
             study.set_user_attr("study_file_hash", self.spec.file_hash)
