@@ -670,17 +670,18 @@ class Runner:
                     release(claims, claim_id, done=True)
                     continue
             seed = int(key.rsplit(":", 1)[1])
-            ok = False
+            ok, reason = False, "interrupted"
             try:
                 with lease(self.storage, claim_id) if claim_id is not None else contextlib.nullcontext():
                     weights = weights or self.backbone_weights(rm, source)
                     self._final_run(study, rm, best, seed, key, weights, source, target)
                 ok = True
             except Exception as exc:  # noqa: BLE001 - recorded; the other seeds and studies go on
-                self.log(f"{study.study_name}: final seed {seed} failed ({failure_reason(exc)}): {type(exc).__name__}: {str(exc)[:200]}")
+                reason = failure_reason(exc)
+                self.log(f"{study.study_name}: final seed {seed} failed ({reason}): {type(exc).__name__}: {str(exc)[:200]}")
             finally:
                 if claims is not None and claim_id is not None:
-                    release(claims, claim_id, done=ok)
+                    release(claims, claim_id, done=ok, reason=reason)
                 _release_memory(self.device)
         if claims is None:
             return True

@@ -51,7 +51,7 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
     again = trials(url)
     assert [(t.number, t.state, t.value) for t in again] == [(t.number, t.state, t.value) for t in first]
     assert count_budget(again) == 3
-    assert [k for k in user_attrs(url) if k.startswith("final:")] == [k for k in user_attrs(url) if k.startswith("final:")][:1]
+    assert len([k for k in user_attrs(url) if k.startswith("final:")]) == 1  # one final seed, trained once
     rows = json.loads((tmp_path / "results" / "par" / "leaderboard.json").read_text())["rows"]
     assert board[0]["status"] == "final" and rows[0]["test_accuracy"] == board[0]["test_accuracy"]
 
