@@ -644,7 +644,8 @@ class Runner:
         Returns False while other processes still work on this study (its trials or its final
         runs), True once there is nothing more to do here."""
         trials = study.get_trials(deepcopy=False)
-        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        searching = time.time() < self._deadlines.get(study.study_name, math.inf)
+        if any(t.state == TrialState.RUNNING or (t.state == TrialState.WAITING and searching) for t in trials):
             return False  # the best trial is not known yet
         complete = [t for t in budget_trials(trials, self.spec.budget.trials) if t.state == TrialState.COMPLETE]
         if not complete:
