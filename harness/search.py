@@ -99,6 +99,30 @@ def check_workers(url: str, workers: int, what: str | None = None) -> None:
         )
 
 
+_SQLITE_LOCKS: dict[str, int] = {}
+
+
+def lock_sqlite(url: str) -> None:
+    """Hold, for this process's lifetime, the lock that lets one process at a time write a SQLite file."""
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or path in ("", ":memory:") or path in _SQLITE_LOCKS:
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise HarnessError(
+            f"another process is running a search in {path}; Optuna advises against SQLite with several writing processes",
+            hint="wait for it to end, or run the study with --workers N (a journal file the workers share) "
+            "or on a database server (--storage postgresql://...)",
+        ) from None
+    _SQLITE_LOCKS[path] = fd
+
+
 def _journal_path(url: str) -> str:
     rest = url.removeprefix("journal:")
     return rest[2:] if rest.startswith("//") else rest
@@ -252,6 +276,8 @@ class Runner:
         self.storage_url = self.options.storage or embedded_storage(self.options.results_dir, self.options.workers)
         check_workers(self.storage_url, self.options.workers)
         self.options.results_dir.mkdir(parents=True, exist_ok=True)
+        if storage_kind(self.storage_url) == "sqlite":
+            lock_sqlite(self.storage_url)
         self.storage = make_storage(self.storage_url)
         # SQLite is only ever used by one process; other storages may be shared, so final runs
         # are claimed before they are trained

@@ -129,3 +129,16 @@ def test_several_workers_on_postgresql_run_every_trial_once(tmp_path, postgres_u
     assert result.stderr.count("final seed") == 2  # each final run trained once
     board = (tmp_path / "results" / "par" / "leaderboard.md").read_text()
     assert "5/0/0" in board
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path):
+    write(tmp_path)
+    db = tmp_path / "results" / "par" / "optuna.db"
+    db.parent.mkdir(parents=True)
+    import fcntl
+
+    with open(str(db) + ".lock", "w") as held:  # as a running `harness run` holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run("--study", "par", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "another process is running a search" in result.stderr and "--workers N" in result.stderr
