@@ -765,7 +765,8 @@ class Runner:
     def run(self) -> None:
         """Search every (pair, method) and run its final seeds; with other processes on the same
         storage, come back to the studies they still work on until nothing is left to do."""
-        self.preflight()
+        if self.options.rank is None:  # a local worker's parent has checked the same study already
+            self.preflight()
         self.searching = True
         pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
         while pending:
