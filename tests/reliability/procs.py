@@ -80,7 +80,9 @@ def user_attrs(url: str, name: str = STUDY_NAME) -> dict[str, Any]:
     return optuna.load_study(study_name=name, storage=make_storage(url)).user_attrs
 
 
-def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.2, proc: subprocess.Popen[bytes] | None = None) -> Any:
+def wait_for(
+    what: Callable[[], Any], timeout: float, step: float = 0.2, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> Any:
     """Poll ``what`` until it returns something truthy; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -88,6 +90,10 @@ def wait_for(what: Callable[[], Any], timeout: float, step: float = 0.2, proc: s
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before the awaited state")
+            raise AssertionError(f"the run ended (status {proc.returncode}) before the awaited state\n{_tail(log)}")
         time.sleep(step)
-    raise AssertionError(f"not reached within {timeout} s")
+    raise AssertionError(f"not reached within {timeout} s\n{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text(errors="replace")[-3000:] if log is not None and log.is_file() else ""
