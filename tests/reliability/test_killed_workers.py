@@ -42,7 +42,8 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
     assert marked_after < 15  # the parent notices its worker's death at once; generous bound
     first = trials(url)
     retries = [t for t in first if t.user_attrs.get("retry_of") == victim.number]
-    assert len(retries) == 1 and retries[0].params == victim.params  # retried once, same parameters
+    assert len(retries) == 1  # retried once, with the parameters it had drawn (none if killed before drawing)
+    assert retries[0].params.items() >= lost.params.items()
     assert count_budget(first) == 3 and not [t for t in first if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     board = json.loads((tmp_path / "results" / "par" / "leaderboard.json").read_text())["rows"]
 
