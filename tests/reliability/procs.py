@@ -68,9 +68,16 @@ def start(*args: str, cwd: Path, log: Path, **extra: str) -> subprocess.Popen[by
 
 
 def trials(url: str, name: str = STUDY_NAME) -> list[optuna.trial.FrozenTrial]:
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        return []  # not begun yet (opening would create the file)
-    storage = make_storage(url)
+    if url.startswith("sqlite:///"):
+        if not Path(url.removeprefix("sqlite:///")).is_file():
+            return []  # not begun yet (opening would create the file)
+        try:  # look without creating tables: the run may be creating them right now
+            storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+            optuna.get_all_study_summaries(storage, include_best_trial=False)
+        except Exception:  # noqa: BLE001 - the schema is not there yet
+            return []
+    else:
+        storage = make_storage(url)
     if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
         return []
     return optuna.load_study(study_name=name, storage=storage).get_trials()
