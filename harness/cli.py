@@ -37,7 +37,11 @@ ReportOpt = Annotated[
 ]
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL (default: sqlite file under results/<study>/)"),
+    typer.Option(
+        "--storage",
+        help="Optuna storage URL, e.g. postgresql://user@host/db shared by several machines "
+        "(default: a file under results/<study>/: SQLite for one process, a journal file for --workers N)",
+    ),
 ]
 
 
@@ -73,44 +77,95 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a study field: --set budget.trials=4")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only print the leaderboard")] = False,
     report: ReportOpt = True,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", "-w", min=1, help="worker processes on this machine sharing the studies (CPU threads divided, one GPU each)"),
+    ] = 1,
+    worker_rank: Annotated[int | None, typer.Option("--worker-rank", hidden=True)] = None,
 ) -> None:
     """Search every pair x method of a study, run the final seeds, and write the leaderboard.
 
-    Example: harness run --study quickstart
+    Example: harness run --study quickstart --workers 2
 
     Running the same command again resumes: completed trials are kept and the budget is topped up.
+    Several machines share a study through one database: harness run --study NAME --storage postgresql://...
     """
     from harness.registry import get_registry
     from harness.search import Runner, RunOptions
     from harness.study import load_study
+    from harness.workers import install_preemption_handler
 
+    install_preemption_handler()  # SIGTERM (pre-emption) stops like Ctrl-C: the running trial is marked
+    if worker_rank is not None:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("HARNESS_NUM_THREADS", torch.get_num_threads())))
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
     registry = get_registry()
     target_dir = results_dir / spec.name
     started = time.perf_counter()
-    log = (lambda msg: None) if quiet else _log
-    runner = Runner(spec, registry, RunOptions(results_dir=target_dir, storage=storage, log=log))
-    log(
-        f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
-        f"{spec.budget.trials} trials each, device {runner.device} "
-        f"({'precision auto: probed per backbone' if spec.precision == 'auto' else runner.precision.describe()})"
-    )
+    log = (lambda msg: None) if quiet else (_log if worker_rank is None else lambda msg: _log(f"[worker {worker_rank}] {msg}"))
+    options = RunOptions(results_dir=target_dir, storage=storage, log=log, workers=max(workers, 1), rank=worker_rank)
+    runner = Runner(spec, registry, options)
+    if worker_rank is None:
+        log(
+            f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
+            f"{spec.budget.trials} trials each, device {runner.device} ({'precision auto: probed per backbone' if spec.precision == 'auto' else runner.precision.describe()}), "
+            f"storage {_shown_storage(runner.storage_url)}"
+        )
     try:
-        runner.run()
+        if workers > 1 and worker_rank is None:
+            _run_workers(runner, spec, study, runner.storage_url, results_dir, set_ or [], quiet, workers, log)
+        else:
+            runner.run()
     except BaseException as exc:
         # publish what is finished before leaving; the storage keeps every trial either way
-        if runner.searching:
+        if runner.searching and worker_rank is None:
             try:
                 _write_board(spec, runner.storage_url, target_dir, quiet=True)
             except Exception as write_exc:  # noqa: BLE001
                 console.print(f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}")
         if isinstance(exc, KeyboardInterrupt):
-            console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
+            if worker_rank is None:
+                console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
             raise typer.Exit(130) from None
         raise
-    _write_board(spec, runner.storage_url, target_dir, quiet=False, report=report)
-    log(f"done in {time.perf_counter() - started:.0f}s")
+    if worker_rank is None:
+        _write_board(spec, runner.storage_url, target_dir, quiet=False, report=report)
+        log(f"done in {time.perf_counter() - started:.0f}s")
+
+
+def _run_workers(
+    runner: Any, spec: Any, study: str, url: str, results_dir: Path, sets: list[str], quiet: bool, workers: int, log: Any
+) -> None:
+    """Check the study once here, then let ``workers`` processes share it; a dead worker's trial is
+    marked failed at once and queued again for the others."""
+    from harness.workers import run_workers
+
+    runner.preflight()  # a broken study fails once, before any worker starts; source weights are cached
+    runner.searching = True
+    argv = ["--study", study, "--storage", url, "--results-dir", str(results_dir), "--workers", str(workers)]
+    argv += [a for s in sets for a in ("--set", s)] + (["--quiet"] if quiet else [])
+
+    def on_exit(rank: int, code: int) -> None:
+        if code != 0:
+            log(f"worker {rank} ended with {'signal ' + str(-code) if code < 0 else 'status ' + str(code)}")
+            runner.reap_all()
+
+    codes = run_workers(argv, workers, spec.device, on_exit, log)
+    if any(c in (130, -2, -15) for c in codes):
+        raise KeyboardInterrupt
+    bad = [c for c in codes if c != 0]
+    if bad:
+        log(f"{len(bad)} of {workers} workers failed; finished trials are kept, run the same command again to go on")
+        raise typer.Exit(bad[0] if bad[0] > 0 else 1)
+
+
+def _shown_storage(url: str) -> str:
+    from harness.leaderboard import _redact
+
+    return _redact(url).replace(str(Path.cwd().resolve()) + "/", "")
 
 
 @app.command("leaderboard")
@@ -125,16 +180,16 @@ def leaderboard_cmd(
 
     Example: harness leaderboard --study quickstart
     """
-    from harness.search import default_storage
+    from harness.search import embedded_storage
     from harness.study import load_study
 
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
     target_dir = results_dir / spec.name
-    url = storage or default_storage(target_dir)
-    if storage is None and not (target_dir / "optuna.db").is_file():
+    url = storage or embedded_storage(target_dir)
+    if storage is None and not any((target_dir / f).is_file() for f in ("optuna.db", "optuna.journal")):
         raise HarnessError(
-            f"no results storage for study {spec.name!r} at {target_dir / 'optuna.db'}",
+            f"no results storage for study {spec.name!r} in {target_dir} (optuna.db or optuna.journal)",
             hint=f"run `harness run --study {spec.name}` first, or pass --storage URL",
         )
     _write_board(spec, url, target_dir, quiet=False, report=report)
@@ -297,7 +352,7 @@ def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
             rows = str(len(statuses))
             description = data.get("description", "")
             state = "published" if statuses and all(s == "final" for s in statuses) else "partial"
-        elif (folder / "optuna.db").is_file():
+        elif (folder / "optuna.db").is_file() or (folder / "optuna.journal").is_file():
             state = "partial"
         if not description:
             try:

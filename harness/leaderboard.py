@@ -22,7 +22,14 @@ from optuna.trial import TrialState
 from harness import __version__
 from harness.fileio import atomic_path, write_json, write_text
 from harness.metrics import LABELS, METRICS, primary_metric
-from harness.search import best_trial, make_storage, optuna_study_name, trial_score
+from harness.search import (
+    best_trial,
+    budget_trials,
+    counts,
+    make_storage,
+    optuna_study_name,
+    trial_score,
+)
 from harness.study import StudySpec
 from harness.validators import VALIDATORS, rank_agreement
 
@@ -81,12 +88,15 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     starts.append(t.datetime_start)
                     ends.append(t.datetime_complete)
                 trial_rows.append(_trial_row(pair.key, method.key, t))
-            complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
+            # exactly the budgeted trials: the first `budget` that count, by trial number
+            budgeted = budget_trials(trials, spec.budget.trials)
+            complete = [t for t in budgeted if t.state == TrialState.COMPLETE and _finite(t.value)]
             row.update(
                 target_labels=config.get("target_labels", ""),
-                trials_complete=sum(t.state == TrialState.COMPLETE for t in trials),
-                trials_pruned=sum(t.state == TrialState.PRUNED for t in trials),
-                trials_failed=sum(t.state == TrialState.FAIL for t in trials),
+                trials_complete=sum(t.state == TrialState.COMPLETE for t in budgeted),
+                trials_pruned=sum(t.state == TrialState.PRUNED for t in budgeted),
+                trials_failed=sum(t.state == TrialState.FAIL for t in budgeted),
+                trials_not_counted=sum(t.state.is_finished() for t in trials) - len(budgeted),
             )
             rules = config.get("selection_rules") or [
                 {"rule": config.get("selection", ""), "oracle": bool(config.get("oracle", False))}
@@ -344,6 +354,8 @@ def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str,
         "epochs_reported": len(t.intermediate_values),
         "duration_s": t.duration.total_seconds() if t.duration else None,
         "fail_reason": t.user_attrs.get("fail_reason", ""),
+        "retry_of": t.user_attrs.get("retry_of"),
+        "counted": counts(t),
         "error": t.user_attrs.get("error", ""),
     }
     row.update({k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")})

@@ -182,9 +182,11 @@ class Registry:
         try:
             return self.entries[kind][name]
         except KeyError:
+            broken = "; ".join(f"{p.name} ({p.dist}): {p.error}" for p in self.errors)
             raise UnknownPluginError(
                 unknown_message(kind, name, self.names(kind)),
-                hint=f"`harness plugins --kind {kind}` lists all {kind}s",
+                hint=f"`harness plugins --kind {kind}` lists all {kind}s"
+                + (f"; plugins that failed to load: {broken}" if broken else ""),
             ) from None
 
     @property

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from harness.fileio import atomic_path, write_json, write_text
 from harness.leaderboard import _finite, _int, _pct, _pm, _records, _redact, _val
 from harness.metrics import LABELS, METRICS, primary_metric
-from harness.search import default_storage, make_storage, optuna_study_name
+from harness.search import default_storage, journal_storage, make_storage, optuna_study_name
 from harness.study import StudySpec
 
 DPI = 100
@@ -575,7 +575,7 @@ def export_bundle(results_dir: Path, spec: StudySpec, board: pd.DataFrame, stora
     write_json(bundle / "resolved_study.json", spec.model_dump(mode="json"))
     write_json(bundle / "best_params.json", _best_params_json(spec, board))
 
-    default = storage_url == default_storage(results_dir)
+    default = {default_storage(results_dir): "optuna.db", journal_storage(results_dir): "optuna.journal"}.get(storage_url)
     shown_storage = _redact(storage_url)
     hashes = _started_with(spec, storage_url)
     write_text(bundle / "rerun.sh", _rerun_sh(results_dir, spec, shown_storage, default))
@@ -649,9 +649,10 @@ def _sh(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: bool) -> str:
+def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: str | None) -> str:
     sets = "".join(f" \\\n    --set {_sh(f'{k}={_toml_value(v)}')}" for k, v in spec.overrides.items())
-    storage_default = '"sqlite:///$HERE/../optuna.db"' if default else _sh(storage)
+    scheme = "journal" if default == "optuna.journal" else "sqlite"
+    storage_default = f'"{scheme}:///$HERE/../{default}"' if default else _sh(storage)
     results = ' --results-dir "$HERE/../.."' if results_dir.name == spec.name else ""
     lines = [
         "#!/bin/sh",
@@ -677,7 +678,7 @@ def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: bool) -
 
 
 def _bundle_readme(
-    spec: StudySpec, board: pd.DataFrame, storage: str, default: bool, hashes: dict[str, str], raw: bytes
+    spec: StudySpec, board: pd.DataFrame, storage: str, default: str | None, hashes: dict[str, str], raw: bytes
 ) -> str:
     metric = primary_metric(spec.task)
     n_final = int((board["status"] == "final").sum()) if "status" in board else 0
@@ -705,7 +706,7 @@ def _bundle_readme(
         f"runs `harness run --study {spec.name}.toml --storage <url>`"
         + (" with the same --set overrides" if spec.overrides else "")
         + ". The storage is "
-        + ("the SQLite file ../optuna.db, beside this folder" if default else storage)
+        + (f"the {'journal' if default == 'optuna.journal' else 'SQLite'} file ../{default}, beside this folder" if default else storage)
         + ".",
         "Running it against the same storage resumes: completed trials are reused and only missing",
         f"final runs ({spec.final_seeds} seeds per pair and method, seeds {spec.seed + 10_000}..{spec.seed + 10_000 + spec.final_seeds - 1})",

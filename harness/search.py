@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
+import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from harness import api
@@ -33,14 +37,18 @@ from harness.registry import Entry, Registry
 from harness.study import Method, Pair, StudySpec, spec_error
 from harness.validators import VALIDATORS
 from harness.weights import SourceRecipe, build_backbone, source_pretrained
+from harness.workers import NOT_COUNTED, claim, host_key, lease, reap, release, requeue
 
 FINISHED = (TrainState := TrialState).COMPLETE, TrialState.PRUNED, TrialState.FAIL
 STUDY_SEP = " | "
+#: the study beside each (pair, method) study that holds claims of its final runs (shared storages)
+FINALS_SUFFIX = f"{STUDY_SEP}final runs"
 #: decoder used to pretrain a backbone on a segmentation source (weights = "source")
 SOURCE_PRETRAIN_SEG_HEAD = "fpn"
 # keys of a study's configuration that must not change between runs sharing a storage
 _FROZEN_CONFIG = (
-    "pair", "method", "task", "image_size", "batch_size", "max_epochs", "search", "selection", "data", "pretrain",
+    "pair", "method", "task", "metric", "direction", "image_size", "batch_size", "max_epochs", "search", "selection",
+    "data", "pretrain",
 )  # fmt: skip
 
 
@@ -49,18 +57,96 @@ def optuna_study_name(pair: Pair, method: Method) -> str:
 
 
 def default_storage(results_dir: Path) -> str:
+    """The embedded SQLite file: single-process runs of studies begun before the journal default."""
     return f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
+
+
+def journal_storage(results_dir: Path) -> str:
+    """The embedded journal file: what new studies use, with one worker or several."""
+    return f"journal:///{(results_dir / 'optuna.journal').resolve()}"
+
+
+def embedded_storage(results_dir: Path, workers: int = 1) -> str:
+    """The storage under ``results/<study>/``: the file a study already has, else SQLite for one
+    process and a journal file for several.
+
+    Optuna's FAQ advises against SQLite when several processes write at once and recommends its
+    journal storage (one file, appended under a file lock) for several processes on one machine.
+    """
+    if (results_dir / "optuna.journal").exists():
+        return journal_storage(results_dir)
+    if (results_dir / "optuna.db").is_file():
+        url = default_storage(results_dir)
+        check_workers(url, workers, f"{results_dir / 'optuna.db'} holds this study's trials in SQLite")
+        return url
+    return journal_storage(results_dir) if workers > 1 else default_storage(results_dir)
+
+
+def storage_kind(url: str) -> str:
+    """'sqlite', 'journal' (a file on this machine) or 'server' (PostgreSQL, MySQL, ...)."""
+    if url.startswith("sqlite:"):
+        return "sqlite"
+    if url.startswith("journal:") or url.endswith(".journal"):
+        return "journal"
+    return "server"
+
+
+def check_workers(url: str, workers: int, what: str | None = None) -> None:
+    if workers > 1 and storage_kind(url) == "sqlite":
+        raise HarnessError(
+            f"{what or 'storage ' + repr(url)}: Optuna advises against SQLite with several writing "
+            f"processes, so it cannot take --workers {workers}",
+            hint="run it with --workers 1, or use a database server (--storage postgresql://user@host/db); "
+            "a study begun with --workers N and no --storage keeps its trials in a journal file its workers share",
+        )
+
+
+_SQLITE_LOCKS: dict[str, int] = {}
+
+
+def lock_sqlite(url: str) -> None:
+    """Hold, for this process's lifetime, the lock that lets one process at a time write a SQLite file."""
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or path in ("", ":memory:") or path in _SQLITE_LOCKS:
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise HarnessError(
+            f"another process is running a search in {path}; Optuna advises against SQLite with several writing processes",
+            hint="wait for it to end, or run the study with --workers N (a journal file the workers share) "
+            "or on a database server (--storage postgresql://...)",
+        ) from None
+    _SQLITE_LOCKS[path] = fd
+
+
+def _journal_path(url: str) -> str:
+    rest = url.removeprefix("journal:")
+    return rest[2:] if rest.startswith("//") else rest
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     try:
-        if url.startswith("sqlite:"):
+        kind = storage_kind(url)
+        if kind == "journal":
+            from optuna.storages.journal import JournalFileBackend
+
+            path = Path(_journal_path(url))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if kind == "sqlite":
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and servers fail in many ways
         raise HarnessError(
             f"cannot open storage {url.split('@')[-1]!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-            hint="use a URL Optuna supports (sqlite:///path.db, postgresql://user@host/db) with its driver installed",
+            hint="use a URL Optuna supports (postgresql://user@host/db, mysql+pymysql://..., sqlite:///path.db) "
+            "with its driver installed, or journal:///path/file.journal",
         ) from None
 
 
@@ -194,6 +280,12 @@ class RunOptions:
     storage: str | None = None
     log: Callable[[str], None] = print
     progress: Callable[[dict[str, Any]], None] | None = None
+    #: worker processes sharing the storage on this machine (chooses the embedded storage)
+    workers: int = 1
+    #: this process's index among them; None for a lone ``harness run``
+    rank: int | None = None
+    #: seconds between looks at studies that other processes are still working on
+    poll_s: float = 1.0
 
 
 @dataclass
@@ -219,11 +311,19 @@ class Runner:
             for side in ("source", "target")
         }
         self._data: dict[str, api.DomainData] = {}
-        self.storage_url = self.options.storage or default_storage(self.options.results_dir)
+        self.storage_url = self.options.storage or embedded_storage(self.options.results_dir, self.options.workers)
+        check_workers(self.storage_url, self.options.workers)
         self.options.results_dir.mkdir(parents=True, exist_ok=True)
+        if storage_kind(self.storage_url) == "sqlite":
+            lock_sqlite(self.storage_url)
         self.storage = make_storage(self.storage_url)
+        # SQLite is only ever used by one process; other storages may be shared, so final runs
+        # are claimed before they are trained
+        self.shared = storage_kind(self.storage_url) != "sqlite"
         self.log = self.options.log
         self.searching = False  # set once preflight passed: from then on results are worth writing
+        self._announced: set[str] = set()
+        self._deadlines: dict[str, float] = {}
         from harness.leaderboard import git_commit
 
         self.git_commit = git_commit(Path(self.spec.path).parent if self.spec.path else Path.cwd())
@@ -345,6 +445,8 @@ class Runner:
             "pair": self.spec.pairs[i].model_dump(),
             "method": rm.method.model_dump(),
             "task": self.spec.task,
+            "metric": primary_metric(self.spec.task),
+            "direction": "maximize",
             "image_size": self.spec.image_size,
             "batch_size": self.spec.batch_size,
             "max_epochs": self.spec.budget.max_epochs,
@@ -369,11 +471,20 @@ class Runner:
         config = self.config_of(i, rm, strategy)
         study = optuna.create_study(storage=self.storage, study_name=name, direction="maximize", load_if_exists=True)
         old = study.user_attrs.get("config")
+        if old is None and study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            old = {}  # made by something else than the harness, which always maximizes
         if old is None:
             study.set_user_attr("config", config)
             study.set_user_attr("study_file_hash", self.spec.file_hash)
         else:
-            changed = [k for k in _FROZEN_CONFIG if json.dumps(old.get(k), sort_keys=True) != json.dumps(config.get(k), sort_keys=True)]
+            # a key the stored configuration lacks was not recorded by the harness that began the study
+            changed = [
+                k for k in _FROZEN_CONFIG
+                if k in old and json.dumps(old.get(k), sort_keys=True) != json.dumps(config.get(k), sort_keys=True)
+            ]  # fmt: skip
+            if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+                changed.insert(0, "direction")
+                old = {**old, "direction": study.direction.name.lower()}
             if changed:
                 raise StudySpecError(
                     f"{self.spec.path}: cannot resume {name!r}: {', '.join(changed)} changed since its "
@@ -385,7 +496,11 @@ class Runner:
     def _sampler(self, n_done: int) -> optuna.samplers.BaseSampler:
         # The seed moves with the number of finished trials so that a resumed run does not replay
         # the same random start-up suggestions.
-        seed = self.spec.seed + n_done
+        # Processes sharing a study must not draw the same suggestions: each worker's seed is
+        # offset by its rank, and by its host and process where machines share a database.
+        seed = self.spec.seed + n_done + 1009 * (self.options.rank or 0)
+        if self.options.rank is None and storage_kind(self.storage_url) == "server":
+            seed += zlib.crc32(f"{host_key()}:{os.getpid()}".encode()) % 1_000_003
         if self.spec.search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         # TPE counts the finished trials itself when deciding whether start-up is over
@@ -502,6 +617,8 @@ class Runner:
                 trial.set_user_attr("scores", {k: v if math.isfinite(v) else None for k, v in scores.items()})
                 trial.set_user_attr("epochs", result.epochs_run)
                 trial.set_user_attr("train_loss", result.train_loss[-1])
+                if not (is_finite_number(result.history[-1]) and is_finite_number(result.train_loss[-1])):
+                    raise NonFiniteLossError(f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}")
                 return result.history[-1]
             except optuna.TrialPruned:
                 raise
@@ -518,38 +635,76 @@ class Runner:
         return run
 
     def search(self, i: int, rm: ResolvedMethod) -> optuna.Study:
+        """Run trials until the study's budget is taken: finished, running elsewhere, or queued."""
         study = self.open_study(i, rm)
-        source, _ = self.pair_data(i)
-        if self.storage_url == default_storage(self.options.results_dir):
-            _fail_stale_running(study)
-        done = count_budget(study)
-        remaining = self.spec.budget.trials - done
         label = optuna_study_name(self.spec.pairs[i], rm.method)
-        if remaining <= 0:
-            self.log(f"{label}: budget of {self.spec.budget.trials} trials already spent ({done} finished)")
+        reap(study, log=self.log)
+        if not has_room(study, self.spec.budget.trials):
+            if label not in self._announced:
+                self._announced.add(label)
+                self.log(f"{label}: budget of {self.spec.budget.trials} trials already spent ({count_budget(study)} finished)")
             return study
+        deadline = self._deadlines.setdefault(label, time.time() + self.spec.budget.timeout_s if self.spec.budget.timeout_s else math.inf)
+        if time.time() >= deadline:
+            return study
+        source, _ = self.pair_data(i)
         weights = self.backbone_weights(rm, source)
+        done = count_budget(study)
         study.sampler = self._sampler(done)
         study.pruner = self._pruner()
-        study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
-        study.set_user_attr("pruner", type(study.pruner).__name__)
-        study.set_user_attr("precision", self.precision_for(rm).describe())
+        if "sampler" not in study.user_attrs or self.options.rank in (None, 0):
+            study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
+            study.set_user_attr("pruner", type(study.pruner).__name__)
+            study.set_user_attr("precision", self.precision_for(rm).describe())
+        callbacks = [self._progress_callback(label, time.perf_counter()), *self._tracking_callbacks()]
+        objective = self.objective(i, rm, weights)
         # Everything alive now (plugins, registries, data, imports) lives as long as the process:
         # leave it out of the garbage collector's scans, so that the collection after each trial
         # only walks that trial's objects (a full scan cost about a second per trial here).
         gc.collect()
         gc.freeze()
-        started = time.perf_counter()
-        callbacks = [self._progress_callback(label, started), self._budget_callback(), *self._tracking_callbacks()]
-        study.optimize(
-            self.objective(i, rm, weights),
-            n_trials=remaining,
-            timeout=self.spec.budget.timeout_s,
-            catch=(Exception,),
-            callbacks=callbacks,
-            gc_after_trial=False,
-        )
+        while time.time() < deadline:
+            reap(study, log=self.log)
+            if not has_room(study, self.spec.budget.trials):
+                break
+            trial = study.ask()
+            if is_surplus(study, trial.number, self.spec.budget.trials):
+                # another process took the last place between the look and the ask
+                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "surplus")
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            frozen = self._run_trial(study, trial, objective)
+            if frozen is not None:
+                for cb in callbacks:
+                    cb(study, frozen)
         return study
+
+    def _run_trial(self, study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> optuna.trial.FrozenTrial | None:
+        """One trial under a lease; returns it finished, or None when another process reaped it."""
+        value, state = None, TrialState.COMPLETE
+        interrupted: BaseException | None = None
+        with lease(study._storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except Exception as exc:  # noqa: BLE001 - the objective recorded the reason; the search goes on
+                state = TrialState.FAIL
+                self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(exc).__name__}")
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
+                state, interrupted = TrialState.FAIL, exc
+        try:
+            frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except UpdateFinishedTrialError:
+            self.log(f"{study.study_name}: trial {trial.number} was marked lost by another process meanwhile; its result is dropped")
+            frozen = None
+        finally:
+            _release_memory(self.device)  # after the exception and its frames are gone
+        if interrupted is not None:
+            if frozen is not None:
+                requeue(study, frozen)
+            raise interrupted
+        return frozen
 
     def _tracking_callbacks(self) -> list[Callable[[optuna.Study, Any], None]]:
         uri = self.spec.tracking.mlflow_uri
@@ -564,13 +719,6 @@ class Runner:
                 "MLflow tracking needs the optional packages: pip install 'transfer-harness[tracking]'",
             ) from None
         return [MLflowCallback(tracking_uri=uri, metric_name=primary_metric(self.spec.task), create_experiment=True)]
-
-    def _budget_callback(self) -> Callable[[optuna.Study, Any], None]:
-        def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if count_budget(study) >= self.spec.budget.trials:
-                study.stop()
-
-        return cb
 
     def _progress_callback(self, label: str, started: float) -> Callable[[optuna.Study, Any], None]:
         def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -603,53 +751,103 @@ class Runner:
 
     # -------------------------------------------------------------------------------- finals
 
-    def final_runs(self, i: int, rm: ResolvedMethod, study: optuna.Study) -> None:
+    def final_runs(self, i: int, rm: ResolvedMethod, study: optuna.Study) -> bool:
         """Re-train the trial each selection rule picks with K seeds; each run reads the target test
-        split once. Rules that pick the same trial share its runs."""
+        split once, and rules that pick the same trial share its runs.
+
+        Returns False while other processes still work on this study (its trials or its final
+        runs), True once there is nothing more to do here."""
         trials = study.get_trials(deepcopy=False)
-        picks: list[optuna.trial.FrozenTrial] = []
+        searching = time.time() < self._deadlines.get(study.study_name, math.inf)
+        if any(t.state == TrialState.RUNNING or (t.state == TrialState.WAITING and searching) for t in trials):
+            return False  # the best trial is not known yet
+        budgeted = budget_trials(trials, self.spec.budget.trials)
+        picks: dict[int, optuna.trial.FrozenTrial] = {}
         for rule, _ in selection_rules(self.spec, rm.new_strategy()):
-            best = best_trial(trials, rule)
-            if best is not None and best.number not in {t.number for t in picks}:
-                picks.append(best)
+            best = best_trial(budgeted, rule)
+            if best is not None:
+                picks.setdefault(best.number, best)
         if not picks:
             self.log(f"{study.study_name}: no completed trial, no final runs")
-            return
+            return True
+        keys = [f"final:{n}:{self.spec.seed + 10_000 + k}" for n in picks for k in range(self.spec.final_seeds)]
+        missing = [key for key in keys if key not in study.user_attrs]
+        if not missing:
+            return True
+        claims = None
+        if self.shared:
+            claims = optuna.create_study(storage=self.storage, study_name=study.study_name + FINALS_SUFFIX, direction="maximize", load_if_exists=True)
         source, target = self.pair_data(i)
         weights = None
-        metric = primary_metric(self.spec.task)
-        for best in picks:
-            for k in range(self.spec.final_seeds):
-                seed = self.spec.seed + 10_000 + k
-                key = f"final:{best.number}:{seed}"
-                if key in study.user_attrs:
+        for key in missing:
+            claim_id = None
+            if claims is not None:
+                claim_id = claim(claims, key)
+                if claim_id is None:
+                    continue  # done or being done by another process
+                if key in optuna.load_study(study_name=study.study_name, storage=self.storage).user_attrs:
+                    release(claims, claim_id, done=True)
                     continue
-                weights = weights or self.backbone_weights(rm, source)
-                strategy = rm.new_strategy()
-                rule, _ = selection_rule(self.spec, strategy)
-                params = {k2.removeprefix("param:"): v for k2, v in best.user_attrs.items() if k2.startswith("param:")}
-                t0 = time.perf_counter()
-                seed_everything(seed)
-                model = self.build_model(rm, weights, target.num_classes)
-                cfg = self.train_config(params, seed, model.num_stages, self.precision_for(rm))
-                trainer = Trainer(model, strategy, source, target, cfg)
-                trainer.fit()
-                scores = self.all_scores(trainer.model, source, target, cfg.precision)
-                test = self.evaluate_test(trainer, target)
-                record = {
-                    "trial": best.number,
-                    "seed": seed,
-                    "val": scores[rule],
-                    "scores": {k2: v if math.isfinite(v) else None for k2, v in scores.items()},
-                    "test": test,
-                    "seconds": time.perf_counter() - t0,
-                    "device": str(self.device),
-                    "precision": cfg.precision.describe(),
-                    "git_commit": self.git_commit,
-                }
-                study.set_user_attr(key, record)
-                self.log(f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}")
+            _, number, seed_text = key.split(":")
+            best, seed = picks[int(number)], int(seed_text)
+            ok, reason = False, "interrupted"
+            try:
+                with lease(self.storage, claim_id) if claim_id is not None else contextlib.nullcontext():
+                    weights = weights or self.backbone_weights(rm, source)
+                    self._final_run(study, rm, best, seed, key, weights, source, target)
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - recorded; the other seeds and studies go on
+                reason = failure_reason(exc)
+                self.log(f"{study.study_name}: final seed {seed} failed ({reason}): {type(exc).__name__}: {str(exc)[:200]}")
+            finally:
+                if claims is not None and claim_id is not None:
+                    release(claims, claim_id, done=ok, reason=reason)
                 _release_memory(self.device)
+        if claims is None:
+            return True
+        attrs = optuna.load_study(study_name=study.study_name, storage=self.storage).user_attrs
+        remaining = {key for key in keys if key not in attrs}
+        # another process still trains one of them: look again later
+        return not any(t.user_attrs.get("key") in remaining for t in claims.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def _final_run(
+        self,
+        study: optuna.Study,
+        rm: ResolvedMethod,
+        best: optuna.trial.FrozenTrial,
+        seed: int,
+        key: str,
+        weights: str,
+        source: api.DomainData,
+        target: api.DomainData,
+    ) -> None:
+        strategy = rm.new_strategy()
+        rule, _ = selection_rule(self.spec, strategy)
+        params = {k2.removeprefix("param:"): v for k2, v in best.user_attrs.items() if k2.startswith("param:")}
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        model = self.build_model(rm, weights, target.num_classes)
+        cfg = self.train_config(params, seed, model.num_stages, self.precision_for(rm))
+        trainer = Trainer(model, strategy, source, target, cfg)
+        trainer.fit()
+        metric = primary_metric(self.spec.task)
+        scores = self.all_scores(trainer.model, source, target, cfg.precision)
+        test = self.evaluate_test(trainer, target)
+        if not (is_finite_number(scores[rule]) and is_finite_number(test[metric])):
+            raise NonFiniteLossError(f"final run scored a non-finite {rule} or test {metric}")
+        record = {
+            "trial": best.number,
+            "seed": seed,
+            "val": scores[rule],
+            "scores": {k2: v if math.isfinite(v) else None for k2, v in scores.items()},
+            "test": test,
+            "seconds": time.perf_counter() - t0,
+            "device": str(self.device),
+            "precision": cfg.precision.describe(),
+            "git_commit": self.git_commit,
+        }
+        study.set_user_attr(key, record)
+        self.log(f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}")
 
     def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
         """The only place the target test split is read."""
@@ -658,22 +856,65 @@ class Runner:
     # -------------------------------------------------------------------------------- all
 
     def run(self) -> None:
-        self.preflight()
+        """Search every (pair, method) and run its final seeds; with other processes on the same
+        storage, come back to the studies they still work on until nothing is left to do."""
+        if self.options.rank is None:  # a local worker's parent has checked the same study already
+            self.preflight()
         self.searching = True
-        for i in range(len(self.spec.pairs)):
-            for rm in self.methods:
+        pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
+        while pending:
+            waiting = []
+            for i, rm in pending:
                 study = self.search(i, rm)
-                self.final_runs(i, rm, study)
+                if not self.final_runs(i, rm, study):
+                    waiting.append((i, rm))
+            pending = waiting
+            if pending:
+                time.sleep(self.options.poll_s)
+
+    def reap_all(self) -> list[int]:
+        """Mark the trials and final-run claims of dead processes (called when a worker dies)."""
+        names = {s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)}
+        reaped = []
+        for p in self.spec.pairs:
+            for rm in self.methods:
+                name = optuna_study_name(p, rm.method)
+                if name in names:
+                    reaped += reap(optuna.load_study(study_name=name, storage=self.storage), log=self.log)
+                if name + FINALS_SUFFIX in names:
+                    reap(optuna.load_study(study_name=name + FINALS_SUFFIX, storage=self.storage), retry=False)
+        return reaped
 
 
-def count_budget(study: optuna.Study) -> int:
-    """Finished trials that use up the budget: interrupted ones (killed, pre-empted) do not."""
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if not (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == "interrupted")
-    )
+def count_budget(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
+    """Finished trials that use up the budget: interrupted, lost and surplus ones do not."""
+    trials = study.get_trials(deepcopy=False) if isinstance(study, optuna.Study) else study
+    return sum(1 for t in trials if counts(t))
 
+
+def counts(t: optuna.trial.FrozenTrial) -> bool:
+    return t.state in FINISHED and not (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") in NOT_COUNTED)
+
+
+def budget_trials(trials: list[optuna.trial.FrozenTrial], budget: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials a leaderboard is made of: the first ``budget`` counted ones by trial number, so
+    that a trial another worker started past the budget never changes the result."""
+    return sorted((t for t in trials if counts(t)), key=lambda t: t.number)[:budget]
+
+
+def has_room(study: optuna.Study, budget: int) -> bool:
+    """Whether another trial may start: a queued one waits, or the taken places are fewer than the budget."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    return sum(1 for t in trials if counts(t) or t.state == TrialState.RUNNING) < budget
+
+
+def is_surplus(study: optuna.Study, number: int, budget: int) -> bool:
+    """Whether the trial ``number`` comes after the budget: places are taken in trial-number order."""
+    trials = study.get_trials(deepcopy=False)
+    taken = sum(1 for t in trials if t.number < number and (counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)))
+    return taken >= budget
 
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, NonFiniteLossError):
@@ -695,13 +936,6 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
     if len(a) + len(b) > 240:
         return f"{key} differs"
     return f"{key} was {a}, now {b}"
-
-
-def _fail_stale_running(study: optuna.Study) -> None:
-    """A trial left RUNNING in the embedded storage belongs to a process that died."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _release_memory(device: torch.device) -> None:

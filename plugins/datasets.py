@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,8 +193,12 @@ def build_folder(
     root: str,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
+    skip_bad_files: bool = False,
 ) -> DomainData:
-    """One domain of ``root/<domain>/<class>/<image>``, resized and center-cropped to a square."""
+    """One domain of ``root/<domain>/<class>/<image>``, resized and center-cropped to a square.
+
+    An unreadable image stops the run before training, every bad file listed, unless
+    ``skip_bad_files`` is set: then they are listed in a warning and left out."""
     if image_size < 1:
         raise DatasetError(f"image_size must be positive, got {image_size}")
     train_fraction = 1.0 - val_fraction - test_fraction
@@ -234,8 +239,14 @@ def build_folder(
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         decoded = list(pool.map(functools.partial(_read_image, image_size=image_size), paths))
     bad = [(p, err) for p, (_, err) in zip(paths, decoded, strict=True) if err is not None]
-    if bad:
+    if bad and not skip_bad_files:
         raise DatasetError(_bad_files_message(domain_dir, bad), hint=_BAD_FILES_HINT)
+    if bad:
+        warnings.warn(_bad_files_message(domain_dir, bad, listed=len(bad)) + "\n(skipped: skip_bad_files = true)", stacklevel=2)
+        keep = [k for k, (_, err) in enumerate(decoded) if err is None]
+        decoded, labels = [decoded[k] for k in keep], [labels[k] for k in keep]
+        if not decoded:
+            raise DatasetError(f"domain folder {domain_dir}: no readable image left", hint=_BAD_FILES_HINT)
 
     x = torch.from_numpy(np.stack([arr for arr, _ in decoded])).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
@@ -313,11 +324,11 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]]) -> str:
+def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]], listed: int = _MAX_LISTED) -> str:
     lines = [f"{len(bad)} unreadable image file(s) in domain folder {domain_dir}:"]
-    lines += [f"  {path}: {reason}" for path, reason in bad[:_MAX_LISTED]]
-    if len(bad) > _MAX_LISTED:
-        lines.append(f"  and {len(bad) - _MAX_LISTED} more")
+    lines += [f"  {path}: {reason}" for path, reason in bad[:listed]]
+    if len(bad) > listed:
+        lines.append(f"  and {len(bad) - listed} more (skip_bad_files = true leaves them out and lists them all)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,284 @@
+"""Several processes on one search: trial leases, stale-trial reaping, claims, pre-emption, workers.
+
+A trial is leased to the process that runs it: the lease (a system attribute of the trial) names
+the host and process and carries a heartbeat that a thread renews every ``heartbeat_s`` seconds.
+Any process may reap a RUNNING trial whose holder is gone: at once when the holder was a process on
+this host that no longer exists, after ``grace_s`` seconds without a heartbeat otherwise (another
+machine). A reaped trial fails with reason ``lost`` and is queued once more with the same
+parameters. Optuna's own heartbeat exists only for RDBStorage; the lease works the same way on
+the journal file and on a database server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+LEASE = "harness:lease"
+#: fail reasons of trials that did not run to an end of their own and do not use up the budget
+NOT_COUNTED = ("interrupted", "lost", "surplus")
+
+
+def heartbeat_s() -> float:
+    return float(os.environ.get("HARNESS_HEARTBEAT_S", "10"))
+
+
+def grace_s() -> float:
+    return float(os.environ.get("HARNESS_GRACE_S", "60"))
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM arrived: leave the running trial marked, then exit. A KeyboardInterrupt, so that
+    everything that cleans up after Ctrl-C cleans up after a pre-emption too."""
+
+
+def install_preemption_handler() -> None:
+    """SIGTERM raises ``Preempted`` in the main thread, once; a second signal is not needed to stop."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    state = {"raised": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["raised"]:
+            return
+        state["raised"] = True
+        raise Preempted(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+    if os.environ.get("HARNESS_WORKER_RANK") is not None:
+        # a worker gets Ctrl-C from the terminal and SIGTERM from its parent: stop once
+        signal.signal(signal.SIGINT, handler)
+
+
+# ------------------------------------------------------------------------------------- leases
+
+
+def host_key() -> str:
+    """This host and process namespace: pids are comparable only between processes with the same key."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, ns = "", 0
+    return f"{socket.gethostname()}:{boot}:{ns}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed, not yet waited for) exists but runs nothing
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lease(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Hold the lease of a RUNNING trial while the block runs, renewing its heartbeat."""
+    me = {"host": host_key(), "pid": os.getpid()}
+    stop = threading.Event()
+
+    def beat() -> bool:
+        try:
+            storage.set_trial_system_attr(trial_id, LEASE, {**me, "beat": time.time()})
+            return True
+        except UpdateFinishedTrialError:  # reaped meanwhile: nothing left to renew
+            return False
+
+    def renew() -> None:
+        while not stop.wait(heartbeat_s()):
+            try:
+                if not beat():
+                    return
+            except Exception:  # noqa: BLE001 - a storage hiccup; the next beat tries again
+                continue
+
+    beat()
+    thread = threading.Thread(target=renew, name=f"lease-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def is_stale(t: FrozenTrial, now: float | None = None, here: str | None = None) -> bool:
+    """Whether a RUNNING trial's holder is gone."""
+    now = time.time() if now is None else now
+    info = t.system_attrs.get(LEASE)
+    if isinstance(info, dict):
+        if info.get("host") == (here or host_key()):
+            pid = int(info.get("pid", 0))
+            if pid == os.getpid():
+                return False
+            if not _alive(pid):
+                return True
+        last = float(info.get("beat", 0.0))
+    else:
+        start = t.datetime_start or dt.datetime.now()
+        last = start.timestamp()
+    return now - last > grace_s()
+
+
+def reap(study: optuna.Study, retry: bool = True, log: Callable[[str], None] | None = None) -> list[int]:
+    """Fail every stale RUNNING trial of ``study`` (reason ``lost``) and queue each again, once.
+
+    Safe with any number of processes reaping at the same time: the RUNNING -> FAIL step succeeds
+    for one of them only, and only that one queues the retry.
+    """
+    storage = study._storage
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # finished or reaped by someone else meanwhile
+        reaped.append(t.number)
+        queued = retry and requeue(study, t)
+        if log:
+            log(f"{study.study_name}: trial {t.number} lost its worker; marked failed" + (", queued again" if queued else ""))
+    return reaped
+
+
+def requeue(study: optuna.Study, t: FrozenTrial) -> bool:
+    """Queue a trial that did not finish on its own once more, with the same parameters."""
+    if "retry_of" in t.user_attrs:  # retried at most once
+        return False
+    study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+    return True
+
+
+# ------------------------------------------------------------------------------------- claims
+
+
+def claim(study: optuna.Study, key: str) -> int | None:
+    """Claim the unit of work ``key`` (a final run) in ``study``, a study that holds claims only.
+
+    A claim is a trial created RUNNING with the key in one storage operation; of several claims of
+    one key, the one with the lowest number wins, the others fail as ``surplus``. Returns the
+    claim's trial id, or None when the key is done or another live process holds it.
+    """
+    reap(study, retry=False)
+    if _holder(study, key) is not None:
+        return None
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"key": key})
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    study._storage.set_trial_system_attr(trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()})
+    if _holder(study, key) != trial_id:
+        with contextlib.suppress(UpdateFinishedTrialError):
+            study._storage.set_trial_user_attr(trial_id, "fail_reason", "surplus")
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        return None
+    return trial_id
+
+
+def _holder(study: optuna.Study, key: str) -> int | None:
+    live = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+        if t.user_attrs.get("key") == key
+    ]
+    return min(live, key=lambda t: t.number)._trial_id if live else None
+
+
+def claim_pending(study: optuna.Study, keys: list[str]) -> list[str]:
+    """Keys that are neither done nor held: ``claim`` would try them."""
+    held = {
+        t.user_attrs.get("key")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+    }
+    return [k for k in keys if k not in held]
+
+
+def release(study: optuna.Study, trial_id: int, done: bool, reason: str = "error") -> None:
+    with contextlib.suppress(UpdateFinishedTrialError):
+        if done:
+            study._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.0])
+        else:
+            study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+def thread_share(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def worker_env(rank: int, workers: int, device: str) -> dict[str, str]:
+    env = {**os.environ, "HARNESS_WORKER_RANK": str(rank), "HARNESS_NUM_THREADS": str(thread_share(workers))}
+    env["OMP_NUM_THREADS"] = env["HARNESS_NUM_THREADS"]
+    if device in ("auto", "cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count > 1:  # one GPU per worker; with fewer GPUs than workers, they share round robin
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(count)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[rank % len(ids)]
+    return env
+
+
+def run_workers(
+    argv: list[str],
+    workers: int,
+    device: str,
+    on_exit: Callable[[int, int], None],
+    log: Callable[[str], None],
+) -> list[int]:
+    """Start ``workers`` processes of ``harness run`` with ``argv``, wait for them, forward SIGTERM
+    and SIGINT to them, and call ``on_exit(rank, returncode)`` as each ends. Returns the codes."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", "run", *argv, "--worker-rank", str(k)],
+            env=worker_env(k, workers, device),
+        )
+        for k in range(workers)
+    ]
+    log(f"started {workers} worker processes ({thread_share(workers)} CPU thread(s) each): pids {', '.join(str(p.pid) for p in procs)}")
+    stopping = {"signal": None}
+
+    def forward(signum: int, frame: Any) -> None:
+        stopping["signal"] = signum
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < len(procs):
+            for k, p in enumerate(procs):
+                if k not in codes and p.poll() is not None:
+                    codes[k] = p.returncode
+                    on_exit(k, p.returncode)
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return [codes[k] for k in range(len(procs))]

@@ -1,0 +1,175 @@
+"""Faults inside a trial and around it: non-finite numbers, out of memory, a changed study,
+a crash while writing results. In-process runs of a one-method study."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import weakref
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from conftest import write_study
+from optuna.trial import TrialState
+
+# in-process Runner helpers shared with the search tests
+from test_search import make_runner, registry_with  # noqa: E402
+
+import harness.search
+from harness import leaderboard
+from harness.errors import StudySpecError
+from harness.search import Runner, optuna_study_name
+from harness.study import load_study
+from harness_plugins.strategies import FineTune
+
+
+def _spec(tmp_path, strategy: str, trials: int = 2):
+    body = write_study(tmp_path, trials=trials).read_text().replace('strategy = "finetune"', f'strategy = "{strategy}"')
+    path = tmp_path / f"{strategy}.toml"
+    path.write_text(body.replace("max_epochs = 2", "max_epochs = 1"))
+    spec = load_study(str(path))
+    return spec.model_copy(update={"methods": spec.methods[1:2], "final_seeds": 1})
+
+
+def _trials(runner: Runner, spec) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage_url).get_trials()
+
+
+def _no_non_finite(obj) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_no_non_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_no_non_finite(v) for v in obj)
+    return True
+
+
+_metric_breaks = {"on": False}
+
+
+class NanLoss(FineTune):
+    def training_step(self, model, batch, ctx):
+        _metric_breaks["on"] = False
+        return super().training_step(model, batch, ctx) * float("nan")
+
+
+class InfiniteMetric(FineTune):
+    def training_step(self, model, batch, ctx):
+        _metric_breaks["on"] = True
+        return super().training_step(model, batch, ctx)
+
+
+class Plain(FineTune):
+    def training_step(self, model, batch, ctx):
+        _metric_breaks["on"] = False
+        return super().training_step(model, batch, ctx)
+
+
+def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboard(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, "nan-loss", trials=1)
+    spec = spec.model_copy(update={"methods": [
+        spec.methods[0], spec.methods[0].model_copy(update={"strategy": "inf-metric"}), spec.methods[0].model_copy(update={"strategy": "plain"}),
+    ]})  # fmt: skip
+    real_score = harness.search.score
+
+    def score(task, logits, y, num_classes):
+        out = real_score(task, logits, y, num_classes)
+        return {**out, "accuracy": math.inf} if _metric_breaks["on"] else out
+
+    monkeypatch.setattr(harness.search, "score", score)
+    runner = make_runner(tmp_path, spec, registry_with(("nan-loss", NanLoss), ("inf-metric", InfiniteMetric), ("plain", Plain)))
+    runner.run()
+    monkeypatch.undo()
+    for method, state in zip(spec.methods, (TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE), strict=True):
+        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], method), storage=runner.storage_url).get_trials()
+        assert [t.state for t in trials] == [state], method.strategy  # the search goes on
+        if state == TrialState.FAIL:
+            assert {t.user_attrs["fail_reason"] for t in trials} == {"nonfinite"}
+    board, trials_df, prov = leaderboard.collect(spec, runner.storage_url)
+    assert list(board["status"]) == ["final", "no completed trial", "no completed trial"]
+    paths = leaderboard.write(tmp_path / "out", spec, board, trials_df, prov)
+    assert _no_non_finite(json.loads((tmp_path / "out" / "leaderboard.json").read_text()))
+    for p in paths:
+        if p.name.startswith("leaderboard"):
+            words = p.read_text().lower().replace(",", " ").replace("|", " ").split()
+            assert not {"nan", "inf", "-inf", "infinity"} & set(words), p.name
+
+
+class OutOfMemoryOnce(FineTune):
+    models: list[weakref.ref] = []
+
+    def training_step(self, model, batch, ctx):
+        if not self.models:
+            self.models.append(weakref.ref(model))
+            ballast = torch.empty(64, 1024, 1024, dtype=torch.uint8)  # 64 MiB held by the failing frame
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated on CPU, {ballast.numel()} bytes held)")
+        return super().training_step(model, batch, ctx)
+
+
+def test_out_of_memory_fails_the_trial_frees_its_memory_and_the_next_trial_runs(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, "oom-once", trials=2)
+    OutOfMemoryOnce.models = []
+    freed = []
+    real = harness.search._release_memory
+
+    def release(device):
+        real(device)
+        if OutOfMemoryOnce.models:
+            freed.append(OutOfMemoryOnce.models[0]() is None)
+
+    monkeypatch.setattr(harness.search, "_release_memory", release)
+    monkeypatch.setattr(Runner, "final_runs", lambda *a: True)  # the search is what this is about
+    runner = make_runner(tmp_path, spec, registry_with(("oom-once", OutOfMemoryOnce)))
+    runner.run()
+    trials = _trials(runner, spec)
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"] == "oom"
+    assert trials[1].state == TrialState.COMPLETE
+    assert True in freed  # the failed trial's model was collected once the trial was told
+    gc.collect()
+    assert OutOfMemoryOnce.models[0]() is None
+
+
+@pytest.mark.parametrize("field", ["metric", "direction", "data"])
+def test_resuming_a_changed_study_is_refused_naming_what_changed(tmp_path, field):
+    spec = _spec(tmp_path, "finetune")
+    runner = make_runner(tmp_path, spec)
+    name = optuna_study_name(spec.pairs[0], spec.methods[0])
+    if field == "direction":
+        optuna.create_study(storage=runner.storage, study_name=name, direction="minimize")
+    study = runner.open_study(0, runner.methods[0]) if field != "direction" else None
+    if study is not None:
+        config = dict(study.user_attrs["config"])
+        config[field] = "miou" if field == "metric" else {"source": "0" * 16, "target": "1" * 16}
+        study.set_user_attr("config", config)
+    with pytest.raises(StudySpecError) as err:
+        make_runner(tmp_path, spec).open_study(0, runner.methods[0])
+    msg = str(err.value)
+    assert f"{field} changed" in msg and "cannot resume" in msg
+    expected = {"metric": '"miou", now "accuracy"', "direction": '"minimize", now "maximize"', "data": '"source": "0000'}[field]
+    assert expected in msg
+
+
+def test_a_crash_while_writing_results_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, "finetune", trials=1)
+    board = pd.DataFrame([{"pair": "a->b", "method": "m", "strategy": "s", "status": "final", "test_accuracy": 0.5}])
+    trials = pd.DataFrame([{"trial": 0, "value": 0.5}])
+    prov = {"harness_version": "x", "packages": {}, "final_runs_git_commits": [], "git_commit": None, "python": "", "device": [], "precision": [], "seeds": {"study": 0, "final": []}, "sampler": [], "pruner": [], "data_fingerprints": {}, "study_file": "", "study_file_sha256": "", "trial_counts": {}, "compute_seconds": 0, "wall_seconds": 0, "generated_at": ""}  # fmt: skip
+    out = tmp_path / "out"
+    leaderboard.write(out, spec, board, trials, prov)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = pd.DataFrame.to_csv
+
+    def to_csv(self, path, *a, **k):
+        with open(path, "w") as fh:
+            fh.write("pair,method\na->b,")  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    with pytest.raises(KeyboardInterrupt):
+        leaderboard.write(out, spec, board.assign(test_accuracy=0.9), trials, prov)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no temporary left

@@ -1,0 +1,139 @@
+"""Leases, reaping, claims and the budget as the study's total: the rules, without training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+import harness.workers
+from harness.search import (
+    budget_trials,
+    count_budget,
+    has_room,
+    is_surplus,
+    journal_storage,
+    make_storage,
+)
+from harness.workers import LEASE, claim, host_key, is_stale, lease, reap, release
+
+
+@pytest.fixture
+def url(tmp_path):
+    return journal_storage(tmp_path)
+
+
+def _study(url: str, name: str = "s") -> optuna.Study:
+    return optuna.create_study(storage=make_storage(url), study_name=name, direction="maximize", load_if_exists=True)
+
+
+def _running(study: optuna.Study, lease_info: dict | None, x: float = 0.5) -> int:
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    if lease_info is not None:
+        study._storage.set_trial_system_attr(trial._trial_id, LEASE, lease_info)
+    return trial.number
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_trial_of_a_dead_local_process_is_reaped_at_once_and_queued_again_once(url):
+    study = _study(url)
+    n = _running(study, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()})
+    assert reap(study) == [n]
+    lost = study.get_trials()[n]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_reason"] == "lost"
+    queued = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].user_attrs["retry_of"] == n
+    # the retry dies too: failed again, but not queued a third time
+    retry = study.ask()
+    assert retry.number == queued[0].number and retry.suggest_float("x", 0, 1) == lost.params["x"]
+    study._storage.set_trial_system_attr(retry._trial_id, LEASE, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()})
+    assert reap(study) == [retry.number]
+    assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert count_budget(study) == 0  # lost trials do not use up the budget
+
+
+def test_a_remote_trial_is_reaped_only_after_the_grace_period_without_heartbeat(url, monkeypatch):
+    monkeypatch.setenv("HARNESS_GRACE_S", "30")
+    study = _study(url)
+    fresh = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() - 5})
+    old = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() - 31})
+    assert reap(study) == [old]
+    assert study.get_trials()[fresh].state == TrialState.RUNNING
+    t = study.get_trials()[fresh]
+    assert not is_stale(t) and is_stale(t, now=time.time() + 60)
+
+
+def test_a_live_lease_renews_its_heartbeat_and_is_never_reaped(url, monkeypatch):
+    monkeypatch.setenv("HARNESS_HEARTBEAT_S", "0.1")
+    study = _study(url)
+    trial = study.ask()
+    with lease(study._storage, trial._trial_id):
+        first = study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"]
+        time.sleep(0.5)
+        assert reap(study) == []
+        assert study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"] > first
+
+
+def test_two_processes_reaping_at_once_queue_one_retry(url):
+    a, b = _study(url), _study(url)  # two storage handles on one journal file, as two workers have
+    _running(a, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()})
+    stale = a.get_trials(states=(TrialState.RUNNING,))
+    assert len(stale) == 1
+    assert len(reap(a)) + len(reap(b)) == 1
+    assert len([t for t in b.get_trials() if t.state == TrialState.WAITING]) == 1
+
+
+def test_a_unit_of_work_is_claimed_by_one_process(url, monkeypatch):
+    claims = _study(url, "claims")
+    first = claim(claims, "final:3:10000")
+    assert first is not None
+    assert claim(claims, "final:3:10000") is None  # held by a live process (this one)
+    other = claim(claims, "final:3:10001")
+    assert other is not None and other != first
+    release(claims, first, done=False)
+    retry = claim(claims, "final:3:10000")  # a failed claim may be taken again
+    assert retry is not None
+    release(claims, retry, done=True)
+    assert claim(claims, "final:3:10000") is None  # done
+    # another process claims the same key between this one's look and its claim: the lower number wins
+    template = create_trial(state=TrialState.RUNNING, user_attrs={"key": "final:3:10002"})
+    claims._storage.create_new_trial(claims._study_id, template_trial=template)
+    looks = iter([None])
+    real = harness.workers._holder
+    monkeypatch.setattr(harness.workers, "_holder", lambda study, key: next(looks, real(study, key)))
+    assert claim(claims, "final:3:10002") is None
+    surplus = [t for t in claims.get_trials() if t.user_attrs.get("fail_reason") == "surplus"]
+    assert [t.user_attrs["key"] for t in surplus] == ["final:3:10002"]
+
+
+def _finished(state: TrialState, value: float | None = None, reason: str | None = None) -> optuna.trial.FrozenTrial:
+    return create_trial(state=state, value=value, user_attrs={"fail_reason": reason} if reason else {})
+
+
+def test_the_budget_is_the_study_total_and_places_go_by_trial_number():
+    study = optuna.create_study(direction="maximize")
+    for t in (
+        _finished(TrialState.COMPLETE, 0.2),
+        _finished(TrialState.FAIL, reason="lost"),
+        _finished(TrialState.FAIL, reason="nonfinite"),
+        _finished(TrialState.PRUNED),
+        _finished(TrialState.COMPLETE, 0.9),  # a fourth counted trial, past a budget of 3
+    ):
+        study.add_trial(t)
+    trials = study.get_trials()
+    assert count_budget(study) == 4
+    assert [t.number for t in budget_trials(trials, 3)] == [0, 2, 3]  # the 0.9 overshoot is left out
+    assert not has_room(study, 3) and not has_room(study, 4) and has_room(study, 5)
+    assert is_surplus(study, 5, 4) and not is_surplus(study, 5, 5)
+    study.enqueue_trial({})
+    assert has_room(study, 3)  # a queued trial is popped, then found surplus

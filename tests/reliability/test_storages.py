@@ -1,0 +1,144 @@
+"""Which storage takes how many workers, and several workers on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from procs import STUDY_NAME, run, trials, user_attrs, write
+
+from harness.search import count_budget, default_storage, embedded_storage, journal_storage
+
+
+def test_sqlite_is_refused_for_several_workers_with_one_line(tmp_path):
+    write(tmp_path)
+    result = run("--study", "par", "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "advises against SQLite" in lines[0] and "--workers 2" in lines[0]
+    assert lines[1].startswith("hint: ") and "postgresql://" in lines[1] and len(lines) == 2
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "results").exists()
+
+
+def test_the_embedded_storage_is_sqlite_for_one_process_and_a_journal_for_several(tmp_path):
+    assert embedded_storage(tmp_path, 1) == default_storage(tmp_path)
+    assert embedded_storage(tmp_path, 4) == journal_storage(tmp_path)
+    (tmp_path / "optuna.db").write_bytes(b"")  # a study begun in SQLite stays there, for one worker only
+    assert embedded_storage(tmp_path, 1) == default_storage(tmp_path)
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match="advises against SQLite"):
+        embedded_storage(tmp_path, 2)
+    (tmp_path / "optuna.journal").write_bytes(b"")
+    assert embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 3) == journal_storage(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A PostgreSQL server URL: HARNESS_TEST_POSTGRES_URL, or a throwaway server on loopback."""
+    given = os.environ.get("HARNESS_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    missing = "PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's postgresql or set HARNESS_TEST_POSTGRES_URL"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing = "the psycopg driver is not installed (pip install -e '.[postgres]')"
+        initdb = None
+    if not (initdb and pg_ctl):
+        if os.environ.get("HARNESS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(missing + " (HARNESS_REQUIRE_POSTGRES=1)")
+        pytest.skip(missing)
+    base = Path(tempfile.mkdtemp(prefix="harness-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+    options = f"-k {base} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=50"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh database on the server for one test."""
+    import psycopg
+
+    name = f"harness_{uuid.uuid4().hex[:12]}"
+    conn = psycopg.connect(postgres_server, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    # the driver named explicitly: SQLAlchemy 2.0 would pick psycopg2 for a bare postgresql://
+    yield postgres_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + name
+    with contextlib.suppress(Exception), conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    conn.close()
+
+
+@pytest.mark.slow
+def test_several_workers_on_postgresql_run_every_trial_once(tmp_path, postgres_url):
+    write(tmp_path, trials=5, epochs=1, final_seeds=2)
+    result = run("--study", "par", "--workers", "3", "--storage", postgres_url, "--no-report", cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(postgres_url)
+    assert count_budget(done) == 5 and Counter(t.state for t in done)[TrialState.COMPLETE] == 5
+    assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    numbers = [t.number for t in done]
+    assert len(numbers) == len(set(numbers))
+    params = [tuple(sorted(t.params.items())) for t in done if t.state == TrialState.COMPLETE]
+    assert len(set(params)) == 5  # no two workers drew the same suggestions
+    finals = sorted(k for k in user_attrs(postgres_url) if k.startswith("final:"))
+    assert len(finals) == 2
+    claims = trials(postgres_url, STUDY_NAME + " | final runs")
+    assert Counter(t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE) == Counter(finals)
+    assert result.stderr.count("final seed") == 2  # each final run trained once
+    board = (tmp_path / "results" / "par" / "leaderboard.md").read_text()
+    assert "5/0/0" in board
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path):
+    write(tmp_path)
+    db = tmp_path / "results" / "par" / "optuna.db"
+    db.parent.mkdir(parents=True)
+    import fcntl
+
+    with open(str(db) + ".lock", "w") as held:  # as a running `harness run` holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run("--study", "par", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "another process is running a search" in result.stderr and "--workers N" in result.stderr
