@@ -125,6 +125,13 @@ def lock_sqlite(url: str) -> None:
     _SQLITE_LOCKS[path] = fd
 
 
+def unlock_sqlite(url: str) -> None:
+    """Let other processes search in this SQLite file again (a no-op when this process holds no lock)."""
+    fd = _SQLITE_LOCKS.pop(url.removeprefix("sqlite:///"), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock
+
+
 def _journal_path(url: str) -> str:
     rest = url.removeprefix("journal:")
     return rest[2:] if rest.startswith("//") else rest
@@ -858,19 +865,24 @@ class Runner:
     def run(self) -> None:
         """Search every (pair, method) and run its final seeds; with other processes on the same
         storage, come back to the studies they still work on until nothing is left to do."""
-        if self.options.rank is None:  # a local worker's parent has checked the same study already
-            self.preflight()
-        self.searching = True
-        pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
-        while pending:
-            waiting = []
-            for i, rm in pending:
-                study = self.search(i, rm)
-                if not self.final_runs(i, rm, study):
-                    waiting.append((i, rm))
-            pending = waiting
-            if pending:
-                time.sleep(self.options.poll_s)
+        if storage_kind(self.storage_url) == "sqlite":
+            lock_sqlite(self.storage_url)  # held again if an earlier run() of this runner let it go
+        try:
+            if self.options.rank is None:  # a local worker's parent has checked the same study already
+                self.preflight()
+            self.searching = True
+            pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
+            while pending:
+                waiting = []
+                for i, rm in pending:
+                    study = self.search(i, rm)
+                    if not self.final_runs(i, rm, study):
+                        waiting.append((i, rm))
+                pending = waiting
+                if pending:
+                    time.sleep(self.options.poll_s)
+        finally:
+            unlock_sqlite(self.storage_url)  # a finished search no longer writes
 
     def reap_all(self) -> list[int]:
         """Mark the trials and final-run claims of dead processes (called when a worker dies)."""
