@@ -145,7 +145,10 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         ranked = board[primary].where(board["status"] == "final")
         group = [board["pair"], board["oracle"].fillna(False).astype(bool)] if "oracle" in board else board["pair"]
         board["rank"] = ranked.groupby(group).rank(ascending=False, method="min").astype("Int64")
-        board = board.sort_values(["pair", "rank"], na_position="last", kind="stable").reset_index(drop=True)
+        # honestly selected rows first, then the oracle rows, each block in rank order
+        order = ["pair", "_oracle", "rank"] if "oracle" in board else ["pair", "rank"]
+        board["_oracle"] = board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
+        board = board.sort_values(order, na_position="last", kind="stable").drop(columns="_oracle").reset_index(drop=True)
     trials_df = pd.DataFrame(trial_rows)
     provenance = {
         "study": spec.name,
@@ -283,7 +286,7 @@ def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
         "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Computed after the "
         "search from scores recorded with every trial; it plays no part in selection.",
         "",
-        table.to_markdown(index=False),
+        table.to_markdown(index=False, disable_numparse=True),  # keep the signed two-decimal format
         "",
     ]
 
