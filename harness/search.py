@@ -35,7 +35,7 @@ from harness.errors import HarnessError, NonFiniteLossError, PluginContractError
 from harness.metrics import primary_metric, score
 from harness.registry import Entry, Registry
 from harness.study import Method, Pair, StudySpec, spec_error
-from harness.validators import VALIDATORS
+from harness.validators import VALIDATORS, validate
 from harness.weights import SourceRecipe, build_backbone, source_pretrained
 from harness.workers import NOT_COUNTED, claim, host_key, lease, reap, release, requeue
 
@@ -311,6 +311,8 @@ class Runner:
         except (RuntimeError, ValueError) as exc:
             raise spec_error(self.spec, "device", str(exc)) from None
         self.precision = Precision.for_device(self.device, self.spec.precision)
+        # start-up, not a trial's work: the metrics library takes about a second to import
+        import torchmetrics.functional.classification  # noqa: F401
         self.methods = resolve_methods(self.spec, self.registry)
         self.domains = {
             (i, side): resolve_domain(self.spec, self.registry, getattr(p, side), f"pairs[{i}].{side}")
@@ -584,18 +586,36 @@ class Runner:
         or a label-free validator on the unlabelled target validation images."""
         if rule in ("target-val", "source-val"):
             split = target.val if rule == "target-val" else source.val
-            out = predict(model, split, self.spec.batch_size * 4, self.device, precision)
-            return float(score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)])
-        logits = unlabelled_logits(model, target.val, self.spec.batch_size * 4, self.device, precision, seed=self.spec.seed)
-        return VALIDATORS[rule](logits)
+            return self._split_score(predict(model, split, self.spec.batch_size * 4, self.device, precision), split, target)
+        return VALIDATORS[rule](self._validator_logits(model, target, precision))
 
     def all_scores(
         self, model: TransferModel, source: api.DomainData, target: api.DomainData, precision: Precision
     ) -> dict[str, float]:
         """Every rule's score, recorded with each trial: the study's rules select from them, and the
-        label-free validators are later compared with target-val (never used by the search)."""
-        rules = ("target-val", "source-val", *VALIDATORS)
-        return {rule: self.rule_score(rule, model, source, target, precision) for rule in rules}
+        label-free validators are later compared with target-val (never used by the search).
+
+        Two passes over validation images for classification (the target's logits serve both its
+        accuracy and the validators), three for segmentation (whose predictions are labels)."""
+        batch = self.spec.batch_size * 4
+        target_out = predict(model, target.val, batch, self.device, precision)
+        scores = {
+            "target-val": self._split_score(target_out, target.val, target),
+            "source-val": self._split_score(predict(model, source.val, batch, self.device, precision), source.val, target),
+        }
+        logits = target_out if self.spec.task == "classification" else self._validator_logits(model, target, precision)
+        return scores | validate(logits)
+
+    def _split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:
+        return float(score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)])
+
+    def _validator_logits(self, model: TransferModel, target: api.DomainData, precision: Precision) -> torch.Tensor:
+        """What label-free validators read: the target validation images' logits (through the
+        frozen-feature cache where it applies), seeded pixels of them for segmentation."""
+        batch = self.spec.batch_size * 4
+        if self.spec.task == "classification":
+            return predict(model, target.val, batch, self.device, precision)
+        return unlabelled_logits(model, target.val, batch, self.device, precision, seed=self.spec.seed)
 
     def objective(self, i: int, rm: ResolvedMethod, weights: str) -> Callable[[optuna.Trial], float]:
         source, target = self.pair_data(i)
@@ -610,8 +630,14 @@ class Runner:
                 cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages, self.precision_for(rm))
                 trainer = Trainer(model, strategy, source, target, cfg)
 
+                last: dict[str, float] = {}
+
                 def on_epoch(epoch: int, m: TransferModel) -> float:
-                    value = self.rule_score(rule, m, source, target, cfg.precision)
+                    if epoch == cfg.epochs - 1:  # the final model: every rule's score in one go
+                        last.update(self.all_scores(m, source, target, cfg.precision))
+                        value = last[rule]
+                    else:
+                        value = self.rule_score(rule, m, source, target, cfg.precision)
                     if not math.isfinite(value):
                         raise NonFiniteLossError(f"non-finite {rule} score ({value}) after epoch {epoch + 1}")
                     trial.report(value, epoch)
@@ -620,7 +646,8 @@ class Runner:
                     return value
 
                 result = trainer.fit(on_epoch)
-                scores = self.all_scores(trainer.model, source, target, cfg.precision)
+                # the model is unchanged since the last epoch's scores
+                scores = last or self.all_scores(trainer.model, source, target, cfg.precision)
                 trial.set_user_attr("scores", {k: v if math.isfinite(v) else None for k, v in scores.items()})
                 trial.set_user_attr("epochs", result.epochs_run)
                 trial.set_user_attr("train_loss", result.train_loss[-1])

@@ -158,3 +158,15 @@ def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
     path = write_study(tmp_path, "bad", body=UDA_STUDY.replace('"snd", ', '"snd", "oracle", '))
     with pytest.raises(StudySpecError, match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm"):
         load_study(str(path))
+
+
+def test_all_scores_in_one_go_equal_each_rule_scored_alone(uda_run):
+    """all_scores shares forward passes between rules; every value must be what the rule gives alone."""
+    spec, runner, _ = uda_run
+    source, target = runner.pair_data(0)
+    rm = runner.methods[0]
+    model = runner.build_model(rm, "none", target.num_classes).to(runner.device)
+    together = runner.all_scores(model, source, target, runner.precision)
+    assert set(together) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
+    for rule, value in together.items():
+        assert value == pytest.approx(runner.rule_score(rule, model, source, target, runner.precision), rel=1e-5, abs=1e-6)
