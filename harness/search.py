@@ -654,14 +654,17 @@ class Runner:
                 if not (is_finite_number(result.history[-1]) and is_finite_number(result.train_loss[-1])):
                     raise NonFiniteLossError(f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}")
                 return result.history[-1]
-            except optuna.TrialPruned:
-                raise
+            except (optuna.TrialPruned, UpdateFinishedTrialError):
+                raise  # pruned; or reaped by another process, which wrote the reason
             except Exception as exc:
-                trial.set_user_attr("fail_reason", failure_reason(exc))
-                trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
+                # a reaped trial takes no more writes: keep the original error, not the refusal
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    trial.set_user_attr("fail_reason", failure_reason(exc))
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
                 raise
             except BaseException:  # Ctrl-C, SIGTERM: the trial did not fail on its own merits
-                trial.set_user_attr("fail_reason", "interrupted")
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    trial.set_user_attr("fail_reason", "interrupted")
                 raise
             finally:
                 _release_memory(self.device)
@@ -714,31 +717,50 @@ class Runner:
         return study
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> optuna.trial.FrozenTrial | None:
-        """One trial under a lease; returns it finished, or None when another process reaped it."""
+        """One trial under a lease; returns it finished, or None when another process reaped it.
+
+        A reaped trial (its lease judged stale elsewhere: failed as ``lost`` and queued again there)
+        refuses every write: ``report`` and ``set_user_attr`` raise UpdateFinishedTrialError, and
+        ``tell`` raises ValueError ("Cannot tell a FAIL trial"). Its result is then dropped with one
+        line in the log, and the search goes on with the next trial.
+        """
         value, state = None, TrialState.COMPLETE
         interrupted: BaseException | None = None
+        error: Exception | None = None
         with lease(study._storage, trial._trial_id):
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except Exception as exc:  # noqa: BLE001 - the objective recorded the reason; the search goes on
-                state = TrialState.FAIL
-                self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(exc).__name__}")
+                state, error = TrialState.FAIL, exc
             except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
                 state, interrupted = TrialState.FAIL, exc
+        frozen = None
         try:
-            frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        except UpdateFinishedTrialError:
-            self.log(f"{study.study_name}: trial {trial.number} was marked lost by another process meanwhile; its result is dropped")
-            frozen = None
+            if not self._reaped(study, trial):
+                if error is not None:
+                    self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(error).__name__}")
+                try:
+                    frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+                except (UpdateFinishedTrialError, ValueError):
+                    if not self._reaped(study, trial):  # not a reap between the look and the tell
+                        raise
         finally:
+            error = None
             _release_memory(self.device)  # after the exception and its frames are gone
+        if frozen is None:
+            self.log(f"{study.study_name}: trial {trial.number} was marked lost by another process meanwhile; its result is dropped")
         if interrupted is not None:
             if frozen is not None:
                 requeue(study, frozen)
             raise interrupted
         return frozen
+
+    @staticmethod
+    def _reaped(study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Whether ``trial``, still running here, was finished by another process (reaped)."""
+        return study._storage.get_trial(trial._trial_id).state.is_finished()
 
     def _tracking_callbacks(self) -> list[Callable[[optuna.Study, Any], None]]:
         uri = self.spec.tracking.mlflow_uri

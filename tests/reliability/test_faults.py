@@ -19,9 +19,10 @@ from optuna.trial import TrialState
 from test_search import make_runner, registry_with  # noqa: E402
 
 import harness.search
+import harness.workers
 from harness import leaderboard
 from harness.errors import StudySpecError
-from harness.search import Runner, optuna_study_name
+from harness.search import Runner, RunOptions, count_budget, make_storage, optuna_study_name
 from harness.study import load_study
 from harness_plugins.strategies import FineTune
 
@@ -173,3 +174,67 @@ def test_a_crash_while_writing_results_leaves_the_previous_files_whole(tmp_path,
         leaderboard.write(out, spec, board.assign(test_accuracy=0.9), trials, prov)
     monkeypatch.setattr(pd.DataFrame, "to_csv", real)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no temporary left
+
+
+class ReapedWhileTraining(FineTune):
+    """Calls ``during`` (set by the test) at the first training step of each trial."""
+
+    during = None
+
+    def training_step(self, model, batch, ctx):
+        if ReapedWhileTraining.during is not None:
+            ReapedWhileTraining.during, during = None, ReapedWhileTraining.during
+            during()
+        return super().training_step(model, batch, ctx)
+
+
+def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_search_goes_on(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, "reaped", trials=2)
+    logged: list[str] = []
+    runner = Runner(spec, registry_with(("reaped", ReapedWhileTraining)), RunOptions(results_dir=tmp_path / "results" / spec.name, log=logged.append))
+    name = optuna_study_name(spec.pairs[0], spec.methods[0])
+
+    def reap_elsewhere() -> None:
+        """What another process does when it judges this one's lease stale: the real reap()."""
+        other = optuna.load_study(study_name=name, storage=make_storage(runner.storage_url))
+        with monkeypatch.context() as m:
+            m.setattr(harness.workers, "is_stale", lambda t: True)
+            assert len(harness.workers.reap(other)) == 1
+
+    attempts: list[int] = []
+    real_objective = Runner.objective
+
+    def objective(self, i, rm, weights):
+        inner = real_objective(self, i, rm, weights)
+
+        def run(trial):
+            attempts.append(trial.number)
+            if len(attempts) == 1:  # reaped mid-training: report() and set_user_attr() are refused
+                ReapedWhileTraining.during = reap_elsewhere
+            value = inner(trial)
+            if len(attempts) == 3:  # reaped after its last epoch, between the look and the tell
+                reap_elsewhere()
+                looks = iter([False])
+                monkeypatch.setattr(Runner, "_reaped", staticmethod(lambda s, t, real=Runner._reaped: next(looks, None) or real(s, t)))
+            return value
+
+        return run
+
+    monkeypatch.setattr(Runner, "objective", objective)
+    runner.run()
+    monkeypatch.undo()
+    trials = _trials(runner, spec)
+    assert attempts == [0, 1, 2, 3]  # trial 1 is trial 0's retry, trial 3 trial 2's
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.user_attrs.get("fail_reason") for t in trials[::2]] == ["lost", "lost"]
+    assert "error" not in trials[0].user_attrs  # the refused writes left nothing misleading behind
+    assert [t.user_attrs.get("retry_of") for t in trials[1::2]] == [0, 2]
+    assert trials[1].params == trials[0].params and trials[3].params == trials[2].params
+    assert count_budget(trials) == 2
+    dropped = [m for m in logged if "its result is dropped" in m]
+    assert len(dropped) == 2 and "trial 0 " in dropped[0] and "trial 2 " in dropped[1]
+    assert not [m for m in logged if " failed" in m]
+    board, trials_df, _ = leaderboard.collect(spec, runner.storage_url)
+    assert list(board["status"]) == ["final"]
+    assert list(trials_df["counted"]) == [False, True, False, True]
+    assert list(trials_df["fail_reason"])[::2] == ["lost", "lost"]
