@@ -3,16 +3,19 @@
 A trial is leased to the process that runs it: the lease (a system attribute of the trial) names
 the host and process and carries a heartbeat that a thread renews every ``heartbeat_s`` seconds.
 Any process may reap a RUNNING trial whose holder is gone: at once when the holder was a process on
-this host that no longer exists, after ``grace_s`` seconds without a heartbeat otherwise (another
-machine). A reaped trial fails with reason ``lost`` and is queued once more with the same
-parameters. Optuna's own heartbeat exists only for RDBStorage; the lease works the same way on
-the journal file and on a database server.
+this host that no longer exists; otherwise once this process has seen the same heartbeat unchanged
+for ``grace_s`` seconds of its own monotonic clock. The heartbeat's timestamp is never compared with
+this machine's clock, so machines whose clocks disagree (by seconds or by years) do not reap each
+other's live trials, nor keep a dead one forever: a trial whose holder died is reaped between
+``grace_s`` and ``grace_s`` plus one look later (the search looks before each trial and every few
+seconds while it waits), counted from the first time this process looked at it. A reaped trial fails
+with reason ``lost`` and is queued once more with the same parameters. Optuna's own heartbeat exists
+only for RDBStorage; the lease works the same way on the journal file and on a database server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import signal
 import socket
@@ -122,35 +125,68 @@ def lease(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]
         thread.join(timeout=5)
 
 
-def is_stale(t: FrozenTrial, now: float | None = None, here: str | None = None) -> bool:
-    """Whether a RUNNING trial's holder is gone."""
-    now = time.time() if now is None else now
+#: trial id -> (its lease as last seen, this process's monotonic time when it was first seen so)
+_SEEN: dict[int, tuple[Any, float]] = {}
+
+
+def _signature(t: FrozenTrial) -> Any:
     info = t.system_attrs.get(LEASE)
     if isinstance(info, dict):
-        if info.get("host") == (here or host_key()):
-            pid = int(info.get("pid", 0))
-            if pid == os.getpid():
-                return False
-            if not _alive(pid):
-                return True
-        last = float(info.get("beat", 0.0))
-    else:
-        start = t.datetime_start or dt.datetime.now()
-        last = start.timestamp()
-    return now - last > grace_s()
+        return ("lease", info.get("host"), info.get("pid"), info.get("beat"))
+    return ("no lease", t.datetime_start)  # asked, not yet leased (or begun by an older harness)
+
+
+def is_stale(t: FrozenTrial, now: float | None = None, here: str | None = None) -> bool:
+    """Whether a RUNNING trial's holder is gone.
+
+    ``now`` is this process's ``time.monotonic()`` (a parameter for tests). A holder on this host
+    whose process has ended is gone at once. Any other holder is gone when this process has seen
+    the same lease (same heartbeat value) for more than ``grace_s`` seconds of its own clock: how old
+    the heartbeat's timestamp looks to this machine's clock does not matter.
+    """
+    now = time.monotonic() if now is None else now
+    info = t.system_attrs.get(LEASE)
+    if isinstance(info, dict) and info.get("host") == (here or host_key()):
+        pid = int(info.get("pid", 0))
+        if pid == os.getpid():
+            return False
+        if not _alive(pid):
+            return True
+    sig = _signature(t)
+    seen = _SEEN.get(t._trial_id)
+    if seen is None or seen[0] != sig:  # first look, or it beat since the last look
+        _SEEN[t._trial_id] = (sig, now)
+        return False
+    return now - seen[1] > grace_s()
+
+
+def _forget_old_looks(now: float) -> None:
+    """Keep ``_SEEN`` small: a look older than three grace periods is of a trial no longer running
+    (a running one would have been reaped by now); forgetting it at worst restarts its grace period."""
+    limit = 3 * grace_s()
+    for trial_id in [k for k, (_, first) in _SEEN.items() if now - first > limit]:
+        del _SEEN[trial_id]
 
 
 def reap(study: optuna.Study, retry: bool = True, log: Callable[[str], None] | None = None) -> list[int]:
     """Fail every stale RUNNING trial of ``study`` (reason ``lost``) and queue each again, once.
 
     Safe with any number of processes reaping at the same time: the RUNNING -> FAIL step succeeds
-    for one of them only, and only that one queues the retry.
+    for one of them only, and only that one queues the retry. Optuna takes no attribute on a
+    finished trial, so the reason is written just before the state; the trial is read again first
+    so that one that finished or beat meanwhile is left alone. Should its holder finish it in the
+    moment between the two writes, it stays finished with a stray ``lost`` reason, which nothing
+    reads on a trial that did not fail (the budget, trials.csv).
     """
     storage = study._storage
     reaped = []
+    _forget_old_looks(time.monotonic())
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(t):
             continue
+        now = storage.get_trial(t._trial_id)
+        if now.state != TrialState.RUNNING or _signature(now) != _signature(t):
+            continue  # finished, or its holder beat, since the look
         try:
             storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

@@ -62,15 +62,49 @@ def test_trial_of_a_dead_local_process_is_reaped_at_once_and_queued_again_once(u
     assert count_budget(study) == 0  # lost trials do not use up the budget
 
 
-def test_a_remote_trial_is_reaped_only_after_the_grace_period_without_heartbeat(url, monkeypatch):
+@pytest.fixture(autouse=True)
+def _fresh_looks(monkeypatch):
+    """Each test starts with a process that has looked at no trial yet."""
+    monkeypatch.setattr(harness.workers, "_SEEN", {})
+
+
+def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_grace_period(url, monkeypatch):
     monkeypatch.setenv("HARNESS_GRACE_S", "30")
     study = _study(url)
-    fresh = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() - 5})
-    old = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() - 31})
-    assert reap(study) == [old]
-    assert study.get_trials()[fresh].state == TrialState.RUNNING
-    t = study.get_trials()[fresh]
-    assert not is_stale(t) and is_stale(t, now=time.time() + 60)
+    n = _running(study, {"host": "other-machine", "pid": 1, "beat": 1000.0})
+    t0 = time.monotonic()
+    t = study.get_trials()[n]
+    assert not is_stale(t, now=t0)  # the first look starts the clock, whatever the beat says
+    assert not is_stale(t, now=t0 + 29)
+    assert is_stale(t, now=t0 + 31)
+    # it beats: the grace period starts again from this look
+    study._storage.set_trial_system_attr(t._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 1010.0})
+    t = study.get_trials()[n]
+    assert not is_stale(t, now=t0 + 40) and not is_stale(t, now=t0 + 69) and is_stale(t, now=t0 + 71)
+
+
+@pytest.mark.parametrize("skew_s", [-10 * 365 * 86400, -3600, 3600, 10 * 365 * 86400])
+def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead_one(url, monkeypatch, skew_s):
+    """The other machine's clock is years or an hour behind or ahead of this one's."""
+    monkeypatch.setenv("HARNESS_GRACE_S", "0.6")
+    study = _study(url)
+    n = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() + skew_s})
+    alive_until = time.monotonic() + 1.5
+    while time.monotonic() < alive_until:  # the holder beats every 0.2 s on its own clock
+        assert reap(study) == []
+        beat = study.get_trials()[n].system_attrs[LEASE]["beat"]
+        study._storage.set_trial_system_attr(study.get_trials()[n]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": beat + 0.2})
+        time.sleep(0.2)
+    assert study.get_trials()[n].state == TrialState.RUNNING
+    # the holder dies: reaped once its last beat has stood still for the grace period, not before
+    died = time.monotonic()
+    assert reap(study) == []
+    while not reap(study):
+        assert time.monotonic() - died < 5, "a dead remote trial was never reaped"
+        time.sleep(0.05)
+    waited = time.monotonic() - died
+    assert 0.6 <= waited < 2
+    assert study.get_trials()[n].user_attrs["fail_reason"] == "lost"
 
 
 def test_a_live_lease_renews_its_heartbeat_and_is_never_reaped(url, monkeypatch):
@@ -137,3 +171,41 @@ def test_the_budget_is_the_study_total_and_places_go_by_trial_number():
     assert is_surplus(study, 5, 4) and not is_surplus(study, 5, 5)
     study.enqueue_trial({})
     assert has_room(study, 3)  # a queued trial is popped, then found surplus
+
+
+def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_label(url, monkeypatch):
+    from harness.leaderboard import _trial_row
+
+    monkeypatch.setattr(harness.workers, "is_stale", lambda t: True)
+    # its holder beat, or finished it, after the reaper's look and before its writes: left alone
+    study, holder = _study(url), _study(url)
+    snapshot_of = study.get_trials
+    n = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
+    k = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
+    before = snapshot_of(deepcopy=True, states=(TrialState.RUNNING,))
+    holder.tell(n, 0.7)
+    holder._storage.set_trial_system_attr(before[1]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 5.0})
+    monkeypatch.setattr(study, "get_trials", lambda **kw: before if kw.get("states") else snapshot_of(**kw))
+    assert reap(study) == []
+    done = snapshot_of()[n]
+    assert done.state == TrialState.COMPLETE and "fail_reason" not in done.user_attrs
+    assert snapshot_of()[k].state == TrialState.RUNNING
+    holder.tell(k, 0.1)
+    # finished between the reaper's two writes: it stays complete and is listed without a reason
+    monkeypatch.undo()
+    monkeypatch.setattr(harness.workers, "is_stale", lambda t: True)
+    m = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
+    storage = study._storage
+    write_attr = storage.set_trial_user_attr
+
+    def label_then_holder_finishes(trial_id, key, value):
+        write_attr(trial_id, key, value)
+        holder.tell(m, 0.8)
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", label_then_holder_finishes)
+    assert reap(study) == []
+    done = study.get_trials()[m]
+    assert done.state == TrialState.COMPLETE and done.value == 0.8
+    assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]  # not queued again
+    row = _trial_row("a->b", "m", done)
+    assert row["fail_reason"] == "" and row["counted"]
