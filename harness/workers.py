@@ -261,11 +261,28 @@ def release(study: optuna.Study, trial_id: int, done: bool, reason: str = "error
 # ------------------------------------------------------------------------------------- workers
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the system has one (taskset,
+    cgroup cpusets, a batch scheduler's allocation), else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        with contextlib.suppress(OSError):
+            return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def thread_share(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
+    """CPU threads for each of ``workers`` processes: the usable CPUs divided between them, at least one."""
+    return max(1, usable_cpus() // max(1, workers))
 
 
 def worker_env(rank: int, workers: int, device: str) -> dict[str, str]:
+    """The environment of worker ``rank``: its share of the CPU threads and, with several GPUs, its GPU.
+
+    Only ``auto`` and ``cuda`` get a GPU of their own (round robin over the visible ones, so with
+    fewer GPUs than workers some share). A study that names a device (``cuda:1``) has pinned it:
+    every worker uses that device, and ``CUDA_VISIBLE_DEVICES`` is left as it is, since narrowing it
+    would renumber the devices and make ``cuda:1`` point at another GPU or at none.
+    """
     env = {**os.environ, "HARNESS_WORKER_RANK": str(rank), "HARNESS_NUM_THREADS": str(thread_share(workers))}
     env["OMP_NUM_THREADS"] = env["HARNESS_NUM_THREADS"]
     if device in ("auto", "cuda"):
@@ -274,9 +291,18 @@ def worker_env(rank: int, workers: int, device: str) -> dict[str, str]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count > 1:  # one GPU per worker; with fewer GPUs than workers, they share round robin
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            ids = visible.split(",") if visible else [str(i) for i in range(count)]
+            ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(count)]
             env["CUDA_VISIBLE_DEVICES"] = ids[rank % len(ids)]
     return env
+
+
+def stop_grace_s() -> float:
+    """How long a worker may take to stop after SIGTERM before it is killed."""
+    return float(os.environ.get("HARNESS_STOP_GRACE_S", "30"))
+
+
+def _worker_command(argv: list[str], rank: int) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "run", *argv, "--worker-rank", str(rank)]
 
 
 def run_workers(
@@ -286,35 +312,54 @@ def run_workers(
     on_exit: Callable[[int, int], None],
     log: Callable[[str], None],
 ) -> list[int]:
-    """Start ``workers`` processes of ``harness run`` with ``argv``, wait for them, forward SIGTERM
-    and SIGINT to them, and call ``on_exit(rank, returncode)`` as each ends. Returns the codes."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "harness.cli", "run", *argv, "--worker-rank", str(k)],
-            env=worker_env(k, workers, device),
-        )
-        for k in range(workers)
-    ]
-    log(f"started {workers} worker processes ({thread_share(workers)} CPU thread(s) each): pids {', '.join(str(p.pid) for p in procs)}")
-    stopping = {"signal": None}
+    """Start ``workers`` processes of ``harness run`` with ``argv``, wait for them, and call
+    ``on_exit(rank, returncode)`` as each ends. Returns the codes.
+
+    SIGTERM and SIGINT are forwarded to the workers as SIGTERM (each marks its running trial
+    interrupted and exits); a worker still running ``HARNESS_STOP_GRACE_S`` seconds (30) later is
+    killed, so its trial is reaped as lost. After a forwarded signal, raises ``Preempted`` once
+    every worker has ended."""
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping: dict[str, Any] = {"signal": None, "at": None}
 
     def forward(signum: int, frame: Any) -> None:
         stopping["signal"] = signum
+        stopping["at"] = stopping["at"] or time.monotonic()
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
 
+    # handlers first: a signal while the workers start still reaches every one started
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     codes: dict[int, int] = {}
+    killed: set[int] = set()
+    grace = stop_grace_s()
     try:
+        for k in range(workers):
+            procs.append(subprocess.Popen(_worker_command(argv, k), env=worker_env(k, workers, device)))
+            if stopping["signal"] is not None:
+                procs[-1].send_signal(signal.SIGTERM)
+        log(f"started {workers} worker processes ({thread_share(workers)} CPU thread(s) each): pids {', '.join(str(p.pid) for p in procs)}")
         while len(codes) < len(procs):
             for k, p in enumerate(procs):
                 if k not in codes and p.poll() is not None:
                     codes[k] = p.returncode
                     on_exit(k, p.returncode)
+            if stopping["at"] is not None and time.monotonic() - stopping["at"] > grace:
+                for k, p in enumerate(procs):
+                    if k not in codes and k not in killed and p.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            p.kill()
+                        killed.add(k)
+                        log(
+                            f"worker {k} (pid {p.pid}) had not stopped {grace:g} s after SIGTERM: killed it (SIGKILL); "
+                            "its trial is marked lost and queued again"
+                        )
             time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if stopping["signal"] is not None:
+        raise Preempted(f"signal {signal.Signals(stopping['signal']).name}, forwarded to the workers")
     return [codes[k] for k in range(len(procs))]
