@@ -39,7 +39,6 @@ SKIMAGE_PHOTOS = (
     "motorcycle_right.png",
     "rocket.jpg",
 )
-_MAX_LISTED = 10
 _DECODE_THREADS = 4
 
 
@@ -198,7 +197,9 @@ def build_folder(
     """One domain of ``root/<domain>/<class>/<image>``, resized and center-cropped to a square.
 
     An unreadable image stops the run before training, every bad file listed, unless
-    ``skip_bad_files`` is set: then they are listed in a warning and left out."""
+    ``skip_bad_files`` is set: then they are listed in a warning and left out. A file in a class
+    folder without an image extension (notes, an image in a format PIL is not asked to read) is
+    left out and named in a warning, so that no file is dropped unseen; hidden files are skipped."""
     if image_size < 1:
         raise DatasetError(f"image_size must be positive, got {image_size}")
     train_fraction = 1.0 - val_fraction - test_fraction
@@ -225,8 +226,10 @@ def build_folder(
 
     paths: list[Path] = []
     labels: list[int] = []
+    left_out: list[Path] = []
     for label, cls in enumerate(class_names):
-        files = _image_files(domain_dir / cls)
+        files, others = _class_files(domain_dir / cls)
+        left_out += others
         if not files:
             raise DatasetError(
                 f"class folder {domain_dir / cls} holds no images "
@@ -236,13 +239,15 @@ def build_folder(
         paths += files
         labels += [label] * len(files)
 
+    if left_out:
+        warnings.warn(_left_out_message(domain_dir, left_out), stacklevel=2)
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         decoded = list(pool.map(functools.partial(_read_image, image_size=image_size), paths))
     bad = [(p, err) for p, (_, err) in zip(paths, decoded, strict=True) if err is not None]
     if bad and not skip_bad_files:
         raise DatasetError(_bad_files_message(domain_dir, bad), hint=_BAD_FILES_HINT)
     if bad:
-        warnings.warn(_bad_files_message(domain_dir, bad, listed=len(bad)) + "\n(skipped: skip_bad_files = true)", stacklevel=2)
+        warnings.warn(_bad_files_message(domain_dir, bad) + "\n(skipped: skip_bad_files = true)", stacklevel=2)
         keep = [k for k, (_, err) in enumerate(decoded) if err is None]
         decoded, labels = [decoded[k] for k in keep], [labels[k] for k in keep]
         if not decoded:
@@ -273,19 +278,22 @@ def require_nonempty_splits(data: DomainData, where: str, n_images: int) -> Doma
     return data
 
 
-_BAD_FILES_HINT = "delete or re-export these files (files without an image extension are ignored)"
+_BAD_FILES_HINT = "delete or re-export these files, or set skip_bad_files = true in the dataset to leave them out"
 
 
 def _subfolders(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The visible files of a class folder: those with an image extension, and the others."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return _class_files(folder)[0]
 
 
 def _read_image(path: Path, *, image_size: int) -> tuple[np.ndarray | None, str | None]:
@@ -324,11 +332,19 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]], listed: int = _MAX_LISTED) -> str:
+def _bad_files_message(domain_dir: Path, bad: Sequence[tuple[Path, str]]) -> str:
+    """Every bad file, one per line with why it cannot be read."""
     lines = [f"{len(bad)} unreadable image file(s) in domain folder {domain_dir}:"]
-    lines += [f"  {path}: {reason}" for path, reason in bad[:listed]]
-    if len(bad) > listed:
-        lines.append(f"  and {len(bad) - listed} more (skip_bad_files = true leaves them out and lists them all)")
+    lines += [f"  {path}: {reason}" for path, reason in bad]
+    return "\n".join(lines)
+
+
+def _left_out_message(domain_dir: Path, files: Sequence[Path]) -> str:
+    lines = [
+        f"{len(files)} file(s) without an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+        f"left out of domain folder {domain_dir}:"
+    ]
+    lines += [f"  {path}" for path in files]
     return "\n".join(lines)
 
 

@@ -30,7 +30,6 @@ from harness.api import IGNORE_INDEX, DatasetError, DomainData
 from harness.hookspecs import Register
 from harness_plugins.datasets import (
     _DECODE_THREADS,
-    _MAX_LISTED,
     _decode_failure,
     _image_files,
     _no_domain,
@@ -408,9 +407,7 @@ def _raise_problems(where: Path, problems: list[str], hint: str = _PAIR_HINT) ->
         return
     problems = sorted(problems)
     lines = [f"{len(problems)} problem(s) with the images and masks in {where}:"]
-    lines += [f"  {p}" for p in problems[:_MAX_LISTED]]
-    if len(problems) > _MAX_LISTED:
-        lines.append(f"  and {len(problems) - _MAX_LISTED} more")
+    lines += [f"  {p}" for p in problems]  # every one: a user fixes them all in one go
     raise DatasetError("\n".join(lines), hint=hint)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -281,14 +282,36 @@ def test_folder_reports_every_bad_file(folder_root: Path) -> None:
     ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
 
 
-def test_folder_lists_at_most_ten_bad_files(folder_root: Path) -> None:
-    for i in range(13):
-        (folder_root / "sketch" / "fish" / f"bad{i:02d}.png").write_bytes(b"junk")
+def test_folder_lists_every_bad_file_one_per_line(folder_root: Path) -> None:
+    bad = [folder_root / "sketch" / "fish" / f"bad{i:02d}.png" for i in range(13)]
+    for path in bad:
+        path.write_bytes(b"junk")
     with pytest.raises(DatasetError) as info:
         ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
-    msg = str(info.value)
-    assert "13 unreadable" in msg and "and 3 more" in msg
-    assert "bad09.png" in msg and "bad10.png" not in msg
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("13 unreadable")
+    assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(p) for p in bad]
+    assert "more" not in str(info.value)
+
+
+def test_folder_names_every_file_it_leaves_out_for_lack_of_an_image_extension(
+    folder_root: Path,
+) -> None:
+    fish = folder_root / "sketch" / "fish"
+    shutil.copy(next(fish.glob("*.png")), fish / "photo_without_extension")
+    (fish / "labels.csv").write_text("a,b\n")
+    (fish / ".DS_Store").write_bytes(b"\0")  # hidden: skipped without a word
+    with pytest.warns(UserWarning) as caught:
+        data = ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+    messages = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert len(messages) == 1
+    lines = messages[0].splitlines()
+    assert lines[0].startswith("2 file(s) without an image extension") and ".png" in lines[0]
+    assert lines[1:] == [f"  {fish / 'labels.csv'}", f"  {fish / 'photo_without_extension'}"]
+    assert len(_all_labels(data)) == 15  # the images, and only them
+    # the fixture's photo/cat/notes.txt is named too
+    with pytest.warns(UserWarning, match="notes.txt"):
+        ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root))
 
 
 def test_folder_layout_errors(folder_root: Path, tmp_path: Path) -> None:
