@@ -71,10 +71,15 @@ def trials(url: str, name: str = STUDY_NAME) -> list[optuna.trial.FrozenTrial]:
     if url.startswith("sqlite:///"):
         if not Path(url.removeprefix("sqlite:///")).is_file():
             return []  # not begun yet (opening would create the file)
-        try:  # look without creating tables: the run may be creating them right now
-            storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+        # look read-only: Optuna's RDBStorage writes its version rows when it opens a file, even
+        # with skip_table_creation, and that write can collide with the run creating them
+        path = url.removeprefix("sqlite:///")
+        try:
+            storage = optuna.storages.RDBStorage(
+                f"sqlite:///file:{path}?mode=ro&uri=true", skip_table_creation=True, skip_compatibility_check=True
+            )
             optuna.get_all_study_summaries(storage, include_best_trial=False)
-        except Exception:  # noqa: BLE001 - the schema is not there yet
+        except Exception:  # noqa: BLE001 - the schema is not (all) there yet
             return []
     else:
         storage = make_storage(url)
