@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
-from procs import STUDY_NAME, run, trials, user_attrs, write
+from procs import STUDY_NAME, run, start, trials, user_attrs, wait_for, write
 
 from harness.search import count_budget, default_storage, embedded_storage, journal_storage
 
@@ -142,3 +142,40 @@ def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path):
         result = run("--study", "par", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "another process is running a search" in result.stderr and "--workers N" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_independent_processes_on_one_journal_run_every_trial_once(tmp_path):
+    """The several-machines mode on one machine: two separate `harness run` commands, one --storage."""
+    write(tmp_path, trials=4, epochs=1, final_seeds=2)
+    journal = tmp_path / "shared" / "study.journal"
+    journal.parent.mkdir()
+    url = f"journal:///{journal}"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [start("--study", "par", "--storage", url, "--no-report", cwd=tmp_path, log=logs[0])]
+    try:
+        wait_for(lambda: journal.is_file(), timeout=300, proc=procs[0], log=logs[0])  # as the README advises
+        procs.append(start("--study", "par", "--storage", url, "--no-report", cwd=tmp_path, log=logs[1]))
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    done = trials(url)
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert len(complete) == count_budget(done) == 4
+    assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # nothing lost or retried; a trial asked past the budget in a race is marked surplus, never trained
+    assert {t.user_attrs.get("fail_reason") for t in done if t.state == TrialState.FAIL} <= {"surplus"}
+    assert not [t for t in done if "retry_of" in t.user_attrs]
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    finals = sorted(k for k in user_attrs(url) if k.startswith("final:"))
+    assert len(finals) == 2
+    claims = trials(url, STUDY_NAME + " | final runs")
+    assert Counter(t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE) == Counter(finals)
+    assert sum(t.count("final seed") for t in texts) == 2  # each final run trained once, by one of them
+    pids = Counter(t.system_attrs["harness:lease"]["pid"] for t in complete)
+    print(f"trials per process: {dict(pids)}")
+    assert set(pids) <= {p.pid for p in procs}
