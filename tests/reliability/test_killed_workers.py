@@ -22,13 +22,19 @@ def _running(url: str):
     return next((t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs), None)
 
 
+def _training(url: str):
+    """A running trial past its first epoch: killed there, its worker holds no storage lock (a
+    worker killed while appending to the journal leaves a lock Optuna breaks only after 30 s)."""
+    return next((t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs and t.intermediate_values), None)
+
+
 def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finishes(tmp_path):
     write(tmp_path, trials=3, epochs=6, final_seeds=1)
     url = journal_storage(tmp_path / "results" / "par")
     log = tmp_path / "run.log"
     proc = start("--study", "par", "--workers", "2", "--no-report", cwd=tmp_path, log=log)
     try:
-        victim = wait_for(lambda: _running(url), timeout=180, proc=proc, log=log)
+        victim = wait_for(lambda: _training(url), timeout=240, proc=proc, log=log)
         os.kill(victim.system_attrs[LEASE]["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         lost = wait_for(lambda: next((t for t in trials(url) if t.number == victim.number and t.state.is_finished()), None), timeout=30, log=log)
