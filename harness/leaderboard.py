@@ -56,6 +56,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     agreement: list[dict[str, Any]] = []
     counted: dict[tuple[str, int], set[int]] = {}  # final runs shared by several rules count once
     for pair in spec.pairs:
+        pooled: list[optuna.trial.FrozenTrial] = []  # completed trials of every method of the pair
+        pair_agreement: list[dict[str, Any]] = []
         for method in spec.methods:
             name = optuna_study_name(pair, method)
             row: dict[str, Any] = {
@@ -70,6 +72,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
             }
             if name not in existing:
                 rows.append({**row, "label": method.key, "selection": ", ".join(spec.selection_rules), "status": "not started"})
+                pair_agreement.append(_agreement(pair.key, method.key, []))
                 continue
             study = optuna.load_study(study_name=name, storage=storage)
             attrs = study.user_attrs
@@ -101,7 +104,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
             rules = config.get("selection_rules") or [
                 {"rule": config.get("selection", ""), "oracle": bool(config.get("oracle", False))}
             ]
-            agreement.append(_agreement(pair.key, method.key, complete))
+            pair_agreement.append(_agreement(pair.key, method.key, complete))
+            pooled += complete
             for sel in rules:
                 rule_row = {**row, "selection": sel["rule"], "oracle": bool(sel["oracle"])}
                 best = best_trial(complete, sel["rule"])
@@ -137,6 +141,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     frame = pd.DataFrame(per_class, dtype=float)
                     rule_row["test_per_class_iou"] = [None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)]
                 rows.append(rule_row)
+        # the pooled figure first: over all methods' trials it rests on several times more trials
+        agreement += [_agreement(pair.key, POOLED, pooled), *pair_agreement]
     board = pd.DataFrame(rows)
     primary = f"test_{primary_metric(spec.task)}"
     if primary in board:
@@ -268,27 +274,41 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
 
 
 def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
-    rows = [a for a in agreement if a.get("trials", 0) >= 3]
-    if not rows:
+    if not agreement:
         return []
     table = pd.DataFrame(
         {
-            "pair": [a["pair"] for a in rows],
-            "method": [a["method"] for a in rows],
-            "trials": [a["trials"] for a in rows],
-            **{rule: [_rho(a.get(rule)) for a in rows] for rule in AGREEMENT_RULES},
+            "pair": [a["pair"] for a in agreement],
+            "method": [a.get("method", "-") for a in agreement],
+            "trials": [str(a.get("trials", 0)) for a in agreement],
+            **{rule: [_rho_cell(a, rule) for a in agreement] for rule in AGREEMENT_RULES},
+            "note": [a.get("note") or "" for a in agreement],
         }
     )
     return [
         "## How well label-free rules ranked the trials",
         "",
         "Spearman correlation between each rule's score and the target validation accuracy of the "
-        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Computed after the "
-        "search from scores recorded with every trial; it plays no part in selection.",
+        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Row "
+        f"*{POOLED}* pools every completed trial of every method of the pair; the other rows take "
+        "one method's trials each, and with a handful of trials those are noisy. Column *trials*: "
+        "how many trials each correlation is over (a rule's own count follows its value when it "
+        f"scored fewer); fewer than {MIN_AGREEMENT_TRIALS} give no correlation, and the row says so. "
+        "Computed after the search from scores recorded with every trial; it plays no part in "
+        "selection.",
         "",
         table.to_markdown(index=False, disable_numparse=True),  # keep the signed two-decimal format
         "",
     ]
+
+
+def _rho_cell(entry: dict[str, Any], rule: str) -> str:
+    value, n = entry.get(rule), (entry.get("n") or {}).get(rule, entry.get("trials", 0))
+    if not _finite(value):
+        if entry.get("trials", 0) < MIN_AGREEMENT_TRIALS:
+            return "-"  # the row's note says why
+        return f"- (n={n})" if n < MIN_AGREEMENT_TRIALS else "- (tied)"
+    return _rho(value) + ("" if n == entry.get("trials") else f" (n={n})")
 
 
 def _rho(v: Any) -> str:
@@ -334,16 +354,42 @@ def _plain(v: Any) -> Any:
 
 
 AGREEMENT_RULES = ("source-val", *VALIDATORS)
+#: the method name of the agreement entry that pools every method of a pair
+POOLED = "all methods (pooled)"
+#: a rank correlation over fewer trials is not reported
+MIN_AGREEMENT_TRIALS = 3
 
 
 def _agreement(pair: str, method: str, complete: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
-    """Spearman correlation, over a study's completed trials, between each label-free rule's score
-    and the trial's target-val accuracy. Computed after the search; it never selects anything."""
+    """Spearman correlation, over completed trials, between each label-free rule's score and the
+    trial's target-val accuracy: one method's trials, or every method's of the pair (``method`` =
+    ``POOLED``). ``n`` counts the trials behind each rule's value (those with both numbers);
+    ``note`` says why values are missing. Computed after the search; it never selects anything."""
     scored = [t.user_attrs.get("scores") or {} for t in complete]
     truth = [s.get("target-val") for s in scored]
-    out: dict[str, Any] = {"pair": pair, "method": method, "trials": sum(_finite(v) for v in truth)}
+    out: dict[str, Any] = {
+        "pair": pair,
+        "method": method,
+        "scope": "pooled" if method == POOLED else "method",
+        "trials": sum(_finite(v) for v in truth),
+        "n": {},
+    }
+    tied = []
     for rule in AGREEMENT_RULES:
-        out[rule] = rank_agreement([s.get(rule) for s in scored], truth)
+        scores = [s.get(rule) for s in scored]
+        out["n"][rule] = sum(_finite(a) and _finite(b) for a, b in zip(scores, truth, strict=True))
+        out[rule] = rank_agreement(scores, truth)
+        if out[rule] is None and out["n"][rule] >= MIN_AGREEMENT_TRIALS:
+            tied.append(rule)
+    notes = []
+    if out["trials"] < MIN_AGREEMENT_TRIALS:
+        notes.append(
+            f"too few completed trials with a target-val accuracy ({out['trials']}; a correlation "
+            f"needs {MIN_AGREEMENT_TRIALS})"
+        )
+    if tied:
+        notes.append(f"no correlation for {', '.join(tied)}: the scores or the accuracies are all equal")
+    out["note"] = "; ".join(notes) or None
     return out
 
 
