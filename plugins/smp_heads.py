@@ -90,6 +90,23 @@ class SmpHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    @property
+    def deepest_channels(self) -> int:
+        """Channels of the deepest feature map the decoder reads (``forward_with_features``)."""
+        return int(self.net.encoder.out_channels[-1])
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-pixel logits and the deepest encoder feature map ``(B, C, h, w)`` of the same pass
+        (the domain adaptation strategies align it). The map is caught on its way out of the
+        encoder, so the decoder runs exactly as in ``forward``."""
+        caught: list[Tensor] = []
+        handle = self.net.encoder.register_forward_hook(lambda _m, _i, out: caught.append(out[-1]))
+        try:
+            logits = self.net(x)
+        finally:
+            handle.remove()
+        return logits, caught[-1]
+
 
 def _feature_view(feature_cls: Any, model: nn.Module, out_indices: Any) -> nn.Module:
     # timm flattens nn.Sequential stages for some families (ConvNeXt, EfficientNet) and not for

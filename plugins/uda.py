@@ -11,8 +11,12 @@ Each adds a term to the source cross-entropy and searches its own weight (``stra
 - ``self-training``: confidence-thresholded pseudo-labels on the target.
 - ``fda``: source images restyled with the target's low-frequency amplitude (Yang & Soatto, 2020).
 
-Feature-level methods (dann, mcc, coral, mmd) need pooled features and serve classification;
-the output-level ones also serve segmentation, per pixel.
+Every strategy but ``mcc`` serves segmentation too. There the output-level ones work per pixel,
+and the feature-level ones (dann, coral, mmd) on the backbone's deepest feature map, one feature
+vector per location (sampled, at most ``locations_per_image`` per image); see ``joint``. ``mcc``
+stays classification-only: its class-correlation matrix is defined over a batch of image-level
+predictions, and how to weigh the strongly correlated pixels of one image in it is a design
+question this harness has not studied.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.api import IGNORE_INDEX, Batch, StepContext, Strategy
+from harness.errors import PluginContractError
 
 # ------------------------------------------------------------------------------ building blocks
 
@@ -48,8 +53,48 @@ def reverse_grad(x: Tensor, coeff: float) -> Tensor:
 
 
 def ramp(progress: float, gamma: float = 10.0) -> float:
-    """The DANN schedule: 0 at the start of training, rising smoothly towards 1."""
+    """The DANN schedule ``2 / (1 + exp(-gamma * progress)) - 1``: 0 at the start of training,
+    rising smoothly towards 1, the faster the larger ``gamma`` (10 in Ganin et al., 2016)."""
     return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
+
+
+#: adversarial weight schedules: ``ramp`` (DANN's) or ``constant`` (the full weight from step one)
+SCHEDULES = ("ramp", "constant")
+
+
+def adversarial_coefficient(params: dict[str, Any], progress: float) -> float:
+    """The gradient-reversal coefficient at ``progress`` (0..1) of training: ``strategy.weight``
+    times the schedule named by ``strategy.schedule`` (``ramp`` with ``strategy.gamma``)."""
+    weight = float(params.get("strategy.weight", 1.0))
+    schedule = params.get("strategy.schedule", "ramp")
+    if schedule == "constant":
+        return weight
+    if schedule == "ramp":
+        return weight * ramp(progress, float(params.get("strategy.gamma", 10.0)))
+    raise ValueError(f"strategy.schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def deepest_feature_map(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel logits ``(B, K, H, W)`` and the backbone's deepest feature map ``(B, C, h, w)``
+    of a segmentation model, from one forward pass (the head's ``forward_with_features``)."""
+    forward = getattr(model.head, "forward_with_features", None)
+    if forward is None:
+        raise PluginContractError(
+            f"segmentation head {type(model.head).__name__} has no forward_with_features(x) -> "
+            "(logits, deepest feature map): the feature-level strategies (dann, coral, mmd) need it"
+        )
+    return forward(x)
+
+
+def sample_locations(fmap: Tensor, per_image: int) -> Tensor:
+    """Feature vectors ``(B, k, C)`` at ``k = min(per_image, h * w)`` distinct random locations of
+    each image's map ``(B, C, h, w)`` (all of them, in order, when there are no more than that)."""
+    b, c, h, w = fmap.shape
+    flat = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    if h * w <= per_image:
+        return flat
+    idx = torch.rand(b, h * w, device=fmap.device).argsort(1)[:, :per_image]
+    return torch.gather(flat, 1, idx[..., None].expand(-1, -1, c))
 
 
 def entropy(logits: Tensor, dim: int = 1) -> Tensor:
@@ -124,14 +169,27 @@ class _Unsupervised(Strategy):
     uses_source = True
     uses_target = True
     target_labels = "none"
+    #: segmentation: feature vectors per image that ``joint`` samples from the deepest map
+    locations_per_image = 64
 
     def joint(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One forward pass over the source and target batches together: (source logits,
-        target logits, source features, target features)."""
+        target logits, source features, target features).
+
+        Classification: pooled features, one row per image. Segmentation: per-pixel logits, and
+        one row per sampled location of the backbone's deepest feature map (source rows first).
+        The deepest map rather than the decoder's output: it is what every decoder reads, the
+        same representation the classification variants align, and small (stride 32), so every
+        location fits in the batch; the decoder output is the alternative of output-space
+        adaptation (Tsai et al., 2018), which would align class probabilities instead."""
         (xs, _), (xt, _) = batch.source, batch.target
+        n = xs.shape[0]
+        if getattr(model, "task", "classification") == "segmentation":
+            logits, fmap = deepest_feature_map(model, torch.cat([xs, xt]))
+            rows = sample_locations(fmap, self.locations_per_image)
+            return logits[:n], logits[n:], rows[:n].flatten(0, 1), rows[n:].flatten(0, 1)
         f = model.features(torch.cat([xs, xt]))
         logits = model.head(f)
-        n = xs.shape[0]
         return logits[:n], logits[n:], f[:n], f[n:]
 
 
@@ -156,28 +214,43 @@ class _Discriminator(nn.Module):
 
 class DANN(_Unsupervised):
     """Domain-adversarial training: a discriminator tells source from target features; the
-    backbone receives its gradient reversed, scaled by ``weight * ramp(progress)``."""
+    backbone receives its gradient reversed, scaled by ``adversarial_coefficient``: the weight
+    times DANN's ramp (its ``gamma`` searched) or a constant schedule, also searched.
 
-    tasks = ("classification",)
+    Segmentation: the same discriminator classifies every (sampled) location of the backbone's
+    deepest feature map, a per-location domain discriminator (see ``joint`` for why there)."""
+
     description = "domain-adversarial training (gradient reversal, domain discriminator)"
 
     def search_space(self, trial) -> dict[str, Any]:
-        return {
-            # the usual maximum of 1 barely moves these features: the search reaches further
+        space = {
+            # searched on a log scale over 0.1-5, wider than the usual maximum of 1
             "strategy.weight": trial.suggest_float("strategy.weight", 0.1, 5.0, log=True),
+            "strategy.schedule": trial.suggest_categorical("strategy.schedule", list(SCHEDULES)),
             "strategy.disc_hidden": trial.suggest_categorical("strategy.disc_hidden", [64, 256, 1024]),
             "strategy.disc_lr_scale": trial.suggest_float("strategy.disc_lr_scale", 0.2, 5.0, log=True),
         }
+        if space["strategy.schedule"] == "ramp":  # gamma means nothing to a constant weight
+            space["strategy.gamma"] = trial.suggest_float("strategy.gamma", 2.0, 30.0, log=True)
+        return space
 
     def setup(self, model, num_classes, params):
+        if getattr(model, "task", "classification") == "segmentation":
+            channels = getattr(model.head, "deepest_channels", None)
+            if channels is None:
+                raise PluginContractError(
+                    f"segmentation head {type(model.head).__name__} has no deepest_channels: dann "
+                    "needs the channel count of the deepest feature map it discriminates"
+                )
+        else:
+            channels = model.spec.num_features
         return _Discriminator(
-            model.spec.num_features, int(params.get("strategy.disc_hidden", 256)), float(params.get("strategy.disc_lr_scale", 1.0))
+            int(channels), int(params.get("strategy.disc_hidden", 256)), float(params.get("strategy.disc_lr_scale", 1.0))
         )
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, _, fs, ft = self.joint(model, batch)
-        coeff = float(ctx.params.get("strategy.weight", 1.0)) * ramp(ctx.progress)
-        f = reverse_grad(torch.cat([fs, ft]), coeff)
+        f = reverse_grad(torch.cat([fs, ft]), adversarial_coefficient(ctx.params, ctx.progress))
         domain = torch.cat([torch.ones(fs.shape[0]), torch.zeros(ft.shape[0])]).to(f.device)
         adv = F.binary_cross_entropy_with_logits(ctx.extra(f), domain)
         return _source_ce(ls, batch.source[1]) + adv
@@ -202,9 +275,9 @@ class MCC(_Unsupervised):
 
 
 class CORAL(_Unsupervised):
-    """Deep CORAL: align the covariance of source and target features."""
+    """Deep CORAL: align the covariance of source and target features (segmentation: of the
+    sampled locations of the deepest feature map)."""
 
-    tasks = ("classification",)
     description = "align source and target feature covariances (Deep CORAL)"
 
     def search_space(self, trial) -> dict[str, Any]:
@@ -216,9 +289,9 @@ class CORAL(_Unsupervised):
 
 
 class MMD(_Unsupervised):
-    """Align source and target features under a multi-bandwidth Gaussian-kernel MMD."""
+    """Align source and target features under a multi-bandwidth Gaussian-kernel MMD
+    (segmentation: the sampled locations of the deepest feature map)."""
 
-    tasks = ("classification",)
     description = "align source and target features by kernel MMD"
 
     def search_space(self, trial) -> dict[str, Any]:

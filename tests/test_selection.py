@@ -202,12 +202,12 @@ def test_validator_agreement_pools_the_pair_and_says_when_too_few_trials(tmp_pat
 
 
 def test_a_classification_only_strategy_is_refused_for_segmentation(tmp_path):
-    body = UDA_STUDY.replace('task = "classification"', "")
+    body = UDA_STUDY.replace('task = "classification"', "").replace('strategy = "dann"', 'strategy = "mcc"')
     body = 'task = "segmentation"\n' + body.replace('source = "digits"', 'source = "seg-synthetic"').replace(
         'target = "digits-m"', 'target = "seg-photo"'
     ).replace('head = "linear"', 'head = "unet"')
     spec = load_study(str(write_study(tmp_path, "seg", body=body)))
-    with pytest.raises(StudySpecError, match=r"methods\[1\]\.strategy.*'dann' supports classification, not segmentation"):
+    with pytest.raises(StudySpecError, match=r"methods\[1\]\.strategy.*'mcc' supports classification, not segmentation"):
         make_runner(tmp_path, spec)
 
 

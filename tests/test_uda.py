@@ -85,6 +85,109 @@ def test_dann_schedule_starts_at_zero_and_rises_to_one():
     assert uda.ramp(0.1) < uda.ramp(0.3) < uda.ramp(0.6)
 
 
+def test_dann_schedule_and_gamma_are_searched_and_used():
+    import optuna
+
+    space = uda.DANN().search_space(optuna.trial.FixedTrial(
+        {"strategy.weight": 1.0, "strategy.schedule": "ramp", "strategy.gamma": 3.0, "strategy.disc_hidden": 64, "strategy.disc_lr_scale": 1.0}
+    ))
+    assert space["strategy.schedule"] == "ramp" and space["strategy.gamma"] == 3.0
+    constant = uda.DANN().search_space(optuna.trial.FixedTrial(
+        {"strategy.weight": 1.0, "strategy.schedule": "constant", "strategy.disc_hidden": 64, "strategy.disc_lr_scale": 1.0}
+    ))
+    assert "strategy.gamma" not in constant  # a constant weight has no ramp to shape
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    uda.DANN().search_space(trial)
+    assert trial.distributions["strategy.schedule"].choices == ("ramp", "constant")
+
+    coeff = uda.adversarial_coefficient
+    assert coeff({"strategy.weight": 2.0, "strategy.schedule": "constant"}, 0.0) == 2.0
+    assert coeff({"strategy.weight": 2.0, "strategy.schedule": "ramp", "strategy.gamma": 3.0}, 0.2) == pytest.approx(
+        2.0 * (2.0 / (1.0 + math.exp(-0.6)) - 1.0)
+    )
+    assert coeff({"strategy.weight": 2.0}, 0.2) == pytest.approx(2.0 * uda.ramp(0.2, 10.0))  # DANN's default
+    assert coeff({"strategy.gamma": 30.0}, 0.1) > coeff({"strategy.gamma": 3.0}, 0.1)
+    with pytest.raises(ValueError, match="strategy.schedule"):
+        coeff({"strategy.schedule": "step"}, 0.5)
+
+    # at the start of training the ramp gives the backbone no adversarial gradient; constant does
+    def backbone_grads(schedule):
+        torch.manual_seed(0)
+        model, strategy, b = tiny_model(), uda.DANN(), batch()
+        params = {"strategy.weight": 1.0, "strategy.schedule": schedule, "strategy.disc_hidden": 16}
+        disc = strategy.setup(model, 3, params).eval()
+        strategy.training_step(model, b, ctx(params, progress=0.0, extra=disc)).backward()
+        return grads(model.backbone)
+
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch()
+    F.cross_entropy(model(b.source[0]), b.source[1]).backward()
+    ce_only = grads(model.backbone)
+    assert all(torch.allclose(a, c, atol=1e-6) for a, c in zip(backbone_grads("ramp"), ce_only, strict=True))
+    assert any(not torch.allclose(a, c, atol=1e-6) for a, c in zip(backbone_grads("constant"), ce_only, strict=True))
+
+
+def seg_model(num_classes: int = 3) -> TransferModel:
+    from harness_plugins.smp_heads import SmpHead
+    from harness_plugins.timm_backbones import build_timm_backbone
+
+    torch.manual_seed(0)
+    bb = build_timm_backbone("test_resnet", weights="none")
+    return TransferModel(bb, SmpHead("fpn", bb, num_classes), "segmentation")
+
+
+def seg_batch(n: int = 3, size: int = 64, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.randint(0, 3, (n, size, size), generator=g)
+    ys[:, :4] = IGNORE_INDEX
+    xt = torch.rand(n, 3, size, size, generator=g) * 0.5 + 0.8
+    return Batch(source=(torch.randn(n, 3, size, size, generator=g), ys), target=(xt, None))
+
+
+def test_dann_on_segmentation_discriminates_every_location_of_the_deepest_map_with_reversed_gradients():
+    model, strategy, b = seg_model().eval(), uda.DANN(), seg_batch()  # eval: passes are comparable
+    params = {"strategy.weight": 1.5, "strategy.schedule": "constant", "strategy.disc_hidden": 16}
+    disc = strategy.setup(model, 3, params).eval()
+    assert disc.net[0].in_features == model.head.deepest_channels == 96
+    seen = []
+    disc.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape))
+    strategy.training_step(model, b, ctx(params, extra=disc, num_classes=3)).backward()
+    total_backbone, total_decoder, total_disc = grads(model.backbone), [p.grad.clone() for p in model.head_parameters()], grads(disc)
+    assert seen == [(2 * 3 * 2 * 2, 96)]  # 3 + 3 images, a 2x2 map at 64 px: one row per location
+
+    model.zero_grad(), disc.zero_grad()
+    (xs, ys), (xt, _) = b.source, b.target
+    logits, fmap = model.head.forward_with_features(torch.cat([xs, xt]))
+    assert fmap.shape == (6, 96, 2, 2) and logits.shape == (6, 3, 64, 64)
+    F.cross_entropy(logits[:3], ys, ignore_index=IGNORE_INDEX).backward(retain_graph=True)
+    ce_backbone, ce_decoder = grads(model.backbone), [p.grad.clone() for p in model.head_parameters()]
+    model.zero_grad()
+    rows = fmap.flatten(2).transpose(1, 2).flatten(0, 1)  # image-major, as the strategy orders them
+    domain = torch.cat([torch.ones(12), torch.zeros(12)])
+    F.binary_cross_entropy_with_logits(disc(rows), domain).backward()
+    adv_backbone, adv_disc = grads(model.backbone), grads(disc)
+
+    for t, ce, adv in zip(total_backbone, ce_backbone, adv_backbone, strict=True):
+        assert torch.allclose(t, ce - 1.5 * adv, atol=1e-5)
+    for t, adv in zip(total_disc, adv_disc, strict=True):
+        assert torch.allclose(t, adv, atol=1e-6)
+    for t, ce in zip(total_decoder, ce_decoder, strict=True):  # the map is read before the decoder
+        assert torch.allclose(t, ce, atol=1e-6)
+    assert sum(float(a.abs().sum()) for a in adv_backbone) > 0
+
+
+def test_sampled_locations_are_distinct_and_all_when_few():
+    fmap = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    every = uda.sample_locations(fmap, 16)
+    assert torch.equal(every, fmap.flatten(2).transpose(1, 2))
+    torch.manual_seed(0)
+    some = uda.sample_locations(fmap, 5)
+    assert some.shape == (2, 5, 3)
+    for i in range(2):
+        rows = {tuple(r.tolist()) for r in some[i]}
+        assert len(rows) == 5 and rows <= {tuple(r.tolist()) for r in every[i]}
+
+
 def test_the_engine_optimizes_a_strategy_module_at_its_own_learning_rate(digits_pair):
     source, target = digits_pair
     model = tiny_model(num_classes=10)
@@ -263,8 +366,8 @@ def digits_pair():
     return build_digits(None, image_size=8, seed=0), build_digits_m(None, image_size=8, seed=0)
 
 
-@pytest.mark.parametrize("name", ["entropy-min", "fda", "self-training", "adabn"])
-def test_output_level_strategies_pass_the_contract_on_segmentation(name):
+@pytest.mark.parametrize("name", ["entropy-min", "fda", "self-training", "adabn", "dann", "coral", "mmd"])
+def test_strategies_pass_the_contract_on_segmentation(name):
     from harness.registry import get_registry
     from harness.testing import assert_passes, check_strategy
 
@@ -273,8 +376,9 @@ def test_output_level_strategies_pass_the_contract_on_segmentation(name):
     assert_passes(check_strategy(entry, task="segmentation"))
 
 
-def test_feature_level_strategies_declare_classification_only():
+def test_only_mcc_declares_classification_only():
     from harness.registry import get_registry
 
-    for name in ("dann", "mcc", "coral", "mmd"):
-        assert get_registry().get("strategy", name).meta["tasks"] == ("classification",)
+    assert get_registry().get("strategy", "mcc").meta["tasks"] == ("classification",)
+    for name in ("dann", "coral", "mmd"):
+        assert get_registry().get("strategy", name).meta["tasks"] == ("classification", "segmentation")
