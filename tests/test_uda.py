@@ -230,6 +230,55 @@ def test_alignment_strategies_add_their_term_to_the_source_loss(cls):
     assert plain == pytest.approx(float(F.cross_entropy(model(b.source[0]), b.source[1])), rel=1e-5)
 
 
+def timm_classifier(num_classes: int = 3) -> TransferModel:
+    from harness_plugins.timm_backbones import build_timm_backbone
+
+    torch.manual_seed(0)
+    bb = build_timm_backbone("test_resnet", weights="none")
+    return TransferModel(bb, nn.Linear(bb.num_features, num_classes))
+
+
+def shifted_batch(n: int = 16, size: int = 16) -> Batch:
+    """Source images and target images of another scale and mean: a covariate shift."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return Batch(source=(xs, ys), target=(torch.randn(n, 3, size, size, generator=g) * 2.0 + 1.0, None))
+
+
+def trained(cls, weight: float, b: Batch, steps: int = 8) -> TransferModel:
+    """test_resnet after ``steps`` Adam steps of ``cls``'s loss at ``weight``: 0 leaves the source
+    cross-entropy on the same joint forward passes (the source-only loss), from the same seed."""
+    model = timm_classifier().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        opt.zero_grad()
+        c = StepContext(params={"strategy.weight": weight}, epoch=0, epochs=1, step=step, total_steps=steps, num_classes=3)
+        cls().training_step(model, b, c).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize(("cls", "weight", "distance"), [(uda.CORAL, 100.0, uda.coral_loss), (uda.MMD, 5.0, uda.mmd_loss)])
+def test_alignment_training_brings_source_and_target_feature_statistics_together(cls, weight, distance):
+    b = shifted_batch()
+    after = {}
+    for w in (0.0, weight):
+        model = trained(cls, w, b)
+        with torch.no_grad():
+            after[w] = float(distance(model.features(b.source[0]), model.features(b.target[0])))
+    assert after[weight] < 0.5 * after[0.0], after
+
+
+def test_mcc_training_reduces_class_confusion_on_the_target():
+    b = shifted_batch()
+    after = {}
+    for w in (0.0, 10.0):
+        model = trained(uda.MCC, w, b)
+        with torch.no_grad():
+            after[w] = float(uda.class_confusion_loss(model(b.target[0]), 2.5))
+    assert after[10.0] < 0.7 * after[0.0], after
+
+
 def test_class_confusion_is_zero_for_confident_distinct_classes_and_high_for_uniform_ones():
     confident = 20 * torch.eye(4)
     assert float(uda.class_confusion_loss(confident, 1.0)) == pytest.approx(0.0, abs=1e-6)
@@ -310,6 +359,41 @@ def test_self_training_adds_nothing_during_warmup_and_pseudo_label_loss_after():
     source_ce = float(F.cross_entropy(model(b.source[0]), b.source[1]))
     assert float(uda.SelfTraining().training_step(model, b, ctx(params, progress=0.2))) == pytest.approx(source_ce, rel=1e-5)
     assert float(uda.SelfTraining().training_step(model, b, ctx(params, progress=0.8))) > source_ce
+
+
+def test_self_training_learns_from_confident_target_predictions_only_and_from_none_in_warmup():
+    """The gradient reaching each target image: the model treats images independently (no
+    BatchNorm), so an image whose prediction is below the threshold must get none."""
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch(n=8)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+        conf = F.softmax(model(b.target[0]), 1).max(1).values
+    threshold = float(conf.median())  # half of the target images are confident
+    confident = conf >= threshold
+    assert 0 < int(confident.sum()) < 8
+    params = {"strategy.warmup": 0.3, "strategy.threshold": threshold, "strategy.weight": 1.0}
+
+    def target_grad(progress):
+        xt = b.target[0].clone().requires_grad_()
+        step_batch = Batch(source=b.source, target=(xt, None))
+        uda.SelfTraining().training_step(model, step_batch, ctx(params, progress=progress)).backward()
+        return xt.grad.flatten(1).abs().sum(1)
+
+    during_warmup, after_warmup = target_grad(0.2), target_grad(0.5)
+    assert torch.all(during_warmup == 0)
+    assert torch.all(after_warmup[~confident] == 0) and torch.all(after_warmup[confident] > 0)
+
+    # and training pushes the confident images towards their own pseudo-labels
+    labels = model(b.target[0]).argmax(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = F.softmax(model(b.target[0]), 1)[torch.arange(8), labels][confident].detach()
+    for _ in range(5):
+        opt.zero_grad()
+        uda.SelfTraining().training_step(model, b, ctx({**params, "strategy.weight": 5.0}, progress=0.9)).backward()
+        opt.step()
+    after = F.softmax(model(b.target[0]), 1)[torch.arange(8), labels][confident].detach()
+    assert after.mean() > before.mean()
 
 
 # ------------------------------------------------------------------------------ FDA
