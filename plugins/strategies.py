@@ -78,6 +78,11 @@ class LPFT(FineTune):
                 features = model.features(x)
             logits = model.head(features)
         else:
+            if model.training and not model.backbone.training:
+                # the probe phase put the backbone in eval mode and the engine sets modes once per
+                # epoch: without this, the rest of the epoch in which the phase switches would
+                # fine-tune with frozen normalization statistics (frozen stages stay in eval mode)
+                model.train()
             logits = model(x)
         return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 

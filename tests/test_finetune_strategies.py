@@ -73,3 +73,31 @@ def test_layer_wise_decay_gives_earlier_stages_smaller_learning_rates(digits_pai
     assert lrs[id(model.backbone[0].weight)] == pytest.approx(5e-3)
     assert lrs[id(model.backbone[1].weight)] == pytest.approx(1e-2)
     assert lrs[id(model.head.weight)] == pytest.approx(1e-3)
+
+
+def test_lp_ft_fine_tunes_with_the_backbone_in_train_mode_from_the_step_it_switches(digits_pair):  # noqa: F811
+    """The engine sets train mode once per epoch; the probe phase puts the backbone in eval mode,
+    so the switch inside an epoch must put it back, or fine-tuning runs with frozen statistics."""
+    source, target = digits_pair
+    model = tiny_model(num_classes=10, bn=True)
+    cfg = TrainConfig(
+        epochs=1, batch_size=32, backbone_lr=1e-2, head_lr=1e-2, weight_decay=0.0, freeze_depth=0, augment="none",
+        seed=0, device=torch.device("cpu"), precision=Precision(False, False), params={"strategy.lp_fraction": 0.5},
+    )
+    strategy = LPFT()
+    seen = []
+    original = strategy.training_step
+
+    def recording_step(m, b, c):
+        stats = m.backbone[0].running_mean.clone()
+        loss = original(m, b, c)
+        seen.append((c.progress, m.backbone[0].training, not torch.equal(stats, m.backbone[0].running_mean)))
+        return loss
+
+    strategy.training_step = recording_step
+    Trainer(model, strategy, source, target, cfg).fit()
+    probe = [s for s in seen if s[0] < 0.5]
+    tune = [s for s in seen if s[0] >= 0.5]
+    assert probe and tune and len(seen) >= 3
+    assert all(not training and not moved for _, training, moved in probe)
+    assert all(training and moved for _, training, moved in tune), tune
