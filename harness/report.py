@@ -714,7 +714,8 @@ def _bundle_readme(
         "search and the final runs, set HARNESS_STORAGE to a new, empty storage and pass another",
         "--results-dir; the study seed, the data splits and the search space are those of the study file.",
         "",
-        "Trials were scored on validation splits only; the target test split was read once per final run.",
+        "Trials were scored on validation splits only (labelled ones, or the unlabelled target",
+        "validation images for label-free rules); the target test split was read once per final run.",
         f"{n_final} of {len(board)} leaderboard rows had all their final runs when this bundle was written.",
     ]
     if hashes:
@@ -755,9 +756,12 @@ def write_results_index(results_root: Path) -> Path:
     lines = [
         "# Published results",
         "",
-        "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair, "
-        "its target **test** primary metric in %, mean ± standard error over the seeded final runs "
-        "(trials were selected on validation splits). Each study's `index.html` is a self-contained "
+        "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair "
+        "among the rows not flagged oracle, its target **test** primary metric in %, mean ± standard "
+        "error over the seeded final runs, and the rule that selected its trial: a labelled "
+        "validation split (`target-val`, `source-val`) or a label-free validator scoring unlabelled "
+        "target validation images (`im`, `snd`, ...); a method picked by several rules with the same "
+        "result is listed once with all of them. Each study's `index.html` is a self-contained "
         "report with plots; `leaderboard.md` the table and provenance.",
         "",
         "This file is generated from each `<study>/leaderboard.json`; do not edit it by hand.",
@@ -783,10 +787,18 @@ def _headline(records: list[dict[str, Any]]) -> str:
     )
     if metric is None:
         return "-"
-    parts = []
+    # one entry per (pair, method, score): rules that picked the same result share it
+    entries: dict[tuple[str, str, str], list[str]] = {}
     for r in records:
         if r.get("rank") == 1 and not r.get("oracle"):  # oracle rows rank among themselves
-            parts.append(f"{r.get('pair')}: {r.get('label') or r.get('method')}, {LABELS[metric]} {_pm(r, metric)}")
+            key = (str(r.get("pair")), str(r.get("label") or r.get("method")), _pm(r, metric))
+            rules = entries.setdefault(key, [])
+            if r.get("selection") and r["selection"] not in rules:
+                rules.append(str(r["selection"]))
+    parts = [
+        f"{pair}: {method}, {LABELS[metric]} {score}" + (f" (selected by {', '.join(rules)})" if rules else "")
+        for (pair, method, score), rules in entries.items()
+    ]
     return "; ".join(parts) or "-"
 
 

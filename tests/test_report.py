@@ -331,3 +331,23 @@ def test_index_html_renders_in_headless_chromium(published, tmp_path):
         r0, g0, b0 = (int(report.BAR_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
         bar = sum(n for n, (r, g, b) in colours if abs(r - r0) < 12 and abs(g - g0) < 12 and abs(b - b0) < 12)
         assert bar > 500, f"only {bar} bar-coloured pixels: the plots did not render"
+
+
+def test_results_index_lists_a_pair_once_per_result_and_names_the_selecting_rules(tmp_path):
+    """Rules that picked the same trial give rows that tie at rank 1: one headline entry for them."""
+    row = {"pair": "a->b", "method": "m", "rank": 1, "oracle": False, "test_accuracy": 0.5, "test_accuracy_se": 0.01}
+    records = [
+        {**row, "selection": "im"},
+        {**row, "selection": "target-val"},
+        {**row, "method": "other", "selection": "im"},  # another method tied at rank 1
+        {**row, "method": "peek", "selection": "target-val", "oracle": True},  # oracle: never a headline
+        {**row, "method": "second", "rank": 2, "selection": "im"},
+    ]
+    assert report._headline(records) == (
+        "a->b: m, acc 50.0 ± 1.0 (selected by im, target-val); a->b: other, acc 50.0 ± 1.0 (selected by im)"
+    )
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "leaderboard.json").write_text(json.dumps({"description": "d", "rows": records}))
+    text = report.write_results_index(tmp_path).read_text()
+    assert text.count("a->b: m,") == 1 and "label-free validator scoring unlabelled target validation images" in text
+    assert "trials were selected on validation splits" not in text
