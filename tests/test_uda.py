@@ -466,3 +466,24 @@ def test_only_mcc_declares_classification_only():
     assert get_registry().get("strategy", "mcc").meta["tasks"] == ("classification",)
     for name in ("dann", "coral", "mmd"):
         assert get_registry().get("strategy", name).meta["tasks"] == ("classification", "segmentation")
+
+
+def test_smp_head_gives_its_logits_and_the_backbones_deepest_map_from_one_pass():
+    model = seg_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, fmap = model.head.forward_with_features(x)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
+        assert torch.allclose(fmap, model.backbone.forward_features(x), atol=1e-5)
+    assert fmap.shape[1] == model.head.deepest_channels
+
+
+def test_feature_level_strategies_name_what_a_segmentation_head_lacks():
+    from harness.errors import PluginContractError
+
+    model = TransferModel(Backbone(module=nn.Identity(), num_features=3, stages=[[]]), nn.Conv2d(3, 4, 1), task="segmentation")
+    b = Batch(source=(torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))), target=(torch.rand(2, 3, 8, 8), None))
+    with pytest.raises(PluginContractError, match="deepest_channels"):
+        uda.DANN().setup(model, 4, {})
+    with pytest.raises(PluginContractError, match="forward_with_features"):
+        uda.CORAL().training_step(model, b, ctx({}, num_classes=4))
