@@ -61,14 +61,20 @@ class SmpHead(nn.Module):
         from timm.models._features import FeatureListNet
 
         model = backbone.module
-        if not (hasattr(model, "feature_info") and hasattr(model, "pretrained_cfg") and backbone.name):
+        if not (
+            hasattr(model, "feature_info") and hasattr(model, "pretrained_cfg") and backbone.name
+        ):
             raise PluginContractError(
                 f"head {arch!r} needs a timm backbone with multi-scale features; "
                 f"{backbone.name or type(model).__name__!r} is not one",
             )
         try:
             net = smp.create_model(
-                arch, encoder_name=f"tu-{backbone.name}", encoder_weights=None, classes=num_classes, **options
+                arch,
+                encoder_name=f"tu-{backbone.name}",
+                encoder_weights=None,
+                classes=num_classes,
+                **options,
             )
             out_indices = net.encoder.model.feature_info.out_indices
             # Shares the backbone's modules: what trains or freezes there trains or freezes here.
@@ -132,6 +138,8 @@ class _Restride(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         out = self.features(x)
         return [
-            f if k == 1 else nn.functional.interpolate(f, scale_factor=k, mode="bilinear", align_corners=False)
+            f
+            if k == 1
+            else nn.functional.interpolate(f, scale_factor=k, mode="bilinear", align_corners=False)
             for f, k in zip(out, self.factors, strict=True)
         ]

@@ -115,7 +115,9 @@ def coral_loss(fs: Tensor, ft: Tensor) -> Tensor:
     return (cov(fs) - cov(ft)).pow(2).sum() / (4 * d * d)
 
 
-def mmd_loss(fs: Tensor, ft: Tensor, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> Tensor:
+def mmd_loss(
+    fs: Tensor, ft: Tensor, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+) -> Tensor:
     """Biased squared MMD with a sum of Gaussian kernels whose bandwidths are multiples of the
     mean pairwise squared distance (measured on the batch, not differentiated)."""
     f = torch.cat([fs, ft]).float()
@@ -151,7 +153,12 @@ def low_frequency_swap(source: Tensor, target: Tensor, beta: float) -> Tensor:
     ft = torch.fft.fftshift(torch.fft.fft2(target.float()), dim=(-2, -1))
     amp, phase = fs.abs(), fs.angle()
     cy, cx = h // 2, w // 2
-    window = (slice(None), slice(None), slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
+    window = (
+        slice(None),
+        slice(None),
+        slice(cy - half, cy + half + 1),
+        slice(cx - half, cx + half + 1),
+    )
     amp = amp.clone()
     amp[window] = ft.abs()[window]
     mixed = torch.fft.ifftshift(torch.polar(amp, phase), dim=(-2, -1))
@@ -229,8 +236,12 @@ class DANN(_Unsupervised):
             # at 2-3.3 scored lower on target validation (results/digits-uda/trials.csv)
             "strategy.weight": trial.suggest_float("strategy.weight", 0.1, 5.0, log=True),
             "strategy.schedule": trial.suggest_categorical("strategy.schedule", list(SCHEDULES)),
-            "strategy.disc_hidden": trial.suggest_categorical("strategy.disc_hidden", [64, 256, 1024]),
-            "strategy.disc_lr_scale": trial.suggest_float("strategy.disc_lr_scale", 0.2, 5.0, log=True),
+            "strategy.disc_hidden": trial.suggest_categorical(
+                "strategy.disc_hidden", [64, 256, 1024]
+            ),
+            "strategy.disc_lr_scale": trial.suggest_float(
+                "strategy.disc_lr_scale", 0.2, 5.0, log=True
+            ),
         }
         if space["strategy.schedule"] == "ramp":  # gamma means nothing to a constant weight
             space["strategy.gamma"] = trial.suggest_float("strategy.gamma", 2.0, 30.0, log=True)
@@ -247,7 +258,9 @@ class DANN(_Unsupervised):
         else:
             channels = model.spec.num_features
         return _Discriminator(
-            int(channels), int(params.get("strategy.disc_hidden", 256)), float(params.get("strategy.disc_lr_scale", 1.0))
+            int(channels),
+            int(params.get("strategy.disc_hidden", 256)),
+            float(params.get("strategy.disc_lr_scale", 1.0)),
         )
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
@@ -287,7 +300,9 @@ class CORAL(_Unsupervised):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, _, fs, ft = self.joint(model, batch)
-        return _source_ce(ls, batch.source[1]) + float(ctx.params.get("strategy.weight", 1.0)) * coral_loss(fs, ft)
+        return _source_ce(ls, batch.source[1]) + float(
+            ctx.params.get("strategy.weight", 1.0)
+        ) * coral_loss(fs, ft)
 
 
 class MMD(_Unsupervised):
@@ -301,7 +316,9 @@ class MMD(_Unsupervised):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, _, fs, ft = self.joint(model, batch)
-        return _source_ce(ls, batch.source[1]) + float(ctx.params.get("strategy.weight", 1.0)) * mmd_loss(fs, ft)
+        return _source_ce(ls, batch.source[1]) + float(
+            ctx.params.get("strategy.weight", 1.0)
+        ) * mmd_loss(fs, ft)
 
 
 class AdaBN(Strategy):
@@ -319,7 +336,11 @@ class AdaBN(Strategy):
         return _source_ce(model(x), y)
 
     def adapt(self, model: nn.Module, target_images: Iterable[Tensor]) -> None:
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
         if not norms:
             return
         modes = {m: m.training for m in model.modules()}
@@ -352,7 +373,9 @@ class EntropyMin(_Unsupervised):
         (xs, ys), (xt, _) = batch.source, batch.target
         logits = model(torch.cat([xs, xt]))
         ls, lt = logits[: xs.shape[0]], logits[xs.shape[0] :]
-        return _source_ce(ls, ys) + float(ctx.params.get("strategy.weight", 0.1)) * entropy(lt).mean()
+        return (
+            _source_ce(ls, ys) + float(ctx.params.get("strategy.weight", 0.1)) * entropy(lt).mean()
+        )
 
 
 class SelfTraining(_Unsupervised):
@@ -397,7 +420,9 @@ class FDA(_Unsupervised):
     def search_space(self, trial) -> dict[str, Any]:
         return {
             "strategy.beta": trial.suggest_float("strategy.beta", 0.01, 0.15),
-            "strategy.entropy_weight": trial.suggest_float("strategy.entropy_weight", 1e-3, 0.3, log=True),
+            "strategy.entropy_weight": trial.suggest_float(
+                "strategy.entropy_weight", 1e-3, 0.3, log=True
+            ),
         }
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
@@ -406,11 +431,20 @@ class FDA(_Unsupervised):
         # swap in pixel space ([0, 1]), then normalize again
         n = min(xs.shape[0], xt.shape[0])
         order = torch.arange(xs.shape[0], device=xs.device) % n
-        styled = low_frequency_swap(xs * std + mean, (xt[order] * std + mean), float(ctx.params.get("strategy.beta", 0.05)))
-        styled = ((styled.clamp(0, 1) - mean) / std).to(xs.dtype).contiguous(memory_format=_memory_format(xs))
+        styled = low_frequency_swap(
+            xs * std + mean, (xt[order] * std + mean), float(ctx.params.get("strategy.beta", 0.05))
+        )
+        styled = (
+            ((styled.clamp(0, 1) - mean) / std)
+            .to(xs.dtype)
+            .contiguous(memory_format=_memory_format(xs))
+        )
         logits = model(torch.cat([styled, xt]))
         ls, lt = logits[: xs.shape[0]], logits[xs.shape[0] :]
-        return _source_ce(ls, ys) + float(ctx.params.get("strategy.entropy_weight", 0.01)) * entropy(lt).mean()
+        return (
+            _source_ce(ls, ys)
+            + float(ctx.params.get("strategy.entropy_weight", 0.01)) * entropy(lt).mean()
+        )
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
