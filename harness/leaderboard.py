@@ -46,16 +46,27 @@ def final_seeds(spec: StudySpec) -> list[int]:
 def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Rows (one per pair x method), every trial, and the provenance, read from the storage."""
     storage = make_storage(storage_url)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    existing = {
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    }
     rows: list[dict[str, Any]] = []
     trial_rows: list[dict[str, Any]] = []
     counts = {s.name: 0 for s in TrialState}
-    devices, precisions, samplers, pruners, fingerprints, plugins = set(), set(), set(), set(), {}, set()
+    devices, precisions, samplers, pruners, fingerprints, plugins = (
+        set(),
+        set(),
+        set(),
+        set(),
+        {},
+        set(),
+    )
     compute_s, starts, ends = 0.0, [], []
     run_commits: set[str] = set()
     agreement: list[dict[str, Any]] = []
     counted: dict[tuple[str, int], set[int]] = {}  # final runs shared by several rules count once
     for pair in spec.pairs:
+        pooled: list[optuna.trial.FrozenTrial] = []  # completed trials of every method of the pair
+        pair_agreement: list[dict[str, Any]] = []
         for method in spec.methods:
             name = optuna_study_name(pair, method)
             row: dict[str, Any] = {
@@ -69,7 +80,15 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                 "strategy": method.strategy,
             }
             if name not in existing:
-                rows.append({**row, "label": method.key, "selection": ", ".join(spec.selection_rules), "status": "not started"})
+                rows.append(
+                    {
+                        **row,
+                        "label": method.key,
+                        "selection": ", ".join(spec.selection_rules),
+                        "status": "not started",
+                    }
+                )
+                pair_agreement.append(_agreement(pair.key, method.key, []))
                 continue
             study = optuna.load_study(study_name=name, storage=storage)
             attrs = study.user_attrs
@@ -101,14 +120,19 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
             rules = config.get("selection_rules") or [
                 {"rule": config.get("selection", ""), "oracle": bool(config.get("oracle", False))}
             ]
-            agreement.append(_agreement(pair.key, method.key, complete))
+            pair_agreement.append(_agreement(pair.key, method.key, complete))
+            pooled += complete
             for sel in rules:
                 rule_row = {**row, "selection": sel["rule"], "oracle": bool(sel["oracle"])}
                 best = best_trial(complete, sel["rule"])
                 if best is None:
                     rows.append({**rule_row, "status": "no completed trial"})
                     continue
-                finals = [attrs[k] for s in final_seeds(spec) if (k := f"final:{best.number}:{s}") in attrs]
+                finals = [
+                    attrs[k]
+                    for s in final_seeds(spec)
+                    if (k := f"final:{best.number}:{s}") in attrs
+                ]
                 for f in finals:
                     if f["seed"] not in counted.setdefault((name, best.number), set()):
                         counted[(name, best.number)].add(f["seed"])
@@ -116,11 +140,19 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     run_commits.add(f.get("git_commit") or "unknown")
                     devices.add(f.get("device", "?"))
                     precisions.add(f.get("precision", "?"))
-                params = {k.removeprefix("param:"): v for k, v in best.user_attrs.items() if k.startswith("param:")}
+                params = {
+                    k.removeprefix("param:"): v
+                    for k, v in best.user_attrs.items()
+                    if k.startswith("param:")
+                }
                 rule_row.update(
-                    status="final" if len(finals) == spec.final_seeds else f"{len(finals)}/{spec.final_seeds} seeds",
+                    status="final"
+                    if len(finals) == spec.final_seeds
+                    else f"{len(finals)}/{spec.final_seeds} seeds",
                     best_trial=best.number,
-                    val_score=trial_score(best, sel["rule"]) if trial_score(best, sel["rule"]) is not None else best.value,
+                    val_score=trial_score(best, sel["rule"])
+                    if trial_score(best, sel["rule"]) is not None
+                    else best.value,
                     n_seeds=len(finals),
                     seeds=[f["seed"] for f in finals],
                     best_params=params,
@@ -131,24 +163,42 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     mean, std = _mean_std(values)
                     rule_row[f"test_{metric}"] = mean
                     rule_row[f"test_{metric}_std"] = std
-                    rule_row[f"test_{metric}_se"] = std / math.sqrt(len(values)) if _finite(std) else math.nan
-                per_class = [f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]]
+                    rule_row[f"test_{metric}_se"] = (
+                        std / math.sqrt(len(values)) if _finite(std) else math.nan
+                    )
+                per_class = [
+                    f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]
+                ]
                 if per_class:
                     frame = pd.DataFrame(per_class, dtype=float)
-                    rule_row["test_per_class_iou"] = [None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)]
+                    rule_row["test_per_class_iou"] = [
+                        None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)
+                    ]
                 rows.append(rule_row)
+        # the pooled figure first: over all methods' trials it rests on several times more trials
+        agreement += [_agreement(pair.key, POOLED, pooled), *pair_agreement]
     board = pd.DataFrame(rows)
     primary = f"test_{primary_metric(spec.task)}"
     if primary in board:
         # only rows with all their final seeds compete; partial rows stay unranked
         # oracle rows are ranked among themselves, never against honestly selected ones
         ranked = board[primary].where(board["status"] == "final")
-        group = [board["pair"], board["oracle"].fillna(False).astype(bool)] if "oracle" in board else board["pair"]
+        group = (
+            [board["pair"], board["oracle"].fillna(False).astype(bool)]
+            if "oracle" in board
+            else board["pair"]
+        )
         board["rank"] = ranked.groupby(group).rank(ascending=False, method="min").astype("Int64")
         # honestly selected rows first, then the oracle rows, each block in rank order
         order = ["pair", "_oracle", "rank"] if "oracle" in board else ["pair", "rank"]
-        board["_oracle"] = board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
-        board = board.sort_values(order, na_position="last", kind="stable").drop(columns="_oracle").reset_index(drop=True)
+        board["_oracle"] = (
+            board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
+        )
+        board = (
+            board.sort_values(order, na_position="last", kind="stable")
+            .drop(columns="_oracle")
+            .reset_index(drop=True)
+        )
     trials_df = pd.DataFrame(trial_rows)
     provenance = {
         "study": spec.name,
@@ -190,20 +240,36 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     return board, trials_df, provenance
 
 
-def write(results_dir: Path, spec: StudySpec, board: pd.DataFrame, trials: pd.DataFrame, provenance: dict[str, Any]) -> list[Path]:
+def write(
+    results_dir: Path,
+    spec: StudySpec,
+    board: pd.DataFrame,
+    trials: pd.DataFrame,
+    provenance: dict[str, Any],
+) -> list[Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     csv_cols = [c for c in board.columns if c not in ("best_params", "seeds", "test_per_class_iou")]
     flat = board[csv_cols].copy()
     if "best_params" in board:
-        flat["best_params"] = board["best_params"].map(lambda p: json.dumps(p, sort_keys=True) if isinstance(p, dict) else "")
+        flat["best_params"] = board["best_params"].map(
+            lambda p: json.dumps(p, sort_keys=True) if isinstance(p, dict) else ""
+        )
     for name, frame in (("leaderboard.csv", flat), ("trials.csv", trials)):
         path = results_dir / name
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
         paths.append(path)
     path = results_dir / "leaderboard.json"
-    write_json(path, {"study": spec.name, "description": spec.description, "rows": _records(board), "provenance": provenance})
+    write_json(
+        path,
+        {
+            "study": spec.name,
+            "description": spec.description,
+            "rows": _records(board),
+            "provenance": provenance,
+        },
+    )
     paths.append(path)
     path = results_dir / "leaderboard.md"
     write_text(path, to_markdown(spec, board, provenance))
@@ -268,27 +334,41 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
 
 
 def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
-    rows = [a for a in agreement if a.get("trials", 0) >= 3]
-    if not rows:
+    if not agreement:
         return []
     table = pd.DataFrame(
         {
-            "pair": [a["pair"] for a in rows],
-            "method": [a["method"] for a in rows],
-            "trials": [a["trials"] for a in rows],
-            **{rule: [_rho(a.get(rule)) for a in rows] for rule in AGREEMENT_RULES},
+            "pair": [a["pair"] for a in agreement],
+            "method": [a.get("method", "-") for a in agreement],
+            "trials": [str(a.get("trials", 0)) for a in agreement],
+            **{rule: [_rho_cell(a, rule) for a in agreement] for rule in AGREEMENT_RULES},
+            "note": [a.get("note") or "" for a in agreement],
         }
     )
     return [
         "## How well label-free rules ranked the trials",
         "",
         "Spearman correlation between each rule's score and the target validation accuracy of the "
-        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Computed after the "
-        "search from scores recorded with every trial; it plays no part in selection.",
+        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Row "
+        f"*{POOLED}* pools every completed trial of every method of the pair; the other rows take "
+        "one method's trials each, and with a handful of trials those are noisy. Column *trials*: "
+        "how many trials each correlation is over (a rule's own count follows its value when it "
+        f"scored fewer); fewer than {MIN_AGREEMENT_TRIALS} give no correlation, and the row says so. "
+        "Computed after the search from scores recorded with every trial; it plays no part in "
+        "selection.",
         "",
         table.to_markdown(index=False, disable_numparse=True),  # keep the signed two-decimal format
         "",
     ]
+
+
+def _rho_cell(entry: dict[str, Any], rule: str) -> str:
+    value, n = entry.get(rule), (entry.get("n") or {}).get(rule, entry.get("trials", 0))
+    if not _finite(value):
+        if entry.get("trials", 0) < MIN_AGREEMENT_TRIALS:
+            return "-"  # the row's note says why
+        return f"- (n={n})" if n < MIN_AGREEMENT_TRIALS else "- (tied)"
+    return _rho(value) + ("" if n == entry.get("trials") else f" (n={n})")
 
 
 def _rho(v: Any) -> str:
@@ -321,7 +401,12 @@ def _int(v: Any) -> int:
 def _records(board: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for rec in board.to_dict("records"):
-        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else _plain(v)) for k, v in rec.items()})
+        out.append(
+            {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else _plain(v))
+                for k, v in rec.items()
+            }
+        )
     return out
 
 
@@ -334,16 +419,44 @@ def _plain(v: Any) -> Any:
 
 
 AGREEMENT_RULES = ("source-val", *VALIDATORS)
+#: the method name of the agreement entry that pools every method of a pair
+POOLED = "all methods (pooled)"
+#: a rank correlation over fewer trials is not reported
+MIN_AGREEMENT_TRIALS = 3
 
 
 def _agreement(pair: str, method: str, complete: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
-    """Spearman correlation, over a study's completed trials, between each label-free rule's score
-    and the trial's target-val accuracy. Computed after the search; it never selects anything."""
+    """Spearman correlation, over completed trials, between each label-free rule's score and the
+    trial's target-val accuracy: one method's trials, or every method's of the pair (``method`` =
+    ``POOLED``). ``n`` counts the trials behind each rule's value (those with both numbers);
+    ``note`` says why values are missing. Computed after the search; it never selects anything."""
     scored = [t.user_attrs.get("scores") or {} for t in complete]
     truth = [s.get("target-val") for s in scored]
-    out: dict[str, Any] = {"pair": pair, "method": method, "trials": sum(_finite(v) for v in truth)}
+    out: dict[str, Any] = {
+        "pair": pair,
+        "method": method,
+        "scope": "pooled" if method == POOLED else "method",
+        "trials": sum(_finite(v) for v in truth),
+        "n": {},
+    }
+    tied = []
     for rule in AGREEMENT_RULES:
-        out[rule] = rank_agreement([s.get(rule) for s in scored], truth)
+        scores = [s.get(rule) for s in scored]
+        out["n"][rule] = sum(_finite(a) and _finite(b) for a, b in zip(scores, truth, strict=True))
+        out[rule] = rank_agreement(scores, truth)
+        if out[rule] is None and out["n"][rule] >= MIN_AGREEMENT_TRIALS:
+            tied.append(rule)
+    notes = []
+    if out["trials"] < MIN_AGREEMENT_TRIALS:
+        notes.append(
+            f"too few completed trials with a target-val accuracy ({out['trials']}; a correlation "
+            f"needs {MIN_AGREEMENT_TRIALS})"
+        )
+    if tied:
+        notes.append(
+            f"no correlation for {', '.join(tied)}: the scores or the accuracies are all equal"
+        )
+    out["note"] = "; ".join(notes) or None
     return out
 
 
@@ -362,7 +475,9 @@ def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str,
         "counted": counts(t),
         "error": t.user_attrs.get("error", ""),
     }
-    row.update({k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")})
+    row.update(
+        {k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")}
+    )
     row.update({f"score:{k}": v for k, v in (t.user_attrs.get("scores") or {}).items()})
     return row
 
@@ -393,9 +508,19 @@ def git_commit(where: Path) -> str | None:
     under results/ are outputs, not code, and do not count)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"], cwd=where, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:

@@ -74,7 +74,9 @@ def write_report(
     pairs = _pairs(spec, board)
     storage = make_storage(storage_url)
     try:
-        existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        existing = {
+            s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        }
         figures: dict[str, dict[str, Any]] = {}
         for pair in pairs:
             rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
@@ -88,7 +90,11 @@ def write_report(
                     continue
                 for method in spec.methods:
                     name = optuna_study_name(p, method)
-                    study = optuna.load_study(study_name=name, storage=storage) if name in existing else None
+                    study = (
+                        optuna.load_study(study_name=name, storage=storage)
+                        if name in existing
+                        else None
+                    )
                     entry["methods"][method.key] = (
                         _history_plot(results_dir, spec, pair, method.key, study, names),
                         _importance_plot(results_dir, spec, pair, method.key, study, names),
@@ -159,7 +165,9 @@ def _save(results_dir: Path, fig: Any, name: str, title: str) -> Figure:
     return Figure(title=title, file=f"{PLOTS}/{name}", png=png)
 
 
-def _leaderboard_plot(results_dir: Path, spec: StudySpec, pair: str, rows: pd.DataFrame, names: _Names) -> Figure:
+def _leaderboard_plot(
+    results_dir: Path, spec: StudySpec, pair: str, rows: pd.DataFrame, names: _Names
+) -> Figure:
     metric = primary_metric(spec.task)
     col, std_col = f"test_{metric}", f"test_{metric}_std"
     title = f"{pair}: target test {LABELS[metric]} %, mean ± sd over seeds"
@@ -172,12 +180,16 @@ def _leaderboard_plot(results_dir: Path, spec: StudySpec, pair: str, rows: pd.Da
         means = [100 * float(r[col]) for r in records]
         stds = [100 * float(r[std_col]) if _finite(r.get(std_col)) else 0.0 for r in records]
         labels = [
-            str(r["method"]) + (" (oracle)" if _truthy(r.get("oracle")) else "") + ("" if r.get("status") == "final" else f" [{r.get('status')}]")
+            str(r["method"])
+            + (" (oracle)" if _truthy(r.get("oracle")) else "")
+            + ("" if r.get("status") == "final" else f" [{r.get('status')}]")
             for r in records
         ]
         colours = [ORACLE_COLOUR if _truthy(r.get("oracle")) else BAR_COLOUR for r in records]
         y = list(range(len(records)))
-        ax.barh(y, means, xerr=stds, color=colours, capsize=4, height=0.6, error_kw={"elinewidth": 1.2})
+        ax.barh(
+            y, means, xerr=stds, color=colours, capsize=4, height=0.6, error_kw={"elinewidth": 1.2}
+        )
         for yi, m, s, r in zip(y, means, stds, records, strict=True):
             ax.text(min(m + s, 100) + 1, yi, _pm(r, metric), va="center", fontsize=8)
         ax.set_yticks(y, labels, fontsize=8)
@@ -191,7 +203,12 @@ def _leaderboard_plot(results_dir: Path, spec: StudySpec, pair: str, rows: pd.Da
 
 
 def _freeze_depth_plot(
-    results_dir: Path, spec: StudySpec, pair: str, rows: pd.DataFrame, trials: pd.DataFrame, names: _Names
+    results_dir: Path,
+    spec: StudySpec,
+    pair: str,
+    rows: pd.DataFrame,
+    trials: pd.DataFrame,
+    names: _Names,
 ) -> Figure:
     metric = primary_metric(spec.task)
     title = f"{pair}: freeze depth vs trial validation {LABELS[metric]}"
@@ -204,7 +221,9 @@ def _freeze_depth_plot(
     t = t[t["value"].map(_finite) & t["depth"].map(_finite)]
     if t.empty:
         return Figure(title, note="no completed trial with a freeze depth and a finite value")
-    selection = dict(zip(rows["method"], rows["selection"], strict=False)) if "selection" in rows else {}
+    selection = (
+        dict(zip(rows["method"], rows["selection"], strict=False)) if "selection" in rows else {}
+    )
     methods = list(dict.fromkeys(t["method"]))
     depths = sorted({int(d) for d in t["depth"]})
     width = min(0.8 / max(1, len(methods)), 0.35)
@@ -234,18 +253,27 @@ def _freeze_depth_plot(
         ax.set_ylabel(f"trial value: validation {LABELS[metric]} %")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+        ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False
+        )
         return _save(results_dir, fig, names(pair, "freeze-depth"), title)
 
 
 def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite(t.value)
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if _finite(t.value)
     ]
 
 
 def _history_plot(
-    results_dir: Path, spec: StudySpec, pair: str, method: str, study: optuna.Study | None, names: _Names
+    results_dir: Path,
+    spec: StudySpec,
+    pair: str,
+    method: str,
+    study: optuna.Study | None,
+    names: _Names,
 ) -> Figure:
     metric = primary_metric(spec.task)
     title = f"{method}: optimization history"
@@ -270,7 +298,9 @@ def importance_note(study: optuna.Study) -> str | None:
     if len(complete) < 2:
         return f"parameter importances need at least 2 completed trials ({len(complete)} so far)"
     common = set.intersection(*(set(t.params) for t in complete))
-    varying = sorted(p for p in common if len({json.dumps(t.params[p], default=str) for t in complete}) > 1)
+    varying = sorted(
+        p for p in common if len({json.dumps(t.params[p], default=str) for t in complete}) > 1
+    )
     if len(varying) < 2:
         shown = f" (only {varying[0]})" if varying else ""
         return f"parameter importances need more than one searched parameter that varies across completed trials{shown}"
@@ -278,7 +308,12 @@ def importance_note(study: optuna.Study) -> str | None:
 
 
 def _importance_plot(
-    results_dir: Path, spec: StudySpec, pair: str, method: str, study: optuna.Study | None, names: _Names
+    results_dir: Path,
+    spec: StudySpec,
+    pair: str,
+    method: str,
+    study: optuna.Study | None,
+    names: _Names,
 ) -> Figure:
     metric = primary_metric(spec.task)
     title = f"{method}: parameter importances"
@@ -296,14 +331,22 @@ def _importance_plot(
             ax = plot_param_importances(study, target_name=f"validation {LABELS[metric]}")
         except (RuntimeError, ValueError) as exc:  # e.g. a search space that changed between trials
             plt.close("all")
-            return Figure(title, note=f"parameter importances not computable: {str(exc).splitlines()[0][:200]}")
+            return Figure(
+                title,
+                note=f"parameter importances not computable: {str(exc).splitlines()[0][:200]}",
+            )
         # Optuna's caveats (e.g. too few trials in a regime of a conditional parameter) go in the caption
-        caveats = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+        caveats = list(
+            dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+        )
         fig = ax.figure
         n = len(ax.get_yticks())
         fig.set_size_inches(6.5, 1.4 + 0.35 * max(n, 2))
         ax.set_title("", loc="left")  # Optuna's own title, replaced by a centred one
-        ax.set_title(f"{pair} | {method}\nparameter importances ({len(_complete(study))} completed trials)", fontsize=9)
+        ax.set_title(
+            f"{pair} | {method}\nparameter importances ({len(_complete(study))} completed trials)",
+            fontsize=9,
+        )
         figure = _save(results_dir, fig, names(pair, method, "importance"), title)
     figure.note = " ".join(f"Optuna: {c}" for c in caveats)
     return figure
@@ -420,7 +463,11 @@ def _html(
             out.append(f"<h3>{_e(method)}</h3>")
             out.append(_best_params(rec))
             history, importance = fig.get("methods", {}).get(method, (None, None))
-            out.append('<div class="grid">' + "".join(_figure(f) for f in (history, importance) if f) + "</div>")
+            out.append(
+                '<div class="grid">'
+                + "".join(_figure(f) for f in (history, importance) if f)
+                + "</div>"
+            )
     out.append('<h2 id="files">Files</h2>')
     out.append(_files(results_dir, figures))
     out.append('<h2 id="provenance">Provenance</h2>')
@@ -443,10 +490,18 @@ def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
     head = ["rank", "method", "strategy", f"test {LABELS[m1]} %"]
     head += [f"test {LABELS[m2]} %"] if m2 else []
     head += ["val", "selection", "trials ok/pruned/failed", "status"]
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
+    out = [
+        "<table>",
+        "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>",
+        "<tbody>",
+    ]
     for r in rows.to_dict("records"):
         rank = r.get("rank")
-        rank = "-" if rank is None or rank is pd.NA or (isinstance(rank, float) and math.isnan(rank)) else int(rank)
+        rank = (
+            "-"
+            if rank is None or rank is pd.NA or (isinstance(rank, float) and math.isnan(rank))
+            else int(rank)
+        )
         selection = _e(r.get("selection") or "-")
         if _truthy(r.get("oracle")):
             selection += ' <span class="badge oracle">oracle</span>'
@@ -462,7 +517,9 @@ def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
             f'<td class="num">{_e(_val(r))}</td>',
             f'<td class="nowrap">{selection}</td>',
             '<td class="num">'
-            + _e(f"{_int(r.get('trials_complete'))}/{_int(r.get('trials_pruned'))}/{_int(r.get('trials_failed'))}")
+            + _e(
+                f"{_int(r.get('trials_complete'))}/{_int(r.get('trials_pruned'))}/{_int(r.get('trials_failed'))}"
+            )
             + "</td>",
             f"<td>{_e(r.get('status'))}</td>",
         ]
@@ -475,7 +532,9 @@ def _best_params(rec: dict[str, Any]) -> str:
     params = rec.get("best_params")
     if not isinstance(params, dict) or not params:
         return f'<p class="note">{_e(rec.get("status") or "no best trial")}: no best parameters</p>'
-    items = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in sorted(params.items()))
+    items = "".join(
+        f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in sorted(params.items())
+    )
     trial = rec.get("best_trial")
     trial = int(trial) if _finite(trial) else "-"
     return (
@@ -514,19 +573,30 @@ def _files(results_dir: Path, figures: dict[str, dict[str, Any]]) -> str:
     plots = [
         f
         for entry in figures.values()
-        for f in (entry.get("leaderboard"), entry.get("freeze"), *(x for pair in entry.get("methods", {}).values() for x in pair))
+        for f in (
+            entry.get("leaderboard"),
+            entry.get("freeze"),
+            *(x for pair in entry.get("methods", {}).values() for x in pair),
+        )
         if f is not None and f.file
     ]
     if plots:
         items.append(
-            "<li>plots:<ul>" + "".join(f'<li><a href="{_href(f.file)}">{_e(f.file)}</a></li>' for f in plots) + "</ul></li>"
+            "<li>plots:<ul>"
+            + "".join(f'<li><a href="{_href(f.file)}">{_e(f.file)}</a></li>' for f in plots)
+            + "</ul></li>"
         )
     bundle = results_dir / BUNDLE
     if bundle.is_dir():
-        files = sorted(p.name for p in bundle.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p.name for p in bundle.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         items.append(
             "<li>re-run bundle (<code>sh bundle/rerun.sh</code>):<ul>"
-            + "".join(f'<li><a href="{_href(f"{BUNDLE}/{n}")}">{_e(f"{BUNDLE}/{n}")}</a></li>' for n in files)
+            + "".join(
+                f'<li><a href="{_href(f"{BUNDLE}/{n}")}">{_e(f"{BUNDLE}/{n}")}</a></li>'
+                for n in files
+            )
             + "</ul></li>"
         )
     return "<ul>" + "".join(items) + "</ul>"
@@ -536,8 +606,12 @@ def _provenance(p: dict[str, Any]) -> str:
     out = ['<dl class="prov">']
     for key, value in p.items():
         out.append(f"<dt>{_e(key)}</dt>")
-        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value)):
-            out.append(f"<dd><pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre></dd>")
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(v, dict | list) for v in value)
+        ):
+            out.append(
+                f"<dd><pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre></dd>"
+            )
         elif isinstance(value, list):
             out.append(f"<dd>{_e(', '.join(str(v) for v in value) or '-')}</dd>")
         else:
@@ -554,7 +628,9 @@ def _provenance(p: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------- bundle
 
 
-def export_bundle(results_dir: Path, spec: StudySpec, board: pd.DataFrame, storage_url: str) -> Path:
+def export_bundle(
+    results_dir: Path, spec: StudySpec, board: pd.DataFrame, storage_url: str
+) -> Path:
     """Write ``results_dir/bundle/``: the study file, ``resolved_study.json``, ``best_params.json``,
     ``rerun.sh`` (re-runs the final seeds against the storage) and ``README.txt``; return the folder."""
     from harness.errors import HarnessError
@@ -575,12 +651,17 @@ def export_bundle(results_dir: Path, spec: StudySpec, board: pd.DataFrame, stora
     write_json(bundle / "resolved_study.json", spec.model_dump(mode="json"))
     write_json(bundle / "best_params.json", _best_params_json(spec, board))
 
-    default = {default_storage(results_dir): "optuna.db", journal_storage(results_dir): "optuna.journal"}.get(storage_url)
+    default = {
+        default_storage(results_dir): "optuna.db",
+        journal_storage(results_dir): "optuna.journal",
+    }.get(storage_url)
     shown_storage = _redact(storage_url)
     hashes = _started_with(spec, storage_url)
     write_text(bundle / "rerun.sh", _rerun_sh(results_dir, spec, shown_storage, default))
     (bundle / "rerun.sh").chmod(0o755)
-    write_text(bundle / "README.txt", _bundle_readme(spec, board, shown_storage, default, hashes, raw))
+    write_text(
+        bundle / "README.txt", _bundle_readme(spec, board, shown_storage, default, hashes, raw)
+    )
     return bundle
 
 
@@ -618,12 +699,16 @@ def _started_with(spec: StudySpec, storage_url: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - the bundle does not need the storage to be reachable
         return out
     try:
-        existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        existing = {
+            s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        }
         for pair in spec.pairs:
             for method in spec.methods:
                 name = optuna_study_name(pair, method)
                 if name in existing:
-                    h = optuna.load_study(study_name=name, storage=storage).user_attrs.get("study_file_hash")
+                    h = optuna.load_study(study_name=name, storage=storage).user_attrs.get(
+                        "study_file_hash"
+                    )
                     if h and h != spec.file_hash:
                         out[name] = h
     finally:
@@ -641,7 +726,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return (
+            "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        )
     return json.dumps(str(v))
 
 
@@ -650,7 +737,9 @@ def _sh(text: str) -> str:
 
 
 def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: str | None) -> str:
-    sets = "".join(f" \\\n    --set {_sh(f'{k}={_toml_value(v)}')}" for k, v in spec.overrides.items())
+    sets = "".join(
+        f" \\\n    --set {_sh(f'{k}={_toml_value(v)}')}" for k, v in spec.overrides.items()
+    )
     scheme = "journal" if default == "optuna.journal" else "sqlite"
     storage_default = f'"{scheme}:///$HERE/../{default}"' if default else _sh(storage)
     results = ' --results-dir "$HERE/../.."' if results_dir.name == spec.name else ""
@@ -673,12 +762,19 @@ def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: str | N
         "",
     ]
     if "***@" in storage:
-        lines.insert(11, "# The storage URL's credentials were removed: set HARNESS_STORAGE to the full URL.")
+        lines.insert(
+            11, "# The storage URL's credentials were removed: set HARNESS_STORAGE to the full URL."
+        )
     return "\n".join(lines)
 
 
 def _bundle_readme(
-    spec: StudySpec, board: pd.DataFrame, storage: str, default: str | None, hashes: dict[str, str], raw: bytes
+    spec: StudySpec,
+    board: pd.DataFrame,
+    storage: str,
+    default: str | None,
+    hashes: dict[str, str],
+    raw: bytes,
 ) -> str:
     metric = primary_metric(spec.task)
     n_final = int((board["status"] == "final").sum()) if "status" in board else 0
@@ -693,7 +789,11 @@ def _bundle_readme(
         f"{spec.name}.toml       the study file, byte for byte (sha256 {hashlib.sha256(raw).hexdigest()[:16]}, as in the",
         "                      leaderboard's provenance); `harness run` names the study after the file.",
         "resolved_study.json   the study with every default filled in"
-        + (f" and the --set overrides {json.dumps(spec.overrides)} applied" if spec.overrides else "")
+        + (
+            f" and the --set overrides {json.dumps(spec.overrides)} applied"
+            if spec.overrides
+            else ""
+        )
         + ".",
         "best_params.json      per pair and method: the best trial's parameters, its validation score,",
         f"                      selection rule, rank and target test {metric} (mean, sd and se over the seeds).",
@@ -706,7 +806,11 @@ def _bundle_readme(
         f"runs `harness run --study {spec.name}.toml --storage <url>`"
         + (" with the same --set overrides" if spec.overrides else "")
         + ". The storage is "
-        + (f"the {'journal' if default == 'optuna.journal' else 'SQLite'} file ../{default}, beside this folder" if default else storage)
+        + (
+            f"the {'journal' if default == 'optuna.journal' else 'SQLite'} file ../{default}, beside this folder"
+            if default
+            else storage
+        )
         + ".",
         "Running it against the same storage resumes: completed trials are reused and only missing",
         f"final runs ({spec.final_seeds} seeds per pair and method, seeds {spec.seed + 10_000}..{spec.seed + 10_000 + spec.final_seeds - 1})",
@@ -714,7 +818,8 @@ def _bundle_readme(
         "search and the final runs, set HARNESS_STORAGE to a new, empty storage and pass another",
         "--results-dir; the study seed, the data splits and the search space are those of the study file.",
         "",
-        "Trials were scored on validation splits only; the target test split was read once per final run.",
+        "Trials were scored on validation splits only (labelled ones, or the unlabelled target",
+        "validation images for label-free rules); the target test split was read once per final run.",
         f"{n_final} of {len(board)} leaderboard rows had all their final runs when this bundle was written.",
     ]
     if hashes:
@@ -745,7 +850,11 @@ def write_results_index(results_root: Path) -> Path:
             headline = _headline(records)
             count = str(len(records))
         except (OSError, ValueError, AttributeError) as exc:
-            description, headline, count = f"(unreadable leaderboard.json: {type(exc).__name__})", "-", "-"
+            description, headline, count = (
+                f"(unreadable leaderboard.json: {type(exc).__name__})",
+                "-",
+                "-",
+            )
         links = []
         if (folder / "index.html").is_file():
             links.append(f"[index.html]({quote(name)}/index.html)")
@@ -755,9 +864,12 @@ def write_results_index(results_root: Path) -> Path:
     lines = [
         "# Published results",
         "",
-        "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair, "
-        "its target **test** primary metric in %, mean ± standard error over the seeded final runs "
-        "(trials were selected on validation splits). Each study's `index.html` is a self-contained "
+        "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair "
+        "among the rows not flagged oracle, its target **test** primary metric in %, mean ± standard "
+        "error over the seeded final runs, and the rule that selected its trial: a labelled "
+        "validation split (`target-val`, `source-val`) or a label-free validator scoring unlabelled "
+        "target validation images (`im`, `snd`, ...); a method picked by several rules with the same "
+        "result is listed once with all of them. Each study's `index.html` is a self-contained "
         "report with plots; `leaderboard.md` the table and provenance.",
         "",
         "This file is generated from each `<study>/leaderboard.json`; do not edit it by hand.",
@@ -778,15 +890,28 @@ def write_results_index(results_root: Path) -> Path:
 
 def _headline(records: list[dict[str, Any]]) -> str:
     metric = next(
-        (primary_metric(task) for task in METRICS if any(f"test_{primary_metric(task)}" in r for r in records)),
+        (
+            primary_metric(task)
+            for task in METRICS
+            if any(f"test_{primary_metric(task)}" in r for r in records)
+        ),
         None,
     )
     if metric is None:
         return "-"
-    parts = []
+    # one entry per (pair, method, score): rules that picked the same result share it
+    entries: dict[tuple[str, str, str], list[str]] = {}
     for r in records:
         if r.get("rank") == 1 and not r.get("oracle"):  # oracle rows rank among themselves
-            parts.append(f"{r.get('pair')}: {r.get('label') or r.get('method')}, {LABELS[metric]} {_pm(r, metric)}")
+            key = (str(r.get("pair")), str(r.get("label") or r.get("method")), _pm(r, metric))
+            rules = entries.setdefault(key, [])
+            if r.get("selection") and r["selection"] not in rules:
+                rules.append(str(r["selection"]))
+    parts = [
+        f"{pair}: {method}, {LABELS[metric]} {score}"
+        + (f" (selected by {', '.join(rules)})" if rules else "")
+        for (pair, method, score), rules in entries.items()
+    ]
     return "; ".join(parts) or "-"
 
 

@@ -61,14 +61,20 @@ class SmpHead(nn.Module):
         from timm.models._features import FeatureListNet
 
         model = backbone.module
-        if not (hasattr(model, "feature_info") and hasattr(model, "pretrained_cfg") and backbone.name):
+        if not (
+            hasattr(model, "feature_info") and hasattr(model, "pretrained_cfg") and backbone.name
+        ):
             raise PluginContractError(
                 f"head {arch!r} needs a timm backbone with multi-scale features; "
                 f"{backbone.name or type(model).__name__!r} is not one",
             )
         try:
             net = smp.create_model(
-                arch, encoder_name=f"tu-{backbone.name}", encoder_weights=None, classes=num_classes, **options
+                arch,
+                encoder_name=f"tu-{backbone.name}",
+                encoder_weights=None,
+                classes=num_classes,
+                **options,
             )
             out_indices = net.encoder.model.feature_info.out_indices
             # Shares the backbone's modules: what trains or freezes there trains or freezes here.
@@ -89,6 +95,23 @@ class SmpHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    @property
+    def deepest_channels(self) -> int:
+        """Channels of the deepest feature map the decoder reads (``forward_with_features``)."""
+        return int(self.net.encoder.out_channels[-1])
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-pixel logits and the deepest encoder feature map ``(B, C, h, w)`` of the same pass
+        (the domain adaptation strategies align it). The map is caught on its way out of the
+        encoder, so the decoder runs exactly as in ``forward``."""
+        caught: list[Tensor] = []
+        handle = self.net.encoder.register_forward_hook(lambda _m, _i, out: caught.append(out[-1]))
+        try:
+            logits = self.net(x)
+        finally:
+            handle.remove()
+        return logits, caught[-1]
 
 
 def _feature_view(feature_cls: Any, model: nn.Module, out_indices: Any) -> nn.Module:
@@ -115,6 +138,8 @@ class _Restride(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         out = self.features(x)
         return [
-            f if k == 1 else nn.functional.interpolate(f, scale_factor=k, mode="bilinear", align_corners=False)
+            f
+            if k == 1
+            else nn.functional.interpolate(f, scale_factor=k, mode="bilinear", align_corners=False)
             for f, k in zip(out, self.factors, strict=True)
         ]

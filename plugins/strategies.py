@@ -72,12 +72,20 @@ class LPFT(FineTune):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.target
-        if ctx.progress < float(ctx.params.get("strategy.lp_fraction", 0.5)) and not model.head_takes_images:
+        if (
+            ctx.progress < float(ctx.params.get("strategy.lp_fraction", 0.5))
+            and not model.head_takes_images
+        ):
             model.backbone.eval()
             with torch.no_grad():
                 features = model.features(x)
             logits = model.head(features)
         else:
+            if model.training and not model.backbone.training:
+                # the probe phase put the backbone in eval mode and the engine sets modes once per
+                # epoch: without this, the rest of the epoch in which the phase switches would
+                # fine-tune with frozen normalization statistics (frozen stages stay in eval mode)
+                model.train()
             logits = model(x)
         return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
@@ -89,11 +97,17 @@ class _StartingPoint(nn.Module):
         super().__init__()
         self.names = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
         for i, n in enumerate(self.names):
-            self.register_buffer(f"w{i}", dict(model.backbone.named_parameters())[n].detach().clone())
+            self.register_buffer(
+                f"w{i}", dict(model.backbone.named_parameters())[n].detach().clone()
+            )
 
     def distance(self, model) -> torch.Tensor:
         params = dict(model.backbone.named_parameters())
-        total = torch.zeros((), device=next(iter(self.buffers())).device) if self.names else torch.zeros(())
+        total = (
+            torch.zeros((), device=next(iter(self.buffers())).device)
+            if self.names
+            else torch.zeros(())
+        )
         for i, n in enumerate(self.names):
             total = total + (params[n].float() - getattr(self, f"w{i}").float()).pow(2).sum()
         return total

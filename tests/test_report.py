@@ -136,7 +136,9 @@ def test_index_html_is_self_contained_and_complete(published):
     assert "± " in text and "Provenance" in text
     assert "report test: source-only vs fine-tuning &lt;small&gt; &amp; quick" in text  # escaped
     assert 'class="badge oracle">oracle</span>' in text  # source-only selected on target labels
-    assert text.count("data:image/png;base64,") == len(list((published.results_dir / "plots").glob("*.png")))
+    assert text.count("data:image/png;base64,") == len(
+        list((published.results_dir / "plots").glob("*.png"))
+    )
     # nothing is fetched from anywhere: no scheme but data:, no protocol-relative URLs, no scripts
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)
     assert "http://" not in text and "https://" not in text
@@ -163,7 +165,9 @@ def test_text_from_the_study_and_storage_is_escaped(published, tmp_path):
     spec = published.spec.model_copy(update={"description": "<script>alert(1)</script>"})
     board = published.board.copy()
     board.loc[0, "method"] = '<img src=x onerror="alert(1)">'
-    index = report.write_report(tmp_path, spec, board, published.trials, published.provenance, published.url)
+    index = report.write_report(
+        tmp_path, spec, board, published.trials, published.provenance, published.url
+    )
     text = index.read_text(encoding="utf-8")
     assert "<script>" not in text and "<img src=x" not in text
     assert "&lt;script&gt;" in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
@@ -173,7 +177,11 @@ def test_report_notes_plots_it_cannot_draw(published, tmp_path):
     """A storage where one method has only pruned trials and the other never started."""
     spec = published.spec
     url = default_storage(tmp_path)
-    study = optuna.create_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=url, direction="maximize")
+    study = optuna.create_study(
+        study_name=optuna_study_name(spec.pairs[0], spec.methods[0]),
+        storage=url,
+        direction="maximize",
+    )
     study.add_trial(create_trial(state=TrialState.PRUNED, params={"head.lr": 1e-3},
                                  distributions={"head.lr": FloatDistribution(1e-4, 1e-2, log=True)},
                                  intermediate_values={0: 0.2}))  # fmt: skip
@@ -191,10 +199,14 @@ def test_importances_need_two_completed_trials_and_two_varying_params():
         study = optuna.create_study(direction="maximize")
         dists = {"a": FloatDistribution(0.1, 1.0), "b": FloatDistribution(0.1, 1.0)}
         for i, p in enumerate(params):
-            study.add_trial(create_trial(value=0.1 * i, params=p, distributions={k: dists[k] for k in p}))
+            study.add_trial(
+                create_trial(value=0.1 * i, params=p, distributions={k: dists[k] for k in p})
+            )
         return study
 
-    assert "at least 2 completed trials (1 so far)" in report.importance_note(study_with({"a": 0.2, "b": 0.3}))
+    assert "at least 2 completed trials (1 so far)" in report.importance_note(
+        study_with({"a": 0.2, "b": 0.3})
+    )
     note = report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.3}))
     assert "more than one" in note and "(only a)" in note
     assert report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.4})) is None
@@ -203,7 +215,13 @@ def test_importances_need_two_completed_trials_and_two_varying_params():
 def test_bundle_has_study_resolved_spec_best_params_and_rerun_script(published):
     bundle, spec = published.bundle, published.spec
     assert bundle == published.results_dir / "bundle"
-    for name in ("report.toml", "resolved_study.json", "best_params.json", "rerun.sh", "README.txt"):
+    for name in (
+        "report.toml",
+        "resolved_study.json",
+        "best_params.json",
+        "rerun.sh",
+        "README.txt",
+    ):
         assert (bundle / name).is_file(), name
     assert (bundle / "report.toml").read_bytes() == published.study_file.read_bytes()
     assert json.loads((bundle / "resolved_study.json").read_text()) == spec.model_dump(mode="json")
@@ -213,7 +231,9 @@ def test_bundle_has_study_resolved_spec_best_params_and_rerun_script(published):
     for row in published.board.to_dict("records"):
         entry = methods[row["method"]]
         assert entry["params"] == row["best_params"] and entry["best_trial"] == row["best_trial"]
-        assert {"head.lr", "optimizer.weight_decay", "backbone.freeze_depth"} <= set(entry["params"])
+        assert {"head.lr", "optimizer.weight_decay", "backbone.freeze_depth"} <= set(
+            entry["params"]
+        )
     script = (bundle / "rerun.sh").read_text()
     assert os.stat(bundle / "rerun.sh").st_mode & stat.S_IXUSR
     assert 'run --study "$HERE/report.toml" --storage "$STORAGE"' in script
@@ -235,7 +255,10 @@ def test_bundle_rerun_script_runs_harness_with_the_right_arguments(published, tm
     args = dict(zip(out[1:-1:2], out[2:-1:2], strict=True))
     assert Path(args["--study"]).resolve() == (published.bundle / "report.toml").resolve()
     db = Path(args["--storage"].removeprefix("sqlite:///"))
-    assert args["--storage"].startswith("sqlite:////") and db.resolve() == (published.results_dir / "optuna.db").resolve()
+    assert (
+        args["--storage"].startswith("sqlite:////")
+        and db.resolve() == (published.results_dir / "optuna.db").resolve()
+    )
     assert Path(args["--results-dir"]).resolve() == published.results_dir.parent.resolve()
 
 
@@ -268,16 +291,27 @@ def test_results_index_lists_every_published_study(published, tmp_path):
     assert top["method"] in row and "acc " in row and "± " in row
     assert list(oracle["method"]) == ["test_resnet(none)+linear+source-only"]
     assert "source-only" not in row.split("|")[3]  # the headline cell
-    assert "[index.html](report/index.html)" in row and "[leaderboard.md](report/leaderboard.md)" in row
+    assert (
+        "[index.html](report/index.html)" in row
+        and "[leaderboard.md](report/leaderboard.md)" in row
+    )
     assert "report test: source-only vs fine-tuning &lt;small> & quick" in row
     assert row.split("|")[4].strip() == str(len(published.board))
     # other folders: a second study, one with a broken leaderboard.json, one with none
-    shutil.copytree(published.results_dir, tmp_path / "second", ignore=shutil.ignore_patterns("optuna.db", "bundle"))
+    shutil.copytree(
+        published.results_dir,
+        tmp_path / "second",
+        ignore=shutil.ignore_patterns("optuna.db", "bundle"),
+    )
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "leaderboard.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
     text = report.write_results_index(tmp_path).read_text()
-    assert "| second |" in text and "| broken | (unreadable leaderboard.json" in text and "| empty |" not in text
+    assert (
+        "| second |" in text
+        and "| broken | (unreadable leaderboard.json" in text
+        and "| empty |" not in text
+    )
 
 
 def test_storage_loads_with_optunas_public_api_as_optuna_dashboard_does(published):
@@ -285,7 +319,9 @@ def test_storage_loads_with_optunas_public_api_as_optuna_dashboard_does(publishe
     spec, url = published.spec, published.url
     assert url == default_storage(published.results_dir) and url.startswith("sqlite:///")
     summaries = optuna.get_all_study_summaries(url)
-    assert {s.study_name for s in summaries} == {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
+    assert {s.study_name for s in summaries} == {
+        optuna_study_name(spec.pairs[0], m) for m in spec.methods
+    }
     for summary in summaries:
         assert summary.n_trials == 2 and summary.direction == optuna.study.StudyDirection.MAXIMIZE
         study = optuna.load_study(study_name=summary.study_name, storage=url)
@@ -299,7 +335,9 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}"]  # fmt: skip
-    return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -308,7 +346,9 @@ def test_index_html_renders_in_headless_chromium(published, tmp_path):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the browser check needs it")
     url = published.index.resolve().as_uri()
     shot = tmp_path / "shot.png"
-    result = _chromium(f"--screenshot={shot}", "--window-size=1200,1600", url, profile=tmp_path / "profile")
+    result = _chromium(
+        f"--screenshot={shot}", "--window-size=1200,1600", url, profile=tmp_path / "profile"
+    )
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     dom = _chromium("--dump-dom", url, profile=tmp_path / "profile2")
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -329,5 +369,46 @@ def test_index_html_renders_in_headless_chromium(published, tmp_path):
         assert len(colours) > 1, "blank screenshot"
         # the leaderboard bar chart is in view: its bars are matplotlib's first colour
         r0, g0, b0 = (int(report.BAR_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
-        bar = sum(n for n, (r, g, b) in colours if abs(r - r0) < 12 and abs(g - g0) < 12 and abs(b - b0) < 12)
+        bar = sum(
+            n
+            for n, (r, g, b) in colours
+            if abs(r - r0) < 12 and abs(g - g0) < 12 and abs(b - b0) < 12
+        )
         assert bar > 500, f"only {bar} bar-coloured pixels: the plots did not render"
+
+
+def test_results_index_lists_a_pair_once_per_result_and_names_the_selecting_rules(tmp_path):
+    """Rules that picked the same trial give rows that tie at rank 1: one headline entry for them."""
+    row = {
+        "pair": "a->b",
+        "method": "m",
+        "rank": 1,
+        "oracle": False,
+        "test_accuracy": 0.5,
+        "test_accuracy_se": 0.01,
+    }
+    records = [
+        {**row, "selection": "im"},
+        {**row, "selection": "target-val"},
+        {**row, "method": "other", "selection": "im"},  # another method tied at rank 1
+        {
+            **row,
+            "method": "peek",
+            "selection": "target-val",
+            "oracle": True,
+        },  # oracle: never a headline
+        {**row, "method": "second", "rank": 2, "selection": "im"},
+    ]
+    assert report._headline(records) == (
+        "a->b: m, acc 50.0 ± 1.0 (selected by im, target-val); a->b: other, acc 50.0 ± 1.0 (selected by im)"
+    )
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "leaderboard.json").write_text(
+        json.dumps({"description": "d", "rows": records})
+    )
+    text = report.write_results_index(tmp_path).read_text()
+    assert (
+        text.count("a->b: m,") == 1
+        and "label-free validator scoring unlabelled target validation images" in text
+    )
+    assert "trials were selected on validation splits" not in text

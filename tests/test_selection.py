@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from conftest import write_study
@@ -83,14 +85,21 @@ def uda_run(tmp_path_factory):
 
 
 def studies(spec, runner):
-    return [optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage_url) for m in spec.methods]
+    return [
+        optuna.load_study(
+            study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage_url
+        )
+        for m in spec.methods
+    ]
 
 
 def test_search_and_selection_never_read_the_test_split(uda_run):
     spec, runner, reads = uda_run
     for study in studies(spec, runner):
         trials = study.get_trials()
-        assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs.get("error") for t in trials]
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [
+            t.user_attrs.get("error") for t in trials
+        ]
     # one read per final run; rules that pick the same trial share its runs
     finals = sum(1 for s in studies(spec, runner) for k in s.user_attrs if k.startswith("final:"))
     assert len(reads) == finals >= 2
@@ -134,29 +143,127 @@ def test_validator_agreement_is_reported_in_json_and_markdown(uda_run, tmp_path)
     spec, runner, _ = uda_run
     board, trials, prov = leaderboard.collect(spec, runner.storage_url)
     agreement = prov["validator_agreement"]
-    assert {a["method"] for a in agreement} == {m.key for m in spec.methods}
+    assert [a["method"] for a in agreement] == [leaderboard.POOLED, *(m.key for m in spec.methods)]
     for a in agreement:
-        assert a["trials"] == 3 and set(a) >= {"entropy", "im", "snd", "bnm", "source-val"}
+        assert a["trials"] == (6 if a["scope"] == "pooled" else 3) and set(a) >= {
+            "entropy",
+            "im",
+            "snd",
+            "bnm",
+            "source-val",
+        }
         assert all(a[r] is None or -1.0 <= a[r] <= 1.0 for r in ("entropy", "im", "snd", "bnm"))
     leaderboard.write(tmp_path, spec, board, trials, prov)
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "How well label-free rules ranked the trials" in md and "| snd" in md.replace("|   snd", "| snd")
+    assert "How well label-free rules ranked the trials" in md and "| snd" in md.replace(
+        "|   snd", "| snd"
+    )
     assert "score:snd" in (tmp_path / "trials.csv").read_text()
 
 
+def _hand_made_storage(tmp_path, spec, trials_per_method):
+    """An Optuna storage whose studies hold completed trials with the given per-rule scores."""
+    url = f"sqlite:///{tmp_path / 'hand.db'}"
+    for method, trials in zip(spec.methods, trials_per_method, strict=True):
+        study = optuna.create_study(
+            study_name=optuna_study_name(spec.pairs[0], method), storage=url, direction="maximize"
+        )
+        for scores in trials:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.COMPLETE, value=scores["im"], user_attrs={"scores": scores}
+                )
+            )
+    return url
+
+
+def test_validator_agreement_pools_the_pair_and_says_when_too_few_trials(tmp_path):
+    """Known correlations: im orders the trials as their target accuracy does (+1), snd reverses it
+    (-1), entropy is tied everywhere, bnm was never scored; the second method has two trials only."""
+    spec = load_study(str(write_study(tmp_path, "uda", body=UDA_STUDY)))
+
+    def trial(acc, im, snd, src):
+        return {"target-val": acc, "im": im, "snd": snd, "entropy": 0.5, "source-val": src}
+
+    first = [trial(0.1, 1.0, 3.0, 0.1), trial(0.2, 2.0, 2.0, 0.2), trial(0.3, 3.0, 1.0, 0.3)]
+    second = [trial(0.4, 4.0, -1.0, 0.5), trial(0.5, 5.0, -2.0, 0.4)]
+    url = _hand_made_storage(tmp_path, spec, [first, second])
+    board, trials, prov = leaderboard.collect(spec, url)
+    pooled, one, two = prov["validator_agreement"]
+
+    assert (pooled["method"], pooled["scope"], pooled["trials"]) == (
+        leaderboard.POOLED,
+        "pooled",
+        5,
+    )
+    assert pooled["im"] == pytest.approx(1.0) and pooled["snd"] == pytest.approx(-1.0)
+    assert pooled["source-val"] == pytest.approx(0.9)  # one swap among five: 1 - 6 * 2 / (5 * 24)
+    assert pooled["entropy"] is None and pooled["bnm"] is None
+    assert pooled["n"] == {"source-val": 5, "entropy": 5, "im": 5, "snd": 5, "bnm": 0}
+    assert "no correlation for entropy" in pooled["note"]
+
+    assert (one["method"], one["scope"], one["trials"]) == (spec.methods[0].key, "method", 3)
+    assert (
+        one["im"] == pytest.approx(1.0)
+        and one["snd"] == pytest.approx(-1.0)
+        and one["source-val"] == pytest.approx(1.0)
+    )
+
+    assert (two["method"], two["trials"]) == (spec.methods[1].key, 2)
+    assert all(two[r] is None for r in ("im", "snd", "source-val", "entropy", "bnm"))
+    assert "too few completed trials" in two["note"] and "(2;" in two["note"]
+
+    leaderboard.write(tmp_path / "out", spec, board, trials, prov)
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    section = md.split("## How well label-free rules ranked the trials")[1].split("## Provenance")[
+        0
+    ]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("|")
+    ]
+    header, body = rows[0], rows[2:]
+    assert header[:3] == ["pair", "method", "trials"] and header[-1] == "note"
+    cell = {(r[1], h): v for r in body for h, v in zip(header, r, strict=True)}
+    assert [r[1] for r in body] == [leaderboard.POOLED, spec.methods[0].key, spec.methods[1].key]
+    assert (
+        cell[(leaderboard.POOLED, "trials")] == "5" and cell[(leaderboard.POOLED, "im")] == "+1.00"
+    )
+    assert (
+        cell[(leaderboard.POOLED, "snd")] == "-1.00"
+        and cell[(leaderboard.POOLED, "entropy")] == "- (tied)"
+    )
+    assert cell[(leaderboard.POOLED, "bnm")] == "- (n=0)"
+    assert cell[(spec.methods[1].key, "trials")] == "2" and cell[(spec.methods[1].key, "im")] == "-"
+    assert "too few completed trials" in cell[(spec.methods[1].key, "note")]
+    json_prov = json.loads((tmp_path / "out" / "leaderboard.json").read_text())["provenance"]
+    assert json_prov["validator_agreement"][0]["im"] == pytest.approx(1.0)
+
+
 def test_a_classification_only_strategy_is_refused_for_segmentation(tmp_path):
-    body = UDA_STUDY.replace('task = "classification"', "")
-    body = 'task = "segmentation"\n' + body.replace('source = "digits"', 'source = "seg-synthetic"').replace(
-        'target = "digits-m"', 'target = "seg-photo"'
-    ).replace('head = "linear"', 'head = "unet"')
+    body = UDA_STUDY.replace('task = "classification"', "").replace(
+        'strategy = "dann"', 'strategy = "mcc"'
+    )
+    body = 'task = "segmentation"\n' + body.replace(
+        'source = "digits"', 'source = "seg-synthetic"'
+    ).replace('target = "digits-m"', 'target = "seg-photo"').replace(
+        'head = "linear"', 'head = "unet"'
+    )
     spec = load_study(str(write_study(tmp_path, "seg", body=body)))
-    with pytest.raises(StudySpecError, match=r"methods\[1\]\.strategy.*'dann' supports classification, not segmentation"):
+    with pytest.raises(
+        StudySpecError,
+        match=r"methods\[1\]\.strategy.*'mcc' supports classification, not segmentation",
+    ):
         make_runner(tmp_path, spec)
 
 
 def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
     path = write_study(tmp_path, "bad", body=UDA_STUDY.replace('"snd", ', '"snd", "oracle", '))
-    with pytest.raises(StudySpecError, match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm"):
+    with pytest.raises(
+        StudySpecError,
+        match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm",
+    ):
         load_study(str(path))
 
 
@@ -169,4 +276,6 @@ def test_all_scores_in_one_go_equal_each_rule_scored_alone(uda_run):
     together = runner.all_scores(model, source, target, runner.precision)
     assert set(together) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
     for rule, value in together.items():
-        assert value == pytest.approx(runner.rule_score(rule, model, source, target, runner.precision), rel=1e-5, abs=1e-6)
+        assert value == pytest.approx(
+            runner.rule_score(rule, model, source, target, runner.precision), rel=1e-5, abs=1e-6
+        )
