@@ -254,11 +254,23 @@ def stages_from_prefixes(module: nn.Module, prefixes: Iterable[str]) -> list[lis
     return [s for s in stages if s]
 
 
-def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+#: files read with ``reuse=True``: (path, mtime, size) -> state dict, most recently used last
+_REUSED: dict[tuple[str, int, int], dict[str, Tensor]] = {}
+#: at most this many bytes of tensors are kept for reuse (the newest files first)
+REUSE_BYTES = 2**30
+
+
+def load_weights_file(path: str | Path, *, reuse: bool = False) -> dict[str, Tensor]:
     """Load a state dict from ``.safetensors`` or a torch checkpoint, never executing pickled code.
 
     Torch checkpoints are read with ``weights_only=True``; a nested ``state_dict``/``model`` entry
     is unwrapped. Anything else raises ``WeightsError`` naming the file.
+
+    With ``reuse=True`` the tensors read from an unchanged file (same path, modification time and
+    size) are kept in memory and returned again by the next such call, so a search that builds a
+    model from the same weights for every trial reads and parses the file once. The tensors are
+    then shared between callers: copy them into a model (``load_state_dict``), never modify them
+    in place.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -266,6 +278,23 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
             f"weights file not found: {path}",
             hint="set weights to an existing .safetensors or .pth file, or to 'none'",
         )
+    if not reuse:
+        return _read_weights_file(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    state = _REUSED.pop(key, None)
+    if state is None:
+        state = _read_weights_file(path)
+    _REUSED[key] = state
+    total = 0
+    for k in reversed(list(_REUSED)):  # newest first; drop what no longer fits
+        total += sum(t.numel() * t.element_size() for t in _REUSED[k].values())
+        if total > REUSE_BYTES and k != key:
+            del _REUSED[k]
+    return state
+
+
+def _read_weights_file(path: Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

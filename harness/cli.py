@@ -40,7 +40,7 @@ StorageOpt = Annotated[
     typer.Option(
         "--storage",
         help="Optuna storage URL, e.g. postgresql://user@host/db shared by several machines "
-        "(default: a file under results/<study>/: SQLite for one process, a journal file for --workers N)",
+        "(default: the journal file results/<study>/optuna.journal, or the optuna.db a study was begun in)",
     ),
 ]
 

@@ -28,6 +28,7 @@ from harness.search import (
     counts,
     make_storage,
     optuna_study_name,
+    trial_params,
     trial_score,
 )
 from harness.study import StudySpec
@@ -140,11 +141,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                     run_commits.add(f.get("git_commit") or "unknown")
                     devices.add(f.get("device", "?"))
                     precisions.add(f.get("precision", "?"))
-                params = {
-                    k.removeprefix("param:"): v
-                    for k, v in best.user_attrs.items()
-                    if k.startswith("param:")
-                }
+                params = trial_params(best)
                 rule_row.update(
                     status="final"
                     if len(finals) == spec.final_seeds
@@ -475,9 +472,7 @@ def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str,
         "counted": counts(t),
         "error": t.user_attrs.get("error", ""),
     }
-    row.update(
-        {k.removeprefix("param:"): v for k, v in t.user_attrs.items() if k.startswith("param:")}
-    )
+    row.update(trial_params(t))
     row.update({f"score:{k}": v for k, v in (t.user_attrs.get("scores") or {}).items()})
     return row
 

@@ -77,7 +77,7 @@ def timm_stages(model) -> list[list[str]]:
 
 
 def _load_local(model, path: Path, name: str) -> None:
-    state = load_weights_file(path)
+    state = load_weights_file(path, reuse=True)  # a search builds every trial from the same file
     classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ()
     if isinstance(classifier, str):
         classifier = (classifier,)

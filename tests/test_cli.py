@@ -29,7 +29,7 @@ def test_run_study_end_to_end_then_rebuild_leaderboard(tmp_path):
     assert "[1/2, best" in result.stderr and "s]" in result.stderr
     assert "pretraining test_resnet on source 'digits'" in result.stderr
     out = tmp_path / "results" / "e2e"
-    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "trials.csv", "optuna.db"):
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "trials.csv", "optuna.journal"):
         assert (out / name).is_file(), name
     data = json.loads((out / "leaderboard.json").read_text())
     rows = data["rows"]

@@ -25,7 +25,15 @@ from PIL import Image
 
 from harness import leaderboard, report
 from harness.registry import Registry
-from harness.search import Runner, RunOptions, default_storage, optuna_study_name
+from harness.search import (
+    FINALS_SUFFIX,
+    Runner,
+    RunOptions,
+    default_storage,
+    journal_storage,
+    optuna_study_name,
+    trial_params,
+)
 from harness.study import load_study
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -254,10 +262,10 @@ def test_bundle_rerun_script_runs_harness_with_the_right_arguments(published, tm
     assert out[0] == "run" and out[-1] == "--quiet"
     args = dict(zip(out[1:-1:2], out[2:-1:2], strict=True))
     assert Path(args["--study"]).resolve() == (published.bundle / "report.toml").resolve()
-    db = Path(args["--storage"].removeprefix("sqlite:///"))
+    journal = Path(args["--storage"].removeprefix("journal:///"))
     assert (
-        args["--storage"].startswith("sqlite:////")
-        and db.resolve() == (published.results_dir / "optuna.db").resolve()
+        args["--storage"].startswith("journal:////")
+        and journal.resolve() == (published.results_dir / "optuna.journal").resolve()
     )
     assert Path(args["--results-dir"]).resolve() == published.results_dir.parent.resolve()
 
@@ -301,7 +309,7 @@ def test_results_index_lists_every_published_study(published, tmp_path):
     shutil.copytree(
         published.results_dir,
         tmp_path / "second",
-        ignore=shutil.ignore_patterns("optuna.db", "bundle"),
+        ignore=shutil.ignore_patterns("optuna.journal*", "bundle"),
     )
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "leaderboard.json").write_text("{not json")
@@ -317,16 +325,20 @@ def test_results_index_lists_every_published_study(published, tmp_path):
 def test_storage_loads_with_optunas_public_api_as_optuna_dashboard_does(published):
     """optuna-dashboard reads a storage with these calls only."""
     spec, url = published.spec, published.url
-    assert url == default_storage(published.results_dir) and url.startswith("sqlite:///")
-    summaries = optuna.get_all_study_summaries(url)
-    assert {s.study_name for s in summaries} == {
-        optuna_study_name(spec.pairs[0], m) for m in spec.methods
-    }
-    for summary in summaries:
+    assert url == journal_storage(published.results_dir)
+    # what `optuna-dashboard results/NAME/optuna.journal` opens
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(published.results_dir / "optuna.journal")))
+    summaries = optuna.get_all_study_summaries(storage)
+    names = {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
+    # beside each (pair, method) study, the one that holds the claims of its final runs
+    assert {s.study_name for s in summaries} == names | {n + FINALS_SUFFIX for n in names}
+    for summary in (s for s in summaries if s.study_name in names):
         assert summary.n_trials == 2 and summary.direction == optuna.study.StudyDirection.MAXIMIZE
-        study = optuna.load_study(study_name=summary.study_name, storage=url)
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
         best = study.best_trial
-        assert best.params and {k for k in best.user_attrs if k.startswith("param:")}
+        assert best.params and set(best.params) <= set(trial_params(best))
         assert any(k.startswith(f"final:{best.number}:") for k in study.user_attrs)
         assert all(len(t.intermediate_values) == 2 for t in study.trials)
 

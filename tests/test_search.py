@@ -15,7 +15,7 @@ from harness import hookimpl, leaderboard
 from harness.api import Strategy
 from harness.errors import StudySpecError
 from harness.registry import PluginInfo, Registry
-from harness.search import Runner, RunOptions, optuna_study_name
+from harness.search import FINALS_SUFFIX, Runner, RunOptions, optuna_study_name, trial_params
 from harness.study import load_study
 
 
@@ -76,19 +76,18 @@ def finished(tmp_path_factory):
 
 def test_one_optuna_study_per_pair_and_method_with_budget(finished):
     tmp, spec, runner, _ = finished
-    names = {s.study_name for s in optuna.get_all_study_summaries(runner.storage_url)}
-    assert names == {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
+    all_names = {s.study_name for s in optuna.get_all_study_summaries(runner.storage)}
+    names = {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
+    assert all_names == names | {n + FINALS_SUFFIX for n in names}  # and their final runs' claims
     for name in names:
-        study = optuna.load_study(study_name=name, storage=runner.storage_url)
+        study = optuna.load_study(study_name=name, storage=runner.storage)
         trials = study.get_trials()
         assert len(trials) == 2
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert all(len(t.intermediate_values) == 2 for t in complete)  # one report per epoch
         assert all(0.0 <= t.value <= 1.0 for t in complete)
-        assert {"backbone.freeze_depth", "head.lr", "optimizer.weight_decay", "augment.policy"} <= set(trials[0].params) | {
-            k.removeprefix("param:") for k in trials[0].user_attrs
-        }
+        assert {"backbone.freeze_depth", "head.lr", "optimizer.weight_decay", "augment.policy"} <= set(trial_params(trials[0]))
         assert study.user_attrs["config"]["data"]["source"]
 
 
@@ -100,10 +99,10 @@ def test_test_split_is_read_only_by_the_final_runs(finished):
 
 def test_linear_probe_searches_no_backbone_learning_rate(finished):
     _, spec, runner, _ = finished
-    study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[2]), storage=runner.storage_url)
+    study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[2]), storage=runner.storage)
     for t in study.get_trials():
         assert "backbone.lr" not in t.params and "backbone.freeze_depth" not in t.params
-        assert t.user_attrs["param:backbone.freeze_depth"] == 5
+        assert trial_params(t)["backbone.freeze_depth"] == 5
 
 
 def test_leaderboard_rows_and_provenance(finished):
@@ -132,15 +131,16 @@ def test_leaderboard_rows_and_provenance(finished):
 def test_rerun_resumes_and_tops_up_the_budget(finished, tmp_path):
     tmp, spec, runner, _ = finished
     before = {
-        s.study_name: [(t.number, t.value) for t in optuna.load_study(study_name=s.study_name, storage=runner.storage_url).get_trials()]
-        for s in optuna.get_all_study_summaries(runner.storage_url)
+        s.study_name: [(t.number, t.value) for t in optuna.load_study(study_name=s.study_name, storage=runner.storage).get_trials()]
+        for s in optuna.get_all_study_summaries(runner.storage)
+        if not s.study_name.endswith(FINALS_SUFFIX)
     }
     finals = leaderboard.collect(spec, runner.storage_url)[0]["test_accuracy"].tolist()
     make_runner(tmp, spec).run()  # same budget: nothing new
     bigger = spec.model_copy(update={"budget": spec.budget.model_copy(update={"trials": 3})})
     make_runner(tmp, bigger).run()
     for name, old in before.items():
-        trials = optuna.load_study(study_name=name, storage=runner.storage_url).get_trials()
+        trials = optuna.load_study(study_name=name, storage=runner.storage).get_trials()
         assert len(trials) == 3
         assert [(t.number, t.value) for t in trials[:2]] == old  # completed trials untouched
     again = leaderboard.collect(spec, runner.storage_url)[0]["test_accuracy"].tolist()
@@ -178,7 +178,7 @@ def test_failed_trials_are_recorded_with_reason_and_search_goes_on(tmp_path):
     assert board.loc["nan-loss", "trials_failed"] == 2
     reasons = {}
     for m in spec.methods[1:]:
-        study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage_url)
+        study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage)
         reasons[m.strategy] = {t.user_attrs.get("fail_reason") for t in study.get_trials()}
     assert reasons == {"nan-loss": {"nonfinite"}, "explodes": {"error"}}
 

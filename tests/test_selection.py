@@ -87,7 +87,7 @@ def uda_run(tmp_path_factory):
 def studies(spec, runner):
     return [
         optuna.load_study(
-            study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage_url
+            study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage
         )
         for m in spec.methods
     ]

@@ -92,3 +92,31 @@ def test_weights_with_wrong_shapes_are_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in one_channel.state_dict().items()}, str(path))
     with pytest.raises(WeightsError, match="size mismatch"):
         build_timm_backbone("test_resnet", weights=str(path))
+
+
+def test_reused_weights_are_read_once_per_file_version_and_models_do_not_share_them(tmp_path):
+    import os
+
+    from harness import api
+
+    state = _state()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    first = api.load_weights_file(path, reuse=True)
+    assert api.load_weights_file(path, reuse=True) is first  # read and parsed once
+    assert api.load_weights_file(path) is not first  # without reuse: a fresh read
+    # two models built from it own their tensors: training one leaves the file's copy as it was
+    a = build_timm_backbone("test_resnet", weights=str(path)).module
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)
+    b = build_timm_backbone("test_resnet", weights=str(path)).module
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the file rewritten (as source pretraining replaces it): the new contents are read
+    changed = {k: (v + 1 if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(changed, str(path))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    again = api.load_weights_file(path, reuse=True)
+    assert again is not first
+    assert all(torch.equal(again[k], changed[k]) for k in changed)

@@ -36,7 +36,7 @@ def _spec(tmp_path, strategy: str, trials: int = 2):
 
 
 def _trials(runner: Runner, spec) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage_url).get_trials()
+    return optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage).get_trials()
 
 
 def _no_non_finite(obj) -> bool:
@@ -86,7 +86,7 @@ def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboa
     runner.run()
     monkeypatch.undo()
     for method, state in zip(spec.methods, (TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE), strict=True):
-        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], method), storage=runner.storage_url).get_trials()
+        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], method), storage=runner.storage).get_trials()
         assert [t.state for t in trials] == [state], method.strategy  # the search goes on
         if state == TrialState.FAIL:
             assert {t.user_attrs["fail_reason"] for t in trials} == {"nonfinite"}

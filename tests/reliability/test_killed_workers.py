@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 from procs import run, start, trials, user_attrs, wait_for, write
 
-from harness.search import count_budget, default_storage, journal_storage
+from harness.search import count_budget, journal_storage
 from harness.workers import LEASE
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
 
 def test_sigterm_marks_the_running_trial_and_exits_within_seconds(tmp_path):
     write(tmp_path, trials=2, epochs=20, final_seeds=1)
-    url = default_storage(tmp_path / "results" / "par")
+    url = journal_storage(tmp_path / "results" / "par")
     log = tmp_path / "run.log"
     proc = start("--study", "par", "--no-report", cwd=tmp_path, log=log)
     try:
@@ -93,7 +93,7 @@ def test_sigterm_marks_the_running_trial_and_exits_within_seconds(tmp_path):
 
 def test_rerunning_a_sigkilled_lone_run_reaps_its_trial_retries_it_once_and_finishes_the_budget(tmp_path):
     write(tmp_path, trials=2, epochs=4, final_seeds=1)
-    url = default_storage(tmp_path / "results" / "par")
+    url = journal_storage(tmp_path / "results" / "par")
     log = tmp_path / "run.log"
     proc = start("--study", "par", "--no-report", cwd=tmp_path, log=log)
 

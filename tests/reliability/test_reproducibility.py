@@ -22,6 +22,6 @@ def test_same_study_same_seed_same_numbers_whatever_ran_before(tmp_path):
         runner = Runner(spec, registry_with(), RunOptions(results_dir=tmp_path / f"r{k}", log=lambda m: None))
         runner.run()
         board = leaderboard.collect(spec, runner.storage_url)[0]
-        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage_url).get_trials()
+        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage).get_trials()
         values.append(([t.value for t in trials], board["test_accuracy"].tolist()))
     assert values[0] == values[1]

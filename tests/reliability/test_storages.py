@@ -30,9 +30,8 @@ def test_sqlite_is_refused_for_several_workers_with_one_line(tmp_path):
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "results").exists()
 
 
-def test_the_embedded_storage_is_sqlite_for_one_process_and_a_journal_for_several(tmp_path):
-    assert embedded_storage(tmp_path, 1) == default_storage(tmp_path)
-    assert embedded_storage(tmp_path, 4) == journal_storage(tmp_path)
+def test_the_embedded_storage_is_a_journal_and_a_study_begun_in_sqlite_stays_there(tmp_path):
+    assert embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 4) == journal_storage(tmp_path)
     (tmp_path / "optuna.db").write_bytes(b"")  # a study begun in SQLite stays there, for one worker only
     assert embedded_storage(tmp_path, 1) == default_storage(tmp_path)
     from harness.errors import HarnessError
@@ -133,8 +132,9 @@ def test_several_workers_on_postgresql_run_every_trial_once(tmp_path, postgres_u
 
 def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path):
     write(tmp_path)
-    db = tmp_path / "results" / "par" / "optuna.db"
+    db = tmp_path / "results" / "par" / "optuna.db"  # a study begun in SQLite
     db.parent.mkdir(parents=True)
+    db.write_bytes(b"")
     import fcntl
 
     with open(str(db) + ".lock", "w") as held:  # as a running `harness run` holds it
