@@ -67,9 +67,12 @@ class FloatRange(_Strict):
 
 class SearchSpace(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
-    #: "asha" (successive halving: after epochs 1, 3, 9, ... only the top third goes on) trains
-    #: fewer epochs than "median" but lost the best trial on the quickstart (benchmarks/README.md)
-    pruner: Literal["median", "asha", "hyperband", "none"] = "median"
+    #: "asha" (successive halving: a trial is judged after a sixth of its epochs, never before the
+    #: third epoch, and again after three times as many; only the top third at each rung goes on),
+    #: "median" (pruned when below the median of earlier trials at the same epoch, from a third
+    #: of the epochs on, after ``startup_trials`` trials), "hyperband", "none".
+    #: Measured in benchmarks/README.md.
+    pruner: Literal["median", "asha", "hyperband", "none"] = "asha"
     startup_trials: int = Field(3, ge=0)
     freeze_depth: Literal["auto"] | list[int] | int = "auto"
     backbone_lr: list[float] | float = Field(default_factory=lambda: [1e-4, 3e-2])

@@ -105,7 +105,18 @@ def test_dann_schedule_starts_at_zero_and_rises_to_one():
 def test_dann_schedule_and_gamma_are_searched_and_used():
     import optuna
 
-    space = uda.DANN().search_space(
+    # by default DANN's own ramp (gamma 10), recorded but not searched
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    fixed = uda.DANN().search_space(trial)
+    assert fixed["strategy.schedule"] == "ramp" and fixed["strategy.gamma"] == 10.0
+    assert set(trial.distributions) == {"strategy.weight", "strategy.disc_hidden", "strategy.disc_lr_scale"}
+    assert uda.DANN(schedule="constant", gamma=3).search_space(trial)["strategy.schedule"] == "constant"
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        uda.DANN(schedule="step")
+    with pytest.raises(ValueError, match="gamma"):
+        uda.DANN(gamma=-1)
+
+    space = uda.DANN(schedule="search").search_space(
         optuna.trial.FixedTrial(
             {
                 "strategy.weight": 1.0,
@@ -117,7 +128,7 @@ def test_dann_schedule_and_gamma_are_searched_and_used():
         )
     )
     assert space["strategy.schedule"] == "ramp" and space["strategy.gamma"] == 3.0
-    constant = uda.DANN().search_space(
+    constant = uda.DANN(schedule="search").search_space(
         optuna.trial.FixedTrial(
             {
                 "strategy.weight": 1.0,
@@ -129,7 +140,7 @@ def test_dann_schedule_and_gamma_are_searched_and_used():
     )
     assert "strategy.gamma" not in constant  # a constant weight has no ramp to shape
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    uda.DANN().search_space(trial)
+    uda.DANN(schedule="search").search_space(trial)
     assert trial.distributions["strategy.schedule"].choices == ("ramp", "constant")
 
     coeff = uda.adversarial_coefficient
