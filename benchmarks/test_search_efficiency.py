@@ -119,7 +119,9 @@ def _startup_seconds(rounds: int = 2) -> float:
     return best
 
 
-def _timed_searches(tmp: Path, monkeypatch, storage: str | None) -> dict[str, dict[str, float]]:
+def _timed_searches(
+    tmp: Path, monkeypatch, storage: str | None, overrides: dict | None = None, only: str | None = None
+) -> dict[str, dict[str, float]]:
     """The quickstart's searches (6 trials x 6 epochs per method) with the time inside
     Trainer.fit, the time before the first trial (once per search) and the trials' loop apart."""
     fits: list[float] = []
@@ -141,11 +143,13 @@ def _timed_searches(tmp: Path, monkeypatch, storage: str | None) -> dict[str, di
 
     monkeypatch.setattr(harness.search, "Trainer", TimedTrainer)
     monkeypatch.setattr(Runner, "_run_trial", timed_run_trial)
-    runner = _runner(tmp, {})
+    runner = _runner(tmp, overrides or {})
     if storage is not None:
         runner.storage_url, runner.storage = storage, harness.search.make_storage(storage)
     out = {}
     for rm in runner.methods:
+        if only and rm.method.strategy != only:
+            continue
         fits.clear()
         starts.clear()
         t0 = time.perf_counter()
@@ -170,6 +174,10 @@ def test_per_trial_overhead(benchmark, tmp_path, monkeypatch):
         sqlite = f"sqlite:///{tmp_path / 'sqlite' / 'optuna.db'}"
         (tmp_path / "sqlite").mkdir()
         results["sqlite"] = _timed_searches(tmp_path / "sqlite", monkeypatch, sqlite)
+        # the same fine-tuning trials with the pruning benchmark's 24 epochs: longer trials, same bookkeeping
+        results["journal, 24 epochs"] = _timed_searches(
+            tmp_path / "long", monkeypatch, None, {"budget.max_epochs": 24}, only="finetune"
+        )
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
     startup = _startup_seconds()
@@ -179,12 +187,12 @@ def test_per_trial_overhead(benchmark, tmp_path, monkeypatch):
         loop = sum(r["loop_s"] for r in rows.values())
         fit = sum(r["fit_s"] for r in rows.values())
         for strategy, r in rows.items():
-            print(f"  {kind:7s} {strategy}: {r['trials']} trials, loop {r['loop_s']:.1f} s, in Trainer.fit {r['fit_s']:.1f} s; "
+            print(f"  {kind} {strategy}: {r['trials']} trials, loop {r['loop_s']:.1f} s, in Trainer.fit {r['fit_s']:.1f} s; "
                   f"overhead {r['overhead_ms_per_trial']:.0f} ms per trial = {r['overhead_share']:.2%} of the trials' time; "
                   f"once per search before the first trial: {r['setup_s']:.2f} s")  # fmt: skip
-        print(f"  {kind:7s} all methods: overhead {(loop - fit) / loop:.2%} of the trials' time "
+        print(f"  {kind} all methods: overhead {(loop - fit) / loop:.2%} of the trials' time "
               f"(a process start-up per trial would add {startup * sum(r['trials'] for r in rows.values()) / loop:.0%})")  # fmt: skip
         benchmark.extra_info[kind] = {k: {m: round(v, 4) for m, v in r.items()} for k, r in rows.items()}
         benchmark.extra_info[f"{kind}_overhead_share"] = round((loop - fit) / loop, 4)
     benchmark.extra_info["python_torch_timm_startup_s"] = round(startup, 2)
-    assert all(r["trials"] == 6 for rows in results.values() for r in rows.values())
+    assert all(r["trials"] == 6 for rows in results.values() for r in rows.values()) and len(results) == 3
