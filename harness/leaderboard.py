@@ -63,6 +63,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
     )
     compute_s, starts, ends = 0.0, [], []
     run_commits: set[str] = set()
+    device_names: set[str] = set()
     agreement: list[dict[str, Any]] = []
     counted: dict[tuple[str, int], set[int]] = {}  # final runs shared by several rules count once
     for pair in spec.pairs:
@@ -140,6 +141,8 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
                         compute_s += f.get("seconds", 0.0)
                     run_commits.add(f.get("git_commit") or "unknown")
                     devices.add(f.get("device", "?"))
+                    if f.get("device_name"):
+                        device_names.add(f["device_name"])
                     precisions.add(f.get("precision", "?"))
                 params = trial_params(best)
                 rule_row.update(
@@ -209,6 +212,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
         "device": sorted(devices),
+        "device_names": sorted(device_names),
         "precision": sorted(precisions),
         "seeds": {
             "study": spec.seed,
@@ -320,7 +324,9 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         f"- harness {p['harness_version']}; final runs at commit {', '.join(p['final_runs_git_commits']) or 'unknown'}; "
         f"table written at commit {p['git_commit'] or 'unknown'}; Python {p['python']}",
         "- " + ", ".join(f"{k} {v}" for k, v in p["packages"].items() if v),
-        f"- device: {', '.join(p['device']) or '-'}; precision: {', '.join(p['precision']) or '-'}",
+        f"- device: {', '.join(p['device']) or '-'}"
+        + (f" ({', '.join(p['device_names'])})" if p.get("device_names") else "")
+        + f"; precision: {', '.join(p['precision']) or '-'}",
         f"- seeds: study {p['seeds']['study']}, final runs {p['seeds']['final']}; sampler {p['sampler']}; pruner {', '.join(p['pruner'])}",
         f"- data fingerprints: {json.dumps(p['data_fingerprints'], sort_keys=True)}",
         f"- study file {p['study_file']} (sha256 {p['study_file_sha256']}); trials {json.dumps(p['trial_counts'])}",

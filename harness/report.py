@@ -753,7 +753,7 @@ def _rerun_sh(results_dir: Path, spec: StudySpec, storage: str, default: str | N
         "# trained; then the leaderboard files are rewritten from the storage.",
         "# To repeat everything, search included, point HARNESS_STORAGE at a new, empty storage and",
         "# pass another --results-dir, e.g.",
-        "#   HARNESS_STORAGE=sqlite:////tmp/rerun.db sh rerun.sh --results-dir /tmp/rerun",
+        "#   HARNESS_STORAGE=journal:////tmp/rerun.journal sh rerun.sh --results-dir /tmp/rerun",
         "# Extra arguments are passed on to `harness run`; HARNESS names the harness executable.",
         "set -eu",
         'HERE=$(cd "$(dirname "$0")" && pwd)',

@@ -33,6 +33,7 @@ from harness.engine import (
 )
 from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
 from harness.metrics import primary_metric, score
+from harness.probe import device_name
 from harness.registry import Entry, Registry
 from harness.study import Method, Pair, StudySpec, spec_error
 from harness.validators import VALIDATORS, validate
@@ -932,6 +933,8 @@ class Runner:
             "test": test,
             "seconds": time.perf_counter() - t0,
             "device": str(self.device),
+            # the processor or GPU model: float results differ between kernels that processors pick
+            "device_name": device_name(self.device),
             "precision": cfg.precision.describe(),
             "git_commit": self.git_commit,
         }
