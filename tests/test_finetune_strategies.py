@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_uda import batch, ctx, digits_pair, tiny_model  # noqa: F401 - fixture reused
+from test_uda import batch, cpu_config, ctx, digits_pair, tiny_model  # noqa: F401 - fixture reused
 
 from harness.api import Batch
-from harness.engine import Precision, TrainConfig, Trainer
+from harness.engine import Trainer
 from harness_plugins.strategies import L2SP, LPFT
 
 
@@ -57,19 +57,7 @@ def test_l2_sp_penalizes_distance_to_the_starting_weights_not_to_zero():
 def test_l2_sp_trains_in_the_engine_with_a_module_that_has_no_parameters(digits_pair):  # noqa: F811
     source, target = digits_pair
     model = tiny_model(num_classes=10)
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=32,
-        backbone_lr=1e-2,
-        head_lr=1e-2,
-        weight_decay=0.0,
-        freeze_depth=0,
-        augment="none",
-        seed=0,
-        device=torch.device("cpu"),
-        precision=Precision(False, False),
-        params={"strategy.alpha": 0.1},
-    )
+    cfg = cpu_config(backbone_lr=1e-2, params={"strategy.alpha": 0.1})
     result = Trainer(model, L2SP(), source, target, cfg).fit()
     assert len(result.train_loss) == 1
 
@@ -77,19 +65,7 @@ def test_l2_sp_trains_in_the_engine_with_a_module_that_has_no_parameters(digits_
 def test_layer_wise_decay_gives_earlier_stages_smaller_learning_rates(digits_pair):  # noqa: F811
     source, target = digits_pair
     model = tiny_model(num_classes=10, bn=True)  # two stages: the norm (stem), then the conv
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=32,
-        backbone_lr=1e-2,
-        head_lr=1e-3,
-        weight_decay=0.0,
-        freeze_depth=0,
-        augment="none",
-        seed=0,
-        device=torch.device("cpu"),
-        precision=Precision(False, False),
-        params={"backbone.lr_decay": 0.5},
-    )
+    cfg = cpu_config(backbone_lr=1e-2, head_lr=1e-3, params={"backbone.lr_decay": 0.5})
     trainer = Trainer(model, LPFT(), source, target, cfg)
     lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert lrs[id(model.backbone[0].weight)] == pytest.approx(5e-3)
@@ -102,19 +78,7 @@ def test_lp_ft_fine_tunes_with_the_backbone_in_train_mode_from_the_step_it_switc
     so the switch inside an epoch must put it back, or fine-tuning runs with frozen statistics."""
     source, target = digits_pair
     model = tiny_model(num_classes=10, bn=True)
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=32,
-        backbone_lr=1e-2,
-        head_lr=1e-2,
-        weight_decay=0.0,
-        freeze_depth=0,
-        augment="none",
-        seed=0,
-        device=torch.device("cpu"),
-        precision=Precision(False, False),
-        params={"strategy.lp_fraction": 0.5},
-    )
+    cfg = cpu_config(backbone_lr=1e-2, params={"strategy.lp_fraction": 0.5})
     strategy = LPFT()
     seen = []
     original = strategy.training_step

@@ -14,6 +14,15 @@ from harness.engine import Precision, TrainConfig, Trainer, TransferModel
 from harness_plugins import uda
 
 
+def cpu_config(**kw) -> TrainConfig:
+    """A one-epoch fp32 CPU training configuration for the tiny models here; ``kw`` overrides it."""
+    base = dict(
+        epochs=1, batch_size=32, backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.0, freeze_depth=0,
+        augment="none", seed=0, device=torch.device("cpu"), precision=Precision(False, False),
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
 def tiny_model(num_classes: int = 3, bn: bool = False, features: int = 8) -> TransferModel:
     layers: list[nn.Module] = [nn.BatchNorm2d(3)] if bn else []
     layers += [
@@ -249,19 +258,7 @@ def test_sampled_locations_are_distinct_and_all_when_few():
 def test_the_engine_optimizes_a_strategy_module_at_its_own_learning_rate(digits_pair):
     source, target = digits_pair
     model = tiny_model(num_classes=10)
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=32,
-        backbone_lr=1e-3,
-        head_lr=1e-2,
-        weight_decay=0.0,
-        freeze_depth=0,
-        augment="none",
-        seed=0,
-        device=torch.device("cpu"),
-        precision=Precision(False, False),
-        params={"strategy.weight": 1.0, "strategy.disc_hidden": 8, "strategy.disc_lr_scale": 0.1},
-    )
+    cfg = cpu_config(params={"strategy.weight": 1.0, "strategy.disc_hidden": 8, "strategy.disc_lr_scale": 0.1})
     trainer = Trainer(model, uda.DANN(), source, target, cfg)
     lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-2])  # backbone, discriminator (0.1 x head), head
@@ -397,18 +394,7 @@ def test_adabn_changes_normalization_statistics_only():
 def test_adabn_runs_after_every_epoch_in_the_engine(digits_pair):
     source, target = digits_pair
     model = tiny_model(num_classes=10, bn=True)
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=32,
-        backbone_lr=1e-3,
-        head_lr=1e-2,
-        weight_decay=0.0,
-        freeze_depth=0,
-        augment="none",
-        seed=0,
-        device=torch.device("cpu"),
-        precision=Precision(False, False),
-    )
+    cfg = cpu_config()
     Trainer(model, uda.AdaBN(), source, target, cfg).fit()
     x = model.normalize(target.train.x.float() / 255)
     # a cumulative average of batch means: the short last batch weighs a little more than its share
