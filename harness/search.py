@@ -772,15 +772,15 @@ class Runner:
                 state, interrupted = TrialState.FAIL, exc
         frozen = None
         try:
+            # Optuna refuses to tell a finished trial before writing anything: the storage is
+            # looked at only when it refuses, not for every trial
+            frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except (UpdateFinishedTrialError, ValueError):
             if not self._reaped(study, trial):
-                if error is not None:
-                    self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(error).__name__}")
-                try:
-                    frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-                except (UpdateFinishedTrialError, ValueError):
-                    if not self._reaped(study, trial):  # not a reap between the look and the tell
-                        raise
+                raise
         finally:
+            if frozen is not None and error is not None:
+                self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(error).__name__}")
             error = None
             _release_memory(self.device)  # after the exception and its frames are gone
         if frozen is None:

@@ -66,6 +66,8 @@ class LPFT(FineTune):
     head learns; then everything trains, so the features start moving under a sensible head."""
 
     description = "linear probe first, then fine-tune everything (LP-FT)"
+    #: whether the last step was a probe step (which left the backbone in eval mode)
+    _probed = False
 
     def search_space(self, trial):
         return {"strategy.lp_fraction": trial.suggest_float("strategy.lp_fraction", 0.1, 0.7)}
@@ -77,15 +79,17 @@ class LPFT(FineTune):
             and not model.head_takes_images
         ):
             model.backbone.eval()
+            self._probed = True
             with torch.no_grad():
                 features = model.features(x)
             logits = model.head(features)
         else:
-            if model.training and not model.backbone.training:
+            if self._probed and model.training:
                 # the probe phase put the backbone in eval mode and the engine sets modes once per
                 # epoch: without this, the rest of the epoch in which the phase switches would
                 # fine-tune with frozen normalization statistics (frozen stages stay in eval mode)
                 model.train()
+                self._probed = False
             logits = model(x)
         return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
