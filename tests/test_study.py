@@ -165,3 +165,14 @@ def test_cli_unusable_device_and_storage_are_one_line_errors(study_dir):
     result = _cli("run", "--study", str(path), "--storage", "bogus://nowhere", cwd=study_dir.parent)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot open storage" in result.stderr
+
+
+def test_cli_bad_dann_schedule_is_one_line_naming_the_key(study_dir):
+    path = write_study(study_dir)
+    text = path.read_text().replace('strategy = "linear-probe"', 'strategy = "dann"\nstrategy_options = { schedule = "step" }', 1)
+    path.write_text(text)
+    result = _cli("validate", "--study", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    assert str(path) in first and "methods[2].strategy_options" in first and "schedule must be one of" in first
