@@ -65,9 +65,18 @@ class Precision:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the CPU one and every CUDA device's).
+
+    The same seeds as ``torch.manual_seed``, without its queueing a seed for every other
+    accelerator backend torch is built with, each with a recorded stack trace: 0.1 ms a call,
+    and a trial seeds twice."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- model

@@ -46,17 +46,24 @@ def _hash_tensor(h: Any, t: Tensor) -> None:
         h.update(memoryview(t.view(torch.uint8).numpy()))
 
 
-def state_hash(module: nn.Module) -> str:
+def _state_token(tensors: list[tuple[str, Tensor]]) -> tuple[Any, ...]:
+    return tuple((name, _tensor_token(t)) for name, t in tensors)
+
+
+def state_hash(module: nn.Module, memo: bool = True) -> str:
     """A hash of ``module``'s parameters and buffers (names, shapes, values).
 
     Memoized on the module against the tensors' addresses and in-place version counters, so an
     unchanged module is hashed once, and any optimizer step or ``load_state_dict`` invalidates it.
+    ``memo=False`` hashes the values now, whatever is remembered.
     """
     tensors = list(module.state_dict(keep_vars=True).items())
-    token = tuple((name, _tensor_token(t)) for name, t in tensors)
-    memo = module.__dict__.get("_harness_state_hash")
-    if memo is not None and memo[0] == token:
-        return memo[1]
+    token = _state_token(tensors)
+    known = module.__dict__.get("_harness_state_hash") if memo else None
+    if known is not None and known[0] == token:
+        if callable(known[1]):  # told what to hash with (remember_state_hash)
+            module.__dict__["_harness_state_hash"] = (token, known[1]())
+        return module.__dict__["_harness_state_hash"][1]
     h = hashlib.sha1(usedforsecurity=False)
     for name, t in tensors:
         h.update(name.encode())
@@ -64,6 +71,14 @@ def state_hash(module: nn.Module) -> str:
     digest = h.hexdigest()
     module.__dict__["_harness_state_hash"] = (token, digest)
     return digest
+
+
+def remember_state_hash(module: nn.Module, digest: str | Callable[[], str]) -> None:
+    """Record that ``module``'s tensors, as they are now, hash to ``digest`` (or to what the
+    callable returns when first asked), so ``state_hash`` does not hash them while they stay
+    unchanged. For a caller that has just written known values into them (``harness.reset``)."""
+    tensors = list(module.state_dict(keep_vars=True).items())
+    module.__dict__["_harness_state_hash"] = (_state_token(tensors), digest)
 
 
 def data_hash(x: Tensor) -> str:

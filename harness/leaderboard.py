@@ -219,6 +219,9 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
             "data_split": spec.seed,
             "trial": "study seed + trial number",
             "final": final_seeds(spec),
+            # true: a trial's head is initialized from its seed, the backbone reset to the weights;
+            # false: the backbone is built under the seed and the head initialized after it
+            "reuse_backbone": spec.reuse_backbone,
         },
         "sampler": [json.loads(s) for s in sorted(samplers)],
         "pruner": sorted(pruners),

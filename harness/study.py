@@ -170,6 +170,9 @@ class StudySpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp32-channels_last", "bf16-channels_last"] = "auto"
     seed: int = 0
     final_seeds: int = Field(3, ge=1)
+    #: trials of a method share one backbone module, reset in place to the weights (harness.reset);
+    #: false builds it through its plugin for every trial, as the harness did before
+    reuse_backbone: bool = True
     #: one rule, or several: the first drives the search (sampler, pruner); each gets its own rows
     selection: str | list[str] = "auto"
     pairs: list[Pair] = Field(min_length=1)

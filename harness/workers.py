@@ -94,35 +94,69 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def lease(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
-    """Hold the lease of a RUNNING trial while the block runs, renewing its heartbeat."""
-    me = {"host": host_key(), "pid": os.getpid()}
-    stop = threading.Event()
+class _Heartbeats:
+    """One thread per process that renews the heartbeat of every lease this process holds, rather
+    than a thread started and joined for each trial (waking a thread to join it cost up to a
+    millisecond a trial while torch's threads spun on both cores)."""
 
-    def beat() -> bool:
+    def __init__(self) -> None:
+        #: (storage id, trial id) -> (storage, trial id, monotonic time of its last beat)
+        self._held: dict[tuple[int, int], tuple[optuna.storages.BaseStorage, int, float]] = {}
+        self._lock = threading.Lock()  # held while beating: a lease is not let go mid-beat
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def beat(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
         try:
-            storage.set_trial_system_attr(trial_id, LEASE, {**me, "beat": time.time()})
+            storage.set_trial_system_attr(trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()})
             return True
         except UpdateFinishedTrialError:  # reaped meanwhile: nothing left to renew
             return False
 
-    def renew() -> None:
-        while not stop.wait(heartbeat_s()):
-            try:
-                if not beat():
-                    return
-            except Exception:  # noqa: BLE001 - a storage hiccup; the next beat tries again
-                continue
+    def hold(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+        self.beat(storage, trial_id)
+        with self._lock:
+            self._held[(id(storage), trial_id)] = (storage, trial_id, time.monotonic())
+            if self._thread is None or not self._thread.is_alive():  # the first, or a forked child
+                self._thread = threading.Thread(target=self._run, name="harness-leases", daemon=True)
+                self._thread.start()
+        self._wake.set()  # the period may have changed (HARNESS_HEARTBEAT_S)
 
-    beat()
-    thread = threading.Thread(target=renew, name=f"lease-{trial_id}", daemon=True)
-    thread.start()
+    def let_go(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+        with self._lock:
+            self._held.pop((id(storage), trial_id), None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            period = heartbeat_s()
+            with self._lock:
+                for key, (storage, trial_id, last) in list(self._held.items()):
+                    if time.monotonic() - last < period:
+                        continue
+                    try:
+                        if self.beat(storage, trial_id):
+                            self._held[key] = (storage, trial_id, time.monotonic())
+                        else:
+                            del self._held[key]
+                    except Exception:  # noqa: BLE001 - a storage hiccup; the next beat tries again
+                        self._held[key] = (storage, trial_id, time.monotonic())
+                due = min((last + period for _, _, last in self._held.values()), default=time.monotonic() + period)
+            self._wake.wait(max(0.01, due - time.monotonic()))
+
+
+_HEARTBEATS = _Heartbeats()
+
+
+@contextlib.contextmanager
+def lease(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Hold the lease of a RUNNING trial while the block runs, renewing its heartbeat."""
+    _HEARTBEATS.hold(storage, trial_id)
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
+        _HEARTBEATS.let_go(storage, trial_id)
 
 
 #: trial id -> (its lease as last seen, this process's monotonic time when it was first seen so)
