@@ -179,3 +179,30 @@ def test_two_independent_processes_on_one_journal_run_every_trial_once(tmp_path)
     pids = Counter(t.system_attrs["harness:lease"]["pid"] for t in complete)
     print(f"trials per process: {dict(pids)}")
     assert set(pids) <= {p.pid for p in procs}
+
+
+def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every_append(tmp_path, monkeypatch):
+    """A running trial's appends (parameters, reports, attributes) are written but not fsync'd one
+    by one; its creation and its end state are, and the end state's fsync flushes the rest. Another
+    reader of the file sees every append at once, synced or not."""
+    import optuna
+
+    import harness.search
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    url = journal_storage(tmp_path)
+    study = optuna.create_study(storage=harness.search.make_storage(url), study_name="s", direction="maximize")
+    other = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")  # another process's view
+    synced.clear()
+    trial = study.ask()
+    assert len(synced) == 1  # the trial's creation
+    trial.suggest_float("x", 0, 1)
+    trial.report(0.5, 0)
+    trial.set_user_attr("scores", {"a": 1})
+    assert len(synced) == 1
+    seen = other.get_trials(deepcopy=False)[0]
+    assert seen.intermediate_values == {0: 0.5} and seen.user_attrs["scores"] == {"a": 1} and "x" in seen.params
+    study.tell(trial, 0.7)
+    assert len(synced) == 2 and other.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
