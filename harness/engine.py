@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -123,12 +124,11 @@ class TransferModel(nn.Module):
         frozen = {n for stage in self.spec.stages[:depth] for n in stage}
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(name not in frozen)
-        self._frozen_modules = [
-            m
-            for m in self.backbone.modules()
-            if any(True for _ in m.parameters(recurse=False))
-            and all(not p.requires_grad for p in m.parameters(recurse=False))
-        ]
+        self._frozen_modules = []
+        for m in self.backbone.modules():
+            own = list(m.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own):
+                self._frozen_modules.append(m)
         if depth == self.num_stages:
             self._frozen_modules = [self.backbone]
 
@@ -228,7 +228,8 @@ class Trainer:
         seed_everything(cfg.seed)  # modules a strategy adds in setup() start from the run's seed
         self.source, self.target = source, target
         self.num_classes = target.num_classes
-        model.to(self.device)
+        if any(t.device != self.device for t in itertools.chain(model.parameters(), model.buffers())):
+            model.to(self.device)  # a reset backbone is there already
         if cfg.precision.channels_last:
             model.to(memory_format=torch.channels_last)
         model.freeze(cfg.freeze_depth)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections import Counter
@@ -182,9 +183,9 @@ def test_two_independent_processes_on_one_journal_run_every_trial_once(tmp_path)
 
 
 def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every_append(tmp_path, monkeypatch):
-    """A running trial's appends (parameters, reports, attributes) are written but not fsync'd one
-    by one; its creation and its end state are, and the end state's fsync flushes the rest. Another
-    reader of the file sees every append at once, synced or not."""
+    """A running trial's appends (its creation, parameters, reports, attributes) are written but
+    not fsync'd one by one; its end state is, and that fsync flushes the rest. Another reader of
+    the file sees every append at once, synced or not."""
     import optuna
 
     import harness.search
@@ -197,12 +198,44 @@ def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every
     other = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")  # another process's view
     synced.clear()
     trial = study.ask()
-    assert len(synced) == 1  # the trial's creation
     trial.suggest_float("x", 0, 1)
     trial.report(0.5, 0)
     trial.set_user_attr("scores", {"a": 1})
-    assert len(synced) == 1
+    assert not synced
     seen = other.get_trials(deepcopy=False)[0]
     assert seen.intermediate_values == {0: 0.5} and seen.user_attrs["scores"] == {"a": 1} and "x" in seen.params
     study.tell(trial, 0.7)
-    assert len(synced) == 2 and other.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
+    assert len(synced) == 1 and other.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
+    study.set_user_attr("final:0", {"test": 1.0})  # a study's attributes: its final runs
+    assert len(synced) == 2
+
+
+def test_the_journal_lock_dies_with_its_process(tmp_path):
+    """A process killed while it holds the journal's lock does not hold up the others (the
+    kernel drops an flock with its process; Optuna's symlink lock waited 30 s)."""
+    import time
+
+    import optuna
+
+    import harness.search
+
+    url = journal_storage(tmp_path)
+    optuna.create_study(storage=harness.search.make_storage(url), study_name="s")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(tmp_path / "optuna.journal.flock")],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == b"held"
+    import threading
+
+    study = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")
+    writer = threading.Thread(target=study.ask, daemon=True)
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive()  # the append waits for the lock
+    holder.kill()
+    holder.wait()
+    t0 = time.monotonic()
+    writer.join(5)
+    assert not writer.is_alive() and time.monotonic() - t0 < 5 and len(study.trials) == 1
