@@ -230,7 +230,9 @@ class Trainer:
         self.num_classes = target.num_classes
         if any(t.device != self.device for t in itertools.chain(model.parameters(), model.buffers())):
             model.to(self.device)  # a reset backbone is there already
-        if cfg.precision.channels_last:
+        if cfg.precision.channels_last and not all(
+            t.is_contiguous(memory_format=torch.channels_last) for t in model.parameters() if t.dim() == 4
+        ):
             model.to(memory_format=torch.channels_last)
         model.freeze(cfg.freeze_depth)
         self.extra = strategy.setup(model, self.num_classes, cfg.params)

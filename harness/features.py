@@ -50,6 +50,17 @@ def _state_token(tensors: list[tuple[str, Tensor]]) -> tuple[Any, ...]:
     return tuple((name, _tensor_token(t)) for name, t in tensors)
 
 
+def module_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer of ``module`` by name, each submodule's parameters then its
+    buffers: what the memo of ``state_hash`` watches (cheaper to list than a state dict)."""
+    out = []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for k, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                out.append((f"{prefix}.{k}" if prefix else k, t))
+    return out
+
+
 def state_hash(module: nn.Module, memo: bool = True) -> str:
     """A hash of ``module``'s parameters and buffers (names, shapes, values).
 
@@ -57,15 +68,14 @@ def state_hash(module: nn.Module, memo: bool = True) -> str:
     unchanged module is hashed once, and any optimizer step or ``load_state_dict`` invalidates it.
     ``memo=False`` hashes the values now, whatever is remembered.
     """
-    tensors = list(module.state_dict(keep_vars=True).items())
-    token = _state_token(tensors)
+    token = _state_token(module_tensors(module))
     known = module.__dict__.get("_harness_state_hash") if memo else None
     if known is not None and known[0] == token:
         if callable(known[1]):  # told what to hash with (remember_state_hash)
             module.__dict__["_harness_state_hash"] = (token, known[1]())
         return module.__dict__["_harness_state_hash"][1]
     h = hashlib.sha1(usedforsecurity=False)
-    for name, t in tensors:
+    for name, t in module.state_dict(keep_vars=True).items():
         h.update(name.encode())
         _hash_tensor(h, t)
     digest = h.hexdigest()
@@ -73,12 +83,14 @@ def state_hash(module: nn.Module, memo: bool = True) -> str:
     return digest
 
 
-def remember_state_hash(module: nn.Module, digest: str | Callable[[], str]) -> None:
+def remember_state_hash(
+    module: nn.Module, digest: str | Callable[[], str], tensors: list[tuple[str, Tensor]] | None = None
+) -> None:
     """Record that ``module``'s tensors, as they are now, hash to ``digest`` (or to what the
     callable returns when first asked), so ``state_hash`` does not hash them while they stay
-    unchanged. For a caller that has just written known values into them (``harness.reset``)."""
-    tensors = list(module.state_dict(keep_vars=True).items())
-    module.__dict__["_harness_state_hash"] = (_state_token(tensors), digest)
+    unchanged. For a caller that has just written known values into them (``harness.reset``),
+    which may pass ``module_tensors(module)`` if it has them."""
+    module.__dict__["_harness_state_hash"] = (_state_token(tensors or module_tensors(module)), digest)
 
 
 def data_hash(x: Tensor) -> str:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from harness.api import Backbone
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = frozenset({bool, int, float, str, type(None)})
 _HOOKS = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
@@ -71,19 +71,15 @@ def _walk(module: nn.Module) -> tuple[list[nn.Module], list[tuple[str, Tensor]],
         d = m.__dict__
         for k, t in (*d["_parameters"].items(), *d["_buffers"].items()):
             if t is not None:
-                name = f"{prefix}.{k}" if prefix else k
-                tensors.append((name, t))
-                shape.append((name, t.dtype, t.shape))
-        attrs, others = [], []
-        for k, v in d.items():
-            if k in _HOOKS or k.startswith("_harness"):
-                continue
-            if isinstance(v, _PLAIN):
-                if k != "training":
-                    attrs.append((k, v))
-            else:
-                others.append(k)
-        shape.append((id(m), type(m), tuple(attrs), tuple(others), tuple(len(d.get(h, ())) for h in _HOOKS)))
+                tensors.append((f"{prefix}.{k}" if prefix else k, t))
+                shape.append((k, t.dtype, t.shape))
+        shape.append(
+            (
+                id(m),
+                tuple((k, v) if type(v) in _PLAIN else k for k, v in d.items() if k != "training" and k[:8] != "_harness"),
+                tuple(len(d[h]) for h in _HOOKS if h in d),
+            )
+        )
     return mods, tensors, tuple(shape)
 
 
@@ -142,7 +138,7 @@ class BackboneReset:
         with torch.no_grad():
             self._values = [t.detach().clone() for _, t in tensors]
         self._flags = ([t.requires_grad for _, t in tensors], [m.training for m in mods])
-        self._remember_hash()
+        self._remember_hash(tensors)
         return backbone
 
     def _restore(self, walk) -> None:
@@ -158,9 +154,9 @@ class BackboneReset:
                 t.grad = None
         for m, flag in zip(mods, self._flags[1], strict=True):
             m.training = flag
-        self._remember_hash()
+        self._remember_hash(tensors)
 
-    def _remember_hash(self) -> None:
+    def _remember_hash(self, tensors: list[tuple[str, Tensor]] | None = None) -> None:
         """Tell the frozen-feature cache what the weights are: their hash is computed the first
         time a trial looks its features up and remembered for every later trial, instead of
         hashing the backbone in every trial (about 25 ms for a ResNet-18)."""
@@ -170,4 +166,4 @@ class BackboneReset:
             self._digest = state_hash(self._live.module, memo=False)
             return self._digest
 
-        remember_state_hash(self._live.module, self._digest or learn)
+        remember_state_hash(self._live.module, self._digest or learn, tensors)  # the same list, same order
