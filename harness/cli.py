@@ -218,7 +218,7 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
 
     metric = primary_metric(spec.task)
     for pair, rows in board.groupby("pair", sort=False):
-        table = Table(title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± sd over seeds)")
+        table = Table(title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± standard error over seeds)")
         for col in ("rank", "method", f"test {LABELS[metric]} %", "selection", "trials ok/pruned/failed"):
             table.add_column(col, overflow="fold")
         for r in rows.to_dict("records"):

@@ -96,8 +96,8 @@ def _alive(pid: int) -> bool:
 
 class _Heartbeats:
     """One thread per process that renews the heartbeat of every lease this process holds, rather
-    than a thread started and joined for each trial (waking a thread to join it cost up to a
-    millisecond a trial while torch's threads spun on both cores)."""
+    than a thread started and joined for each trial (waiting for it to wake and end cost up to a
+    millisecond a trial)."""
 
     def __init__(self) -> None:
         #: (storage id, trial id) -> (storage, trial id, monotonic time of its last beat)
