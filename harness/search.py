@@ -190,8 +190,8 @@ class _FileLock(BaseJournalFileLock):
 
 class DurableJournalFile(JournalFileBackend):
     """Optuna's journal file, fsync'd where it matters: an append that finishes something (a
-    study-level write, a trial's end state) is written and fsync'd at once by Optuna's own code;
-    the appends of a running trial (its creation, parameters, per-epoch reports, attributes,
+    study-level write, a trial's end state) is written and fsync'd at once; the appends of a
+    running trial (its creation, parameters, per-epoch reports, attributes,
     lease heartbeats) are written under the same lock but not fsync'd one by one. They reach the
     disk with the trial's end state, whose fsync flushes the whole file.
 
@@ -212,13 +212,37 @@ class DurableJournalFile(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         lock = getattr(self, "_lock", None)
-        if lock is None or any(_durable(log) for log in logs):
+        if lock is None:
             return super().append_logs(logs)
         from optuna.storages.journal._file import get_lock_file
 
-        text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
-        with get_lock_file(lock), open(self._file_path, "ab") as f:
-            f.write(text.encode("utf-8"))
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
+        with get_lock_file(lock):
+            fd = self._append_fd()
+            view = memoryview(data)
+            while view:  # one write call appends all of it, short of a full disk or a signal
+                view = view[os.write(fd, view) :]
+            if any(_durable(log) for log in logs):
+                os.fsync(fd)
+
+    def _append_fd(self) -> int:
+        """This process's descriptor of the file, opened once for appending (not once a write)."""
+        fd, pid = self.__dict__.get("_harness_fd", (None, None))
+        if fd is None or pid != os.getpid():
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.__dict__["_harness_fd"] = (fd, os.getpid())
+        return fd
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_harness_fd", None)
+        return state
+
+    def __del__(self) -> None:
+        fd, pid = self.__dict__.get("_harness_fd", (None, None))
+        if fd is not None and pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
