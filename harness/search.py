@@ -17,6 +17,9 @@ from typing import Any
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from harness import api
@@ -141,10 +144,6 @@ def _journal_path(url: str) -> str:
     return rest[2:] if rest.startswith("//") else rest
 
 
-from optuna.storages.journal import JournalFileBackend  # noqa: E402
-from optuna.storages.journal._file import BaseJournalFileLock  # noqa: E402
-from optuna.storages.journal._storage import JournalOperation  # noqa: E402
-
 #: journal operations on studies: a study, its attributes (its configuration, its final runs)
 _STUDY_OPS = frozenset(
     {JournalOperation.CREATE_STUDY, JournalOperation.DELETE_STUDY, JournalOperation.SET_STUDY_USER_ATTR, JournalOperation.SET_STUDY_SYSTEM_ATTR}
@@ -187,13 +186,18 @@ class _FileLock(BaseJournalFileLock):
     def __getstate__(self) -> dict[str, Any]:
         return {"_path": self._path, "_fd": None, "_pid": -1}
 
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
 
 class DurableJournalFile(JournalFileBackend):
     """Optuna's journal file, fsync'd where it matters: an append that finishes something (a
     study-level write, a trial's end state) is written and fsync'd at once; the appends of a
-    running trial (its creation, parameters, per-epoch reports, attributes,
-    lease heartbeats) are written under the same lock but not fsync'd one by one. They reach the
-    disk with the trial's end state, whose fsync flushes the whole file.
+    running trial (its creation, parameters, per-epoch reports, attributes, lease heartbeats) are
+    written under the same lock but not fsync'd one by one. They reach the disk with the trial's
+    end state, whose fsync flushes the whole file. Appends go through one descriptor per process.
 
     Other processes read the file through the page cache, so they see every append at once, and a
     killed process loses nothing it wrote. Only a machine crash can drop the unsynced tail, which
@@ -214,8 +218,6 @@ class DurableJournalFile(JournalFileBackend):
         lock = getattr(self, "_lock", None)
         if lock is None:
             return super().append_logs(logs)
-        from optuna.storages.journal._file import get_lock_file
-
         data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
         with get_lock_file(lock):
             fd = self._append_fd()
