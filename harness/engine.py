@@ -6,7 +6,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,21 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
     if torch.backends.mps.is_available():
         torch.mps.manual_seed(seed)
+
+
+@contextmanager
+def generators_kept(seed: int | None = None) -> Iterator[None]:
+    """Run the block without moving Python's, NumPy's or torch's CPU generator (seeding torch's
+    with ``seed`` first, if given): what it draws leaves the caller's random numbers as they were."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 # ----------------------------------------------------------------------------- model

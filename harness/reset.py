@@ -27,16 +27,15 @@ published studies made that way keep it, to stay reproducible).
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from harness.api import Backbone
+from harness.engine import generators_kept
+from harness.features import module_tensors
 
 _PLAIN = frozenset({bool, int, float, str, type(None)})
 _HOOKS = (
@@ -45,34 +44,16 @@ _HOOKS = (
 )  # fmt: skip
 
 
-@contextlib.contextmanager
-def _generators_kept(seed: int | None = None) -> Iterator[None]:
-    """Run the block without moving Python's, NumPy's or torch's generators (optionally seeding
-    torch's first)."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
 def _walk(module: nn.Module) -> tuple[list[nn.Module], list[tuple[str, Tensor]], tuple[Any, ...]]:
-    """One pass over ``module``: its submodules, its tensors by name (parameters, then buffers,
-    of each submodule in turn) and what a trial may not change: the names, dtypes and shapes of
+    """``module``'s submodules, its tensors by name (``features.module_tensors``, the list the
+    frozen-feature cache watches) and what a trial may not change: the names, dtypes and shapes of
     the tensors (not the tensor objects: moving to another device replaces buffers), the
     submodules, their plain attributes, the names of their other attributes, their hooks."""
-    mods, tensors, shape = [], [], []
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        mods.append(m)
+    tensors = module_tensors(module)
+    mods = [m for _, m in module.named_modules(remove_duplicate=False)]
+    shape = [(name, t.dtype, t.shape) for name, t in tensors]
+    for m in mods:
         d = m.__dict__
-        for k, t in (*d["_parameters"].items(), *d["_buffers"].items()):
-            if t is not None:
-                tensors.append((f"{prefix}.{k}" if prefix else k, t))
-                shape.append((k, t.dtype, t.shape))
         shape.append(
             (
                 id(m),
@@ -123,10 +104,10 @@ class BackboneReset:
         return self._build()
 
     def _first(self) -> Backbone:
-        with _generators_kept():
+        with generators_kept():
             backbone = self._build()
             state = torch.get_rng_state()
-        with _generators_kept(seed=int(state[-64:].sum()) + 1):  # another state than the first build's
+        with generators_kept(seed=int(state[-64:].sum()) + 1):  # another state than the first build's
             other = self._build()
         self.builds += 2
         mods, tensors, self._signature = _walk(backbone.module)

@@ -76,9 +76,9 @@ def embedded_storage(results_dir: Path, workers: int = 1) -> str:
 
     Optuna's FAQ advises against SQLite when several processes write at once and recommends its
     journal storage (one file, appended under a file lock) for several processes on one machine.
-    It is also the cheaper one for a lone process: an append and an fsync per write, and reads
-    served from memory, where SQLite pays a transaction per write and a query per read (measured
-    in ``benchmarks/test_search_efficiency.py``). A study begun in SQLite stays there.
+    It is also the cheaper one for a lone process: an append per write (``DurableJournalFile``),
+    and reads served from memory, where SQLite pays a transaction per write and a query per read
+    (measured in ``benchmarks/test_search_efficiency.py``). A study begun in SQLite stays there.
     """
     if (results_dir / "optuna.journal").exists():
         return journal_storage(results_dir)
@@ -215,11 +215,8 @@ class DurableJournalFile(JournalFileBackend):
         return super().read_logs(log_number_from)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        lock = getattr(self, "_lock", None)
-        if lock is None:
-            return super().append_logs(logs)
         data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
-        with get_lock_file(lock):
+        with get_lock_file(self._lock):
             fd = self._append_fd()
             view = memoryview(data)
             while view:  # one write call appends all of it, short of a full disk or a signal
@@ -552,8 +549,8 @@ class Runner:
         if weights == "none":
             return None  # every trial's backbone is a new random initialization
         path = Path(weights)
-        stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
-        key = (rm.backbone.plugin, rm.method.backbone, weights, stamp)
+        st = path.stat() if path.is_file() else None
+        key = (rm.backbone.plugin, rm.method.backbone, weights, st and (st.st_mtime_ns, st.st_size))
         resets = self.__dict__.setdefault("_resets", {})
         if key not in resets:
             resets.clear()  # one module kept: the trials and final runs of one method at a time

@@ -78,14 +78,12 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,6 +94,7 @@ from harness.engine import (
     TrainConfig,
     Trainer,
     TransferModel,
+    generators_kept,
     resolve_freeze_depth,
     seed_everything,
 )
@@ -280,16 +279,8 @@ def _describe(exc: BaseException) -> str:
     return out
 
 
-@contextlib.contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Let the checks seed freely without changing the caller's random state."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+#: lets the checks seed freely without changing the caller's random state
+_isolated_rng = generators_kept
 
 
 def _seed(seed: int = 0) -> None:

@@ -13,8 +13,8 @@ from conftest import write_study
 from safetensors.torch import save_file
 from test_search import make_runner
 
+import harness.engine
 import harness.features as feat
-import harness.reset
 import harness.search
 from harness.engine import seed_everything
 from harness.errors import StudySpecError
@@ -138,7 +138,7 @@ def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(tmp_p
 
     class Fresh(BackboneReset):
         def __call__(self):
-            with harness.reset._generators_kept():
+            with harness.engine.generators_kept():
                 return self._build()
 
     monkeypatch.setattr(harness.search, "BackboneReset", Fresh)

@@ -65,6 +65,14 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
     assert board[0]["status"] == "final" and rows[0]["test_accuracy"] == board[0]["test_accuracy"]
 
 
+def _sigterm(proc, timeout: float) -> tuple[int, float]:
+    """Send SIGTERM to ``proc`` and wait for it: its exit status and the seconds it took."""
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = proc.wait(timeout=timeout)
+    return code, time.monotonic() - sent
+
+
 def test_sigterm_marks_the_running_trial_and_exits_within_seconds(tmp_path):
     write(tmp_path, trials=2, epochs=20, final_seeds=1)
     url = journal_storage(tmp_path / "results" / "par")
@@ -72,10 +80,7 @@ def test_sigterm_marks_the_running_trial_and_exits_within_seconds(tmp_path):
     proc = start("--study", "par", "--no-report", cwd=tmp_path, log=log)
     try:
         victim = wait_for(lambda: _running(url), timeout=180, proc=proc, log=log)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        code = proc.wait(timeout=60)
-        took = time.monotonic() - sent
+        code, took = _sigterm(proc, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -154,10 +159,7 @@ def test_sigterm_to_the_parent_of_several_workers_stops_them_all_and_marks_their
     try:
         victims = wait_for(both_running, timeout=300, proc=proc, log=log)
         pids = {t.system_attrs[LEASE]["pid"] for t in victims}
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        code = proc.wait(timeout=90)
-        took = time.monotonic() - sent
+        code, took = _sigterm(proc, timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
