@@ -35,6 +35,7 @@ def test_defaults_and_lookup_by_name(study_dir, monkeypatch):
         (("[search]", "[search]\naugment = []"), ["search.augment", "empty"]),
         (("[search]", '[search]\nsampler = "grid"'), ["search.sampler", "'tpe'", "'random'"]),
         (("image_size = 16", "image_size = 4"), ["image_size", "greater than or equal to 8"]),
+        (("seed = 0", 'seed = 0\nreuse_backbone = "sometimes"'), ["reuse_backbone", "boolean"]),
         (('selection = "x"\n', ""), []),  # no-op edit keeps the file valid
     ],
 )
