@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -139,13 +138,14 @@ class TransferModel(nn.Module):
         frozen = {n for stage in self.spec.stages[:depth] for n in stage}
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(name not in frozen)
-        self._frozen_modules = []
-        for m in self.backbone.modules():
-            own = list(m.parameters(recurse=False))
-            if own and not any(p.requires_grad for p in own):
-                self._frozen_modules.append(m)
         if depth == self.num_stages:
             self._frozen_modules = [self.backbone]
+            return
+        self._frozen_modules = []
+        for m in self.backbone.modules():
+            own = [p for p in m._parameters.values() if p is not None]
+            if own and not any(p.requires_grad for p in own):
+                self._frozen_modules.append(m)
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
@@ -243,10 +243,11 @@ class Trainer:
         seed_everything(cfg.seed)  # modules a strategy adds in setup() start from the run's seed
         self.source, self.target = source, target
         self.num_classes = target.num_classes
-        if any(t.device != self.device for t in itertools.chain(model.parameters(), model.buffers())):
+        tensors = [t for _, t in feat.module_tensors(model)]  # one walk, not one per parameters() and buffers()
+        if any(t.device != self.device for t in tensors):
             model.to(self.device)  # a reset backbone is there already
         if cfg.precision.channels_last and not all(
-            t.is_contiguous(memory_format=torch.channels_last) for t in model.parameters() if t.dim() == 4
+            t.is_contiguous(memory_format=torch.channels_last) for t in tensors if t.dim() == 4
         ):
             model.to(memory_format=torch.channels_last)
         model.freeze(cfg.freeze_depth)

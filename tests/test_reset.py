@@ -83,7 +83,7 @@ def test_a_backbone_whose_weights_depend_on_the_seed_is_built_for_every_call():
     assert all(torch.equal(v, b.module.state_dict()[k]) for k, v in _state(a).items())
 
 
-@pytest.mark.parametrize("change", ["hook", "attribute", "module"])
+@pytest.mark.parametrize("change", ["hook", "attribute", "new attribute", "tensor attribute", "module", "dtype"])
 def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, change):
     reset = BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))
     first = reset()
@@ -92,6 +92,12 @@ def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, chang
         first.module.layer1.register_forward_hook(lambda *a: None)
     elif change == "attribute":
         first.module.bn1.momentum = None
+    elif change == "new attribute":
+        first.module.layer1.scale = 2.0
+    elif change == "tensor attribute":
+        first.module.bn1.eps = torch.full((4,), 1e-3)
+    elif change == "dtype":
+        first.module.layer1.to(torch.float64)
     else:
         first.module.act1 = torch.nn.Identity()
     again = reset()

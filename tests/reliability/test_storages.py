@@ -210,6 +210,45 @@ def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every
     assert len(synced) == 2
 
 
+def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(tmp_path, monkeypatch):
+    """After its own append, a process takes the lines it wrote from memory instead of reading the
+    file again, unless another process appended after its last read; either way every view of the
+    journal, interleaved writes included, equals what Optuna's own backend reads from the file."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    import harness.search
+
+    file_reads = []
+    real = JournalFileBackend.read_logs
+    monkeypatch.setattr(JournalFileBackend, "read_logs", lambda self, n: (file_reads.append(n), real(self, n))[1])
+    url = journal_storage(tmp_path)
+    a = optuna.create_study(storage=harness.search.make_storage(url), study_name="s", direction="maximize")
+    b = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")
+    ta = a.ask()
+    a.trials  # noqa: B018 - a has read everything
+    file_reads.clear()
+    for step in range(3):
+        ta.report(0.1 * step, step)
+    assert not file_reads  # its own lines, from memory
+    tb = b.ask()  # b appends after a's last read ...
+    tb.report(0.9, 0)
+    file_reads.clear()
+    ta.set_user_attr("scores", {"x": 1, "2": [1.5, None]})  # ... so a's next append is followed by a read
+    assert file_reads
+    a.tell(ta, 0.5)
+    b.tell(tb, 0.25)
+
+    def view(study):
+        return [(t.number, t.state, t.value, t.intermediate_values, t.user_attrs, t.params) for t in study.get_trials()]
+
+    plain = optuna.load_study(
+        storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))), study_name="s"
+    )
+    assert view(a) == view(b) == view(plain)
+    assert view(plain)[0][3] == {0: 0.0, 1: 0.1, 2: 0.2} and view(plain)[1][2] == 0.25
+
+
 def test_the_journal_lock_dies_with_its_process(tmp_path):
     """A process killed while it holds the journal's lock does not hold up the others (the
     kernel drops an flock with its process; Optuna's symlink lock waited 30 s)."""
