@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.augment import POLICIES, Policy, _affine_theta, augment, get_policy
+from harness.augment import POLICIES, Policy, _affine_grid, _affine_theta, augment, get_policy
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 GEO = Policy(name="geo", rotate=30.0, translate=0.2, scale=(0.8, 1.2))
@@ -267,8 +267,20 @@ def test_blur_and_noise() -> None:
     # The blur keeps a constant image constant, borders included.
     flat = torch.full((2, 3, 16, 16), 0.5)
     torch.testing.assert_close(augment(flat, Policy(name="b", blur=1.0)), flat)
-    noisy = augment(torch.full((4, 3, 64, 64), 0.5), Policy(name="n", noise=0.05), generator=_gen())
+    flat = torch.full((4, 3, 64, 64), 0.5)
+    noisy = augment(flat, Policy(name="n", noise=0.05), generator=_gen())
     assert 0.04 < (noisy - 0.5).std() < 0.06
+    assert (flat == 0.5).all()  # noise alone adds into a new tensor, not into the input
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (17, 40), (1, 5)])
+def test_the_sampling_grid_is_torchs_affine_grid(shape) -> None:
+    h, w = shape
+    theta = _affine_theta(POLICIES["strong"], 0.5, 16, h, w, _gen(), torch.device("cpu"))
+    expected = F.affine_grid(theta, [16, 3, h, w], align_corners=False)
+    torch.testing.assert_close(_affine_grid(theta, h, w), expected, atol=1e-6, rtol=0)
+    identity = torch.eye(2, 3).expand(16, 2, 3).contiguous()
+    assert torch.equal(_affine_grid(identity, h, w), F.affine_grid(identity, [16, 3, h, w], align_corners=False))
 
 
 def test_mask_shape_is_checked() -> None:
