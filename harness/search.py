@@ -203,7 +203,11 @@ class DurableJournalFile(JournalFileBackend):
     killed process loses nothing it wrote. Only a machine crash can drop the unsynced tail, which
     is the running trials' progress: they are then lost and run again, as after a kill. The fsync
     was about 0.16 ms of the 0.24 ms an append cost on this project's machine, and a trial makes
-    about 15 appends (``benchmarks/test_search_efficiency.py``)."""
+    about 15 appends (``benchmarks/test_search_efficiency.py``).
+
+    Optuna reads the file back after every append. When nothing else was appended between this
+    process's last read and its append, that read takes the appended lines from memory instead of
+    reopening and scanning the file (43 -> 25 us a write here); otherwise it reads the file."""
 
     def read_logs(self, log_number_from: int):
         # Optuna reads the file after every write and before every read of the storage: about
@@ -253,6 +257,7 @@ class DurableJournalFile(JournalFileBackend):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_harness_fd", None)
+        state.pop("_harness_own", None)  # this process's lines, for its next read only
         return state
 
     def __del__(self) -> None:
