@@ -262,8 +262,8 @@ def _affine_theta(
 def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
     """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` written as two broadcast
     multiply-adds per output coordinate. Torch's version multiplies an ``(N, H*W, 3)`` base grid
-    by ``theta`` in a batched matmul whose inner size of 3 runs about 4x slower on the CPU; the
-    sampling coordinates agree with it to float32 rounding, the identity exactly."""
+    by ``theta`` in a batched matmul whose inner size of 3 runs about 4x slower on the CPU. The sums
+    run in the same order, so the coordinates are the same floats (``tests/test_augment.py``)."""
     n = theta.shape[0]
 
     def steps(k: int) -> Tensor:  # pixel centres in normalized units, as torch's base grid has them
@@ -272,8 +272,8 @@ def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
     xs, ys = steps(width).view(1, 1, width), steps(height).view(1, height, 1)
     t = theta.reshape(n, 6, 1, 1)
     grid = torch.empty(n, height, width, 2, device=theta.device, dtype=theta.dtype)
-    for k in (0, 1):  # x = t00 x + t01 y + t02, y = t10 x + t11 y + t12
-        torch.add(torch.addcmul(t[:, 3 * k + 2], t[:, 3 * k], xs), t[:, 3 * k + 1] * ys, out=grid[..., k])
+    for k in (0, 1):  # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
+        torch.add(t[:, 3 * k] * xs, t[:, 3 * k + 1] * ys, out=grid[..., k]).add_(t[:, 3 * k + 2])
     return grid
 
 

@@ -246,6 +246,7 @@ class Trainer:
         tensors = [t for _, t in feat.module_tensors(model)]  # one walk, not one per parameters() and buffers()
         if any(t.device != self.device for t in tensors):
             model.to(self.device)  # a reset backbone is there already
+            tensors = [t for _, t in feat.module_tensors(model)]  # moving replaces buffers
         if cfg.precision.channels_last and not all(
             t.is_contiguous(memory_format=torch.channels_last) for t in tensors if t.dim() == 4
         ):

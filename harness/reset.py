@@ -74,6 +74,7 @@ class _Layout:
         self._plain = [_getter([k for k in ks if k != "training" and type(d[k]) in _PLAIN]) for ks, d in zip(self.keys, dicts, strict=True)]
         self._hooks = [_getter([h for h in _HOOKS if h in d]) for d in dicts]
         self.values = [g(d) for g, d in zip(self._plain, dicts, strict=True)]
+        self.types = [tuple(map(type, v)) for v in self.values]
         self.hooks = [tuple(map(len, g(d))) for g, d in zip(self._hooks, dicts, strict=True)]
         self.tensors = module_tensors(module)
         self.shapes = [(n, t.dtype, t.shape) for n, t in self.tensors]
@@ -87,10 +88,10 @@ class _Layout:
         dicts = [m.__dict__ for m in mods]
         if list(map(_keys, dicts)) != self.keys:
             return None
-        try:
-            if [g(d) for g, d in zip(self._plain, dicts, strict=True)] != self.values:
-                return None
-        except (RuntimeError, TypeError):  # a plain attribute became a tensor, say
+        values = [g(d) for g, d in zip(self._plain, dicts, strict=True)]
+        # types first: a plain attribute that became a tensor or an array, even of an equal value,
+        # is a change, and comparing it with a number could raise instead of answering
+        if [tuple(map(type, v)) for v in values] != self.types or values != self.values:
             return None
         if [tuple(map(len, g(d))) for g, d in zip(self._hooks, dicts, strict=True)] != self.hooks:
             return None
@@ -174,7 +175,7 @@ class BackboneReset:
                 if t.grad is not None:
                     t.grad = None
         for m, flag in zip(self._layout.mods, self._training, strict=True):
-            m.__dict__["training"] = flag  # what Module.train sets, without its per-module walk
+            object.__setattr__(m, "training", flag)  # what Module.train sets, without Module.__setattr__'s checks
         self._remember_hash(tensors)
 
     def _remember_hash(self, tensors: list[tuple[str, Tensor]] | None = None) -> None:

@@ -83,7 +83,9 @@ def test_a_backbone_whose_weights_depend_on_the_seed_is_built_for_every_call():
     assert all(torch.equal(v, b.module.state_dict()[k]) for k, v in _state(a).items())
 
 
-@pytest.mark.parametrize("change", ["hook", "attribute", "new attribute", "tensor attribute", "module", "dtype"])
+@pytest.mark.parametrize(
+    "change", ["hook", "attribute", "new attribute", "tensor attribute", "equal 0-d tensor", "array attribute", "module", "dtype"]
+)
 def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, change):
     reset = BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))
     first = reset()
@@ -96,6 +98,10 @@ def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, chang
         first.module.layer1.scale = 2.0
     elif change == "tensor attribute":
         first.module.bn1.eps = torch.full((4,), 1e-3)
+    elif change == "equal 0-d tensor":
+        first.module.bn1.eps = torch.tensor(first.module.bn1.eps)
+    elif change == "array attribute":
+        first.module.bn1.eps = np.full(4, 1e-3)
     elif change == "dtype":
         first.module.layer1.to(torch.float64)
     else:
