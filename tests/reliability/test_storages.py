@@ -249,6 +249,40 @@ def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
     assert view(plain)[0][3] == {0: 0.0, 1: 0.1, 2: 0.2} and view(plain)[1][2] == 0.25
 
 
+def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(tmp_path):
+    """At the backend: this process's appended lines come from memory, what another writer added
+    after them (a harness process, or a foreign writer that left half a line) from the file, and
+    the result, offsets included, is what a fresh reader of the file gets."""
+    import pickle
+
+    from optuna.storages.journal import JournalFileBackend
+
+    from harness.search import DurableJournalFile, _FileLock
+
+    path = str(tmp_path / "j.journal")
+    a, b = DurableJournalFile(path, _FileLock(path)), DurableJournalFile(path, _FileLock(path))
+    a.append_logs([{"op_code": 0, "n": 0}])
+    assert list(a.read_logs(0)) == [{"op_code": 0, "n": 0}]  # a has read everything
+    a.append_logs([{"op_code": 5, "n": 1}, {"op_code": 5, "n": 2, "v": float("nan")}])
+    assert pickle.loads(pickle.dumps(a)).__dict__.get("_harness_own") is None  # no lines of a's in a copy
+    b.append_logs([{"op_code": 6, "n": 3}])
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 7, "n"')  # a foreign writer's unfinished line
+    got = list(a.read_logs(1))
+    fresh = JournalFileBackend(path)
+    want = list(fresh.read_logs(0))[1:]
+    assert [g["n"] for g in got] == [w["n"] for w in want] == [1, 2, 3]
+    assert got[1]["v"] != got[1]["v"]  # NaN, parsed from the line as written
+    assert a._log_number_offset == fresh._log_number_offset
+    with open(path, "ab") as f:
+        f.write(b': 4}\n')
+    a.append_logs([{"op_code": 8, "n": 5}])  # the file grew under a: its lines are read from the file
+    assert [g["n"] for g in a.read_logs(4)] == [4, 5]
+    again = JournalFileBackend(path)
+    assert [w["n"] for w in again.read_logs(0)] == [0, 1, 2, 3, 4, 5]
+    assert a._log_number_offset == again._log_number_offset
+
+
 def test_the_journal_lock_dies_with_its_process(tmp_path):
     """A process killed while it holds the journal's lock does not hold up the others (the
     kernel drops an flock with its process; Optuna's symlink lock waited 30 s)."""
