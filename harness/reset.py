@@ -39,6 +39,12 @@ from harness.engine import generators_kept
 from harness.features import module_tensors
 
 _PLAIN = frozenset({bool, int, float, str, type(None)})
+
+
+def _plain(v: Any) -> bool:
+    """A setting compared by value: a number, string, None, or a tuple of them (a convolution's
+    ``stride``, ``padding``)."""
+    return type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v))
 _HOOKS = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
@@ -64,16 +70,16 @@ class _Layout:
     """What a trial may not change in a backbone, taken once from the module as built: the names,
     dtypes and shapes of its tensors (not the tensor objects: moving to another device replaces
     buffers), its submodules, their attribute names, the values of their plain attributes
-    (``momentum``, ``eps``, ...), the number of hooks on each. ``check`` compares a module with it
+    (``momentum``, ``eps``, a convolution's ``stride``), the number of hooks on each. ``check`` compares a module with it
     in a few C-level passes (about 0.1 ms for timm's ``test_resnet``)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.mods = [m for _, m in module.named_modules(remove_duplicate=False)]
         dicts = [m.__dict__ for m in self.mods]
         self.keys = [_keys(d) for d in dicts]
-        self._plain = [_getter([k for k in ks if k != "training" and type(d[k]) in _PLAIN]) for ks, d in zip(self.keys, dicts, strict=True)]
+        self._settings = [_getter([k for k in ks if k != "training" and _plain(d[k])]) for ks, d in zip(self.keys, dicts, strict=True)]
         self._hooks = [_getter([h for h in _HOOKS if h in d]) for d in dicts]
-        self.values = [g(d) for g, d in zip(self._plain, dicts, strict=True)]
+        self.values = [g(d) for g, d in zip(self._settings, dicts, strict=True)]
         self.types = [tuple(map(type, v)) for v in self.values]
         self.hooks = [tuple(map(len, g(d))) for g, d in zip(self._hooks, dicts, strict=True)]
         self.tensors = module_tensors(module)
@@ -88,7 +94,7 @@ class _Layout:
         dicts = [m.__dict__ for m in mods]
         if list(map(_keys, dicts)) != self.keys:
             return None
-        values = [g(d) for g, d in zip(self._plain, dicts, strict=True)]
+        values = [g(d) for g, d in zip(self._settings, dicts, strict=True)]
         # types first: a plain attribute that became a tensor or an array, even of an equal value,
         # is a change, and comparing it with a number could raise instead of answering
         if [tuple(map(type, v)) for v in values] != self.types or values != self.values:

@@ -84,7 +84,7 @@ def test_a_backbone_whose_weights_depend_on_the_seed_is_built_for_every_call():
 
 
 @pytest.mark.parametrize(
-    "change", ["hook", "attribute", "new attribute", "tensor attribute", "equal 0-d tensor", "array attribute", "module", "dtype"]
+    "change", ["hook", "attribute", "new attribute", "tensor attribute", "equal 0-d tensor", "array attribute", "stride", "module", "dtype"]
 )
 def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, change):
     reset = BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))
@@ -102,6 +102,9 @@ def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, chang
         first.module.bn1.eps = torch.tensor(first.module.bn1.eps)
     elif change == "array attribute":
         first.module.bn1.eps = np.full(4, 1e-3)
+    elif change == "stride":
+        conv = next(m for m in first.module.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.stride = tuple(s + 1 for s in conv.stride)
     elif change == "dtype":
         first.module.layer1.to(torch.float64)
     else:
