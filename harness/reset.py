@@ -70,8 +70,9 @@ class _Layout:
     """What a trial may not change in a backbone, taken once from the module as built: the names,
     dtypes and shapes of its tensors (not the tensor objects: moving to another device replaces
     buffers), its submodules, their attribute names, the values of their plain attributes
-    (``momentum``, ``eps``, a convolution's ``stride``), the number of hooks on each. ``check`` compares a module with it
-    in a few C-level passes (about 0.1 ms for timm's ``test_resnet``)."""
+    (``momentum``, ``eps``, a convolution's ``stride``), the number of hooks on each. ``check``
+    compares a module with it in a few C-level passes (about 0.2 ms for timm's ``test_resnet``, where
+    the walk it replaced took 0.4 ms)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.mods = [m for _, m in module.named_modules(remove_duplicate=False)]
