@@ -108,7 +108,7 @@ def test_pruning_pays(benchmark, tmp_path):
     mean_gap = sum(100 * (o["none"]["best"] - o[PRUNER]["best"]) for _, o in rows) / len(rows)
     benchmark.extra_info["epochs_fraction"] = round(fraction, 3)
     benchmark.extra_info["mean_gap_points"] = round(mean_gap, 2)
-    print(f"  epochs trained with pruning / without: {total[PRUNER]} / {total['none']} = {fraction:.2f}; "
+    print(f"  epochs trained with pruning / without: {total[PRUNER]} / {total['none']} = {fraction:.3f}; "
           f"mean gap to no pruning over the seeds: {mean_gap:+.2f} points (target: <= 0.5 points at <= 0.5x the epochs)")  # fmt: skip
     assert total["none"] > 0
 
