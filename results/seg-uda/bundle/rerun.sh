@@ -7,9 +7,9 @@
 # trained; then the leaderboard files are rewritten from the storage.
 # To repeat everything, search included, point HARNESS_STORAGE at a new, empty storage and
 # pass another --results-dir, e.g.
-#   HARNESS_STORAGE=sqlite:////tmp/rerun.db sh rerun.sh --results-dir /tmp/rerun
+#   HARNESS_STORAGE=journal:////tmp/rerun.journal sh rerun.sh --results-dir /tmp/rerun
 # Extra arguments are passed on to `harness run`; HARNESS names the harness executable.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
-STORAGE=${HARNESS_STORAGE:-"sqlite:///$HERE/../optuna.db"}
+STORAGE=${HARNESS_STORAGE:-"journal:///$HERE/../optuna.journal"}
 exec "${HARNESS:-harness}" run --study "$HERE/seg-uda.toml" --storage "$STORAGE" --results-dir "$HERE/../.." "$@"
