@@ -16,13 +16,13 @@ A reset must give exactly the backbone a build gives:
   its seed alone, whether its backbone was built or reset.
 - **A trial changed only values.** A reset is refused, and the backbone built afresh, when a
   parameter or buffer changed name, dtype or shape, a submodule was replaced, a hook was left on
-  one, or a submodule's attribute was set or changed (``momentum``, say).
+  one, or a submodule's attribute was set or changed (``momentum``, a convolution's ``stride``).
 
 The shared module is only safe because trials run one after another in a process and each drops
 its model before the next is built: ``Runner`` uses it for trials, final runs and its preflight.
 A study opts out with ``reuse_backbone = false``: every trial then builds its backbone under its
 seed and draws its head's initialization after it, as the harness did before this module (the
-published studies made that way keep it, to stay reproducible).
+way to repeat a result made then).
 """
 
 from __future__ import annotations
