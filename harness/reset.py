@@ -67,14 +67,14 @@ def _getter(keys: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
 
 
 class _Layout:
-    """What a trial may not change in a backbone, taken once from the module as built: the names,
-    dtypes and shapes of its tensors (not the tensor objects: moving to another device replaces
-    buffers), its submodules, their attribute names, the values of their plain attributes
-    (``momentum``, ``eps``, a convolution's ``stride``), the number of hooks on each. ``check``
-    compares a module with it in a few C-level passes (about 0.2 ms for timm's ``test_resnet``, where
-    the walk it replaced took 0.4 ms)."""
+    """What a trial may not change in a backbone, taken once from the module as built and its
+    ``module_tensors``: the names, dtypes and shapes of its tensors (not the tensor objects: moving
+    to another device replaces buffers), its submodules, their attribute names, the values of their
+    plain attributes (``momentum``, ``eps``, a convolution's ``stride``), the number of hooks on
+    each. ``check`` compares a module with it in a few C-level passes (about 0.2 ms for timm's
+    ``test_resnet``, where the walk it replaced took 0.4 ms)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, tensors: list[tuple[str, Tensor]]) -> None:
         self.mods = [m for _, m in module.named_modules(remove_duplicate=False)]
         dicts = [m.__dict__ for m in self.mods]
         self.keys = [_keys(d) for d in dicts]
@@ -83,8 +83,7 @@ class _Layout:
         self.values = [g(d) for g, d in zip(self._settings, dicts, strict=True)]
         self.types = [tuple(map(type, v)) for v in self.values]
         self.hooks = [tuple(map(len, g(d))) for g, d in zip(self._hooks, dicts, strict=True)]
-        self.tensors = module_tensors(module)
-        self.shapes = [(n, t.dtype, t.shape) for n, t in self.tensors]
+        self.shapes = [(n, t.dtype, t.shape) for n, t in tensors]
 
     def check(self, module: nn.Module) -> list[tuple[str, Tensor]] | None:
         """``module``'s tensors by name (``features.module_tensors``, the list the frozen-feature
@@ -155,17 +154,15 @@ class BackboneReset:
         with generators_kept(seed=int(state[-64:].sum()) + 1):  # another state than the first build's
             other = self._build()
         self.builds += 2
-        layout = _Layout(backbone.module)
-        tensors = layout.tensors
+        tensors = module_tensors(backbone.module)
         if not _same_tensors(tensors, module_tensors(other.module)):
             self.refused = "its weights depend on the random seed (the weights do not cover all of them)"
             return self._fresh()  # under the caller's generators, as without reuse
-        self._live, self._layout = backbone, layout
-        layout.tensors = []  # the live list is taken at each reset
+        self._live, self._layout = backbone, _Layout(backbone.module, tensors)
         with torch.no_grad():
             self._values = [t.detach().clone() for _, t in tensors]
         self._requires = [t.requires_grad if isinstance(t, nn.Parameter) else None for _, t in tensors]
-        self._training = [m.training for m in layout.mods]
+        self._training = [m.training for m in self._layout.mods]
         self._remember_hash(tensors)
         return backbone
 

@@ -279,10 +279,6 @@ def _describe(exc: BaseException) -> str:
     return out
 
 
-#: lets the checks seed freely without changing the caller's random state
-_isolated_rng = generators_kept
-
-
 def _seed(seed: int = 0) -> None:
     seed_everything(seed)
 
@@ -369,7 +365,7 @@ def check_backbone(
     if not name:
         raise TypeError("check_backbone(factory, name): a bare factory needs the name to build")
     c = _Checks("backbone")
-    with _isolated_rng():
+    with generators_kept():  # the checks seed freely; the caller's random state stays
         bb = c.value("factory", lambda: _build_backbone(factory, name))
         if bb is None:
             for check in (
@@ -673,7 +669,7 @@ def check_head(
     if missing:
         c.add("factory", True, _skip_message(missing))
         return c.results
-    with _isolated_rng():
+    with generators_kept():  # the checks seed freely; the caller's random state stays
         c.run("backbone", lambda: _builds(backbone))
         for task in declared:
             if task in TASKS:
@@ -849,7 +845,7 @@ def check_dataset(
             raise _Fail(f"factory returned {type(data).__name__}, not harness.api.DomainData")
         return data
 
-    with _isolated_rng():
+    with generators_kept():  # the checks seed freely; the caller's random state stays
         try:
             data = build(seed)
         except _Skip as skip:
@@ -1045,7 +1041,7 @@ def check_strategy(
     if missing:
         c.add("factory", True, _skip_message(missing))
         return c.results
-    with _isolated_rng():
+    with generators_kept():  # the checks seed freely; the caller's random state stays
         strategy = c.value("factory", lambda: _build_strategy(factory, opts))
         if strategy is None:
             for check in (
