@@ -345,12 +345,45 @@ def asha_min_resource(epochs: int) -> int:
     them is reported): a sixth of the budget, and never before the third epoch. On the quickstart
     pair (``benchmarks/test_search_efficiency.py``) rankings after one or two epochs said little
     about the final score; judging after a fifth of 24 epochs, then after 13, kept the best score
-    of an unpruned search at half its epochs, where judging one epoch earlier lost 2-4 points."""
+    of an unpruned search, where judging one epoch earlier lost 2-4 points."""
     return max(2, epochs // 6)
+
+
+class Halving(optuna.pruners.BasePruner):
+    """Successive halving in which a trial goes on from a rung only by out-scoring others there.
+
+    Optuna's asynchronous ``SuccessiveHalvingPruner`` promotes the first trial to reach a rung
+    unconditionally (it is the top third of one), so in a search that runs its trials one after
+    another the first trial, a random start-up one, always trains to the end, and so does the
+    first to reach each later rung. Here that first arrival stops at the rung (Optuna's
+    ``bootstrap_count=1``); its score stays there for the later trials to be compared with, and a
+    trial goes on when it is in the top ``1 / reduction_factor`` of at least two. So that a search
+    always completes a trial, the budget's last place is not pruned while no trial has completed;
+    and a trial is not judged after its last epoch, where stopping it saves nothing.
+    """
+
+    def __init__(self, min_resource: int, reduction_factor: int, budget: int, epochs: int) -> None:
+        self.halving = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_resource, reduction_factor=reduction_factor, bootstrap_count=1
+        )
+        self.budget, self.epochs = budget, epochs
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if (trial.last_step or 0) >= self.epochs - 1 or not self.halving.prune(study, trial):
+            return False
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            return True
+        return not is_surplus(study, trial.number, self.budget - 1)  # the last place trains on
 
 
 def describe_pruner(pruner: optuna.pruners.BasePruner) -> str:
     """The pruner and its settings, as provenance records it."""
+    if isinstance(pruner, Halving):
+        inner = pruner.halving
+        return (
+            f"SuccessiveHalvingPruner(min_resource={inner._min_resource}, reduction_factor={inner._reduction_factor}, "
+            f"bootstrap_count={inner._bootstrap_count}); the last of {pruner.budget} trials is not pruned until one completes"
+        )
     if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner):
         return f"SuccessiveHalvingPruner(min_resource={pruner._min_resource}, reduction_factor={pruner._reduction_factor})"
     if isinstance(pruner, optuna.pruners.MedianPruner):
@@ -699,7 +732,7 @@ class Runner:
         if s.pruner == "none":
             return optuna.pruners.NopPruner()
         if s.pruner == "asha":
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=asha_min_resource(epochs), reduction_factor=3)
+            return Halving(asha_min_resource(epochs), 3, self.spec.budget.trials, epochs)
         if s.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
         return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3))

@@ -1,4 +1,5 @@
-"""The pruners a study can name, and the default: successive halving from a sixth of the epochs."""
+"""The pruners a study can name, and the default: successive halving from a sixth of the epochs,
+where a trial goes on from a rung only by out-scoring others there."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ def _run(study: optuna.Study, curve: list[float]) -> tuple[bool, int]:
     return False, len(curve)
 
 
-def _pruner(epochs: int) -> optuna.pruners.BasePruner:
+def _pruner(epochs: int, trials: int = 20) -> optuna.pruners.BasePruner:
     runner = Runner.__new__(Runner)  # _pruner reads the study spec only
-    runner.spec = type("Spec", (), {"search": SearchSpace(), "budget": type("B", (), {"max_epochs": epochs})()})()
+    budget = type("B", (), {"max_epochs": epochs, "trials": trials})()
+    runner.spec = type("Spec", (), {"search": SearchSpace(), "budget": budget})()
     return runner._pruner()
 
 
@@ -40,25 +42,56 @@ def test_successive_halving_keeps_the_top_third_at_each_rung():
         return [v / 2 - 0.01 * k for v in good]
 
     first = asha_min_resource(epochs) + 1  # judged once the epoch after min_resource is reported
-    results = [_run(study, c) for c in (poor(0), poor(1), good, poor(2), good, poor(3))]
-    assert results[0] == (False, epochs)  # the first trial at a rung is its best so far
+    results = [_run(study, c) for c in (poor(0), poor(1), good, poor(2), good, poor(3), good)]
+    assert results[0] == (True, first)  # the first trial at a rung has nothing to beat there: it stops
     assert results[1] == (True, first)  # below the only other value there
-    assert results[2] == (False, epochs)  # best at every rung
+    # best at the first rung, but the first to reach the second (after epoch 13 of 24)
+    assert results[2] == (True, 3 * (first - 1) + 1)
     assert results[3] == (True, first)
     # a good trial again: at its rungs it ties the best (kept); the poorest one is judged out
     assert results[4] == (False, epochs) and results[5] == (True, first)
-    rungs = sorted(k for k in study.trials[0].system_attrs if k.startswith("completed_rung_"))
+    assert results[6] == (False, epochs)
+    rungs = sorted(k for k in study.trials[4].system_attrs if k.startswith("completed_rung_"))
     assert rungs == ["completed_rung_0", "completed_rung_1"]  # after epochs 5 and 13 of 24
+    # the pruned first arrivals stay at their rungs as what later trials are compared with
+    assert "completed_rung_0" in study.trials[0].system_attrs and "completed_rung_1" in study.trials[2].system_attrs
 
 
 def test_short_trials_are_judged_from_the_third_epoch_only():
-    study = optuna.create_study(direction="maximize", pruner=_pruner(6))
-    results = [_run(study, [0.5 - 0.1 * k] * 6) for k in range(3)]
-    assert results == [(False, 6), (True, 3), (True, 3)]
+    study = optuna.create_study(direction="maximize", pruner=_pruner(6, trials=4))
+    results = [_run(study, [0.5 + 0.1 * k] * 6) for k in (0, 1, -1)]
+    assert results == [(True, 3), (False, 6), (True, 3)]
+
+
+def test_the_last_trial_of_the_budget_completes_when_no_other_has():
+    # every trial worse than the first: without the guard, none would complete
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=4))
+    results = [_run(study, [0.9 - 0.1 * k] * 24) for k in range(4)]
+    assert results == [(True, 5), (True, 5), (True, 5), (False, 24)]
+    # trial 1 beats trial 0 at the first rung, is the first at the second and stops there; trial 2
+    # (the last place) beats both at both rungs and completes on its own merits
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=3))
+    assert [_run(study, [v] * 24) for v in (0.5, 0.9, 0.95)] == [(True, 5), (True, 13), (False, 24)]
+    # once a trial has completed, the last place is judged like any other
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=4))
+    assert [_run(study, [v] * 24) for v in (0.5, 0.9, 0.95, 0.1)] == [(True, 5), (True, 13), (False, 24), (True, 5)]
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=1))
+    assert _run(study, [0.1] * 24) == (False, 24)  # a budget of one trial completes it
+
+
+def test_no_trial_is_judged_after_its_last_epoch():
+    # 3 epochs: the first rung (after the 3rd epoch) would be the end; stopping there saves nothing
+    study = optuna.create_study(direction="maximize", pruner=_pruner(3, trials=3))
+    assert [_run(study, [v] * 3) for v in (0.5, 0.1, 0.9)] == [(False, 3)] * 3
 
 
 def test_pruner_settings_are_recorded_as_provenance():
-    assert describe_pruner(_pruner(24)) == "SuccessiveHalvingPruner(min_resource=4, reduction_factor=3)"
+    assert describe_pruner(_pruner(24)) == (
+        "SuccessiveHalvingPruner(min_resource=4, reduction_factor=3, bootstrap_count=1); "
+        "the last of 20 trials is not pruned until one completes"
+    )
+    plain = optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
+    assert describe_pruner(plain) == "SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)"
     assert describe_pruner(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)) == (
         "MedianPruner(n_startup_trials=3, n_warmup_steps=2)"
     )
