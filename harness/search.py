@@ -350,16 +350,22 @@ def asha_min_resource(epochs: int) -> int:
 
 
 class Halving(optuna.pruners.BasePruner):
-    """Successive halving in which a trial goes on from a rung only by out-scoring others there.
+    """Successive halving in which a trial goes on from a rung only by comparison with others there.
 
     Optuna's asynchronous ``SuccessiveHalvingPruner`` promotes the first trial to reach a rung
     unconditionally (it is the top third of one), so in a search that runs its trials one after
     another the first trial, a random start-up one, always trains to the end, and so does the
     first to reach each later rung. Here that first arrival stops at the rung (Optuna's
-    ``bootstrap_count=1``); its score stays there for the later trials to be compared with, and a
-    trial goes on when it is in the top ``1 / reduction_factor`` of at least two. So that a search
-    always completes a trial, the budget's last place is not pruned while no trial has completed;
-    and a trial is not judged after its last epoch, where stopping it saves nothing.
+    ``bootstrap_count=1``); its score stays there for the later trials to be compared with. A
+    later trial goes on when its score is at least the k-th best of the n trials at the rung, itself
+    included, with k = n // reduction_factor and at least 1 (so ties go on, and while n < 2 *
+    reduction_factor only the best does). Two trials of parallel workers that reach a rung at the
+    same moment may both count as its first arrival.
+
+    Guards: while no trial has completed, the budget's last place is not pruned, so a search that
+    runs its whole budget completes a trial unless that last trial fails (a search cut short by
+    ``timeout_s`` or an interrupt may end with none); and no trial is judged at its last epoch,
+    where stopping it saves nothing.
     """
 
     def __init__(self, min_resource: int, reduction_factor: int, budget: int, epochs: int) -> None:
@@ -382,7 +388,8 @@ def describe_pruner(pruner: optuna.pruners.BasePruner) -> str:
         inner = pruner.halving
         return (
             f"SuccessiveHalvingPruner(min_resource={inner._min_resource}, reduction_factor={inner._reduction_factor}, "
-            f"bootstrap_count={inner._bootstrap_count}); the last of {pruner.budget} trials is not pruned until one completes"
+            f"bootstrap_count={inner._bootstrap_count}); the last of {pruner.budget} trials is not pruned until one "
+            f"completes; none is judged at its last epoch ({pruner.epochs})"
         )
     if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner):
         return f"SuccessiveHalvingPruner(min_resource={pruner._min_resource}, reduction_factor={pruner._reduction_factor})"

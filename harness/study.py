@@ -67,10 +67,11 @@ class FloatRange(_Strict):
 
 class SearchSpace(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
-    #: "asha" (successive halving: a trial is judged after a sixth of its epochs, never before the
-    #: third epoch, and again after three times as many; only the top third at each rung goes on,
-    #: and only by out-scoring others there: the first trial to reach a rung stops at it, except the
-    #: budget's last trial while none has completed),
+    #: "asha" (successive halving: with m = a sixth of the epochs, at least 2, a trial is judged
+    #: once epoch m + 1 is reported and again at epoch 3m + 1; only the top third at each rung goes
+    #: on, by comparison with trials there, so the first trial to reach a rung stops at it; while
+    #: no trial has completed, the budget's last trial is not pruned; none is judged at its last
+    #: epoch),
     #: "median" (pruned when below the median of earlier trials at the same epoch, from a third
     #: of the epochs on, after ``startup_trials`` trials), "hyperband", "none".
     #: Measured in benchmarks/README.md.

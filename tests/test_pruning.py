@@ -79,16 +79,37 @@ def test_the_last_trial_of_the_budget_completes_when_no_other_has():
     assert _run(study, [0.1] * 24) == (False, 24)  # a budget of one trial completes it
 
 
+def test_the_kept_last_place_is_still_recorded_and_judged_at_later_rungs():
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=2))
+    assert _run(study, [0.9] * 24) == (True, 5)
+    assert _run(study, [0.1] * 24) == (False, 24)  # below trial 0 at both rungs, kept as the last place
+    assert {"completed_rung_0", "completed_rung_1"} <= set(study.trials[1].system_attrs)
+
+
+def test_the_last_place_counts_the_trials_that_take_places():
+    # an interrupted trial takes no place (it is run again), so the place after it is not the last
+    study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=3))
+    assert _run(study, [0.9] * 24) == (True, 5)
+    interrupted = study.ask()
+    interrupted.set_user_attr("fail_reason", "interrupted")
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    assert _run(study, [0.1] * 24) == (True, 5)  # the 2nd place of 3
+    assert _run(study, [0.1] * 24) == (False, 24)  # the 3rd and last
+
+
 def test_no_trial_is_judged_after_its_last_epoch():
     # 3 epochs: the first rung (after the 3rd epoch) would be the end; stopping there saves nothing
     study = optuna.create_study(direction="maximize", pruner=_pruner(3, trials=3))
     assert [_run(study, [v] * 3) for v in (0.5, 0.1, 0.9)] == [(False, 3)] * 3
+    # 7 epochs: judged after the 3rd, and the second rung (after the 7th) is the end
+    study = optuna.create_study(direction="maximize", pruner=_pruner(7, trials=3))
+    assert [_run(study, [v] * 7) for v in (0.5, 0.9, 0.1)] == [(True, 3), (False, 7), (True, 3)]
 
 
 def test_pruner_settings_are_recorded_as_provenance():
     assert describe_pruner(_pruner(24)) == (
         "SuccessiveHalvingPruner(min_resource=4, reduction_factor=3, bootstrap_count=1); "
-        "the last of 20 trials is not pruned until one completes"
+        "the last of 20 trials is not pruned until one completes; none is judged at its last epoch (24)"
     )
     plain = optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
     assert describe_pruner(plain) == "SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)"
