@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from harness.augment import augment, get_policy
-from harness.engine import Precision, resolve_device
+from harness.training.augment import augment, get_policy
+from harness.training.engine import Precision, resolve_device
 
 N, SIZE, BATCH = 512, 32, 64
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import probe
-from harness.engine import Precision, TransferModel, resolve_device, seed_everything
+from harness.training import probe
+from harness.training.engine import Precision, TransferModel, resolve_device, seed_everything
 from harness_plugins.heads import build_linear
 from harness_plugins.timm_backbones import build_timm_backbone
 
@@ -65,7 +65,9 @@ def test_precision_probe_and_flops(benchmark, name, size):
     options = probe.ALL  # all four, bf16 included, to show what it would buy (see probe.candidates)
     times = {p.describe(): measure(p) for p in options}
     best = min(options, key=lambda p: times[p.describe()])
-    auto = min(probe.candidates(device), key=lambda p: times[p.describe()])  # what precision = "auto" picks
+    auto = min(
+        probe.candidates(device), key=lambda p: times[p.describe()]
+    )  # what precision = "auto" picks
     # pytest-benchmark's own table: the auto pick's training step, timed again
     benchmark.pedantic(measure, args=(auto,), rounds=1, iterations=1)
     fp32 = times[Precision(False, False).describe()]

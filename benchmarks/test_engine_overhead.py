@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.api import DomainData
-from harness.engine import (
+from harness.training.engine import (
     Precision,
     TrainConfig,
     Trainer,
@@ -28,7 +28,9 @@ def _data() -> DomainData:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (N, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
     y = torch.arange(N) % 10
-    return DomainData.from_arrays("bench", x, y, class_names=[str(i) for i in range(10)], seed=0, fractions=(0.98, 0.01, 0.01))
+    return DomainData.from_arrays(
+        "bench", x, y, class_names=[str(i) for i in range(10)], seed=0, fractions=(0.98, 0.01, 0.01)
+    )
 
 
 def _model(name: str) -> TransferModel:
@@ -37,7 +39,9 @@ def _model(name: str) -> TransferModel:
     return TransferModel(bb, build_linear(backbone=bb, num_classes=10, task="classification"))
 
 
-def _plain_epoch(model: TransferModel, data: DomainData, device: torch.device, precision: Precision) -> int:
+def _plain_epoch(
+    model: TransferModel, data: DomainData, device: torch.device, precision: Precision
+) -> int:
     """What a person would write by hand: the same model, data on the device, AdamW, one epoch."""
     x_all, y_all = data.train.x.to(device), data.train.y.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -59,7 +63,9 @@ def _plain_epoch(model: TransferModel, data: DomainData, device: torch.device, p
     return seen
 
 
-def _engine_epoch(model: TransferModel, data: DomainData, device: torch.device, precision: Precision) -> int:
+def _engine_epoch(
+    model: TransferModel, data: DomainData, device: torch.device, precision: Precision
+) -> int:
     cfg = TrainConfig(
         epochs=1, batch_size=BATCH, backbone_lr=1e-3, head_lr=1e-3, weight_decay=1e-4, freeze_depth=0,
         augment="none", seed=0, device=device, precision=precision,

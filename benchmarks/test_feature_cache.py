@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import features as feat
 from harness.api import DomainData
-from harness.engine import (
+from harness.metrics import classification_metrics
+from harness.training import features as feat
+from harness.training.engine import (
     Precision,
     TrainConfig,
     Trainer,
@@ -20,8 +21,7 @@ from harness.engine import (
     resolve_device,
     seed_everything,
 )
-from harness.metrics import classification_metrics
-from harness.reset import BackboneReset
+from harness.training.reset import BackboneReset
 from harness_plugins.heads import build_linear
 from harness_plugins.strategies import LinearProbe
 from harness_plugins.timm_backbones import build_timm_backbone
@@ -36,9 +36,11 @@ def _data() -> DomainData:
     return DomainData.from_arrays("bench", x, y, class_names=[str(i) for i in range(10)], seed=0)
 
 
-def _trial(reset: BackboneReset, data: DomainData, device, precision, cache: feat.FeatureCache | None) -> float:
+def _trial(
+    reset: BackboneReset, data: DomainData, device, precision, cache: feat.FeatureCache | None
+) -> float:
     """One linear-probe trial as the Runner runs it: the backbone reset to the pretrained weights
-    (``harness.reset``) under the trial's seed, a new head, train it, score validation every epoch."""
+    (``harness.training.reset``) under the trial's seed, a new head, train it, score validation every epoch."""
     seed_everything(0)
     bb = reset()
     model = TransferModel(bb, build_linear(backbone=bb, num_classes=10, task="classification"))

@@ -18,10 +18,10 @@ from pathlib import Path
 import optuna
 
 import harness.search
-from harness.engine import Trainer
 from harness.registry import get_registry
 from harness.search import Runner, RunOptions
 from harness.study import SearchSpace, load_study
+from harness.training.engine import Trainer
 
 QUICKSTART = str(Path(__file__).parent / "quickstart.toml")
 
@@ -33,7 +33,9 @@ def _seeds(text: str) -> tuple[int, ...]:
     return tuple(range(int(lo), int(hi) + 1)) if sep else tuple(range(int(text)))
 
 
-SAMPLER_SEEDS = _seeds(os.environ.get("BENCH_SEEDS", "3"))  # the issue's 3; more for a closer verdict
+SAMPLER_SEEDS = _seeds(
+    os.environ.get("BENCH_SEEDS", "3")
+)  # the issue's 3; more for a closer verdict
 # pruning is measured on the quickstart pair's fine-tuning method (the widest search space), with
 # a sweep's budget rather than the quickstart's 6 trials x 6 epochs: 20 trials of 24 epochs (as in
 # benchmarks/digits-uda.toml). At 6 epochs no pruner can pay: a trial judged on its first two
@@ -73,7 +75,9 @@ def _runner(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Runner:
 def _search(runner: Runner, strategy: str):
     rm = next(rm for rm in runner.methods if rm.method.strategy == strategy)
     source, _ = runner.pair_data(0)
-    runner.backbone_weights(rm, source)  # source pretraining is cached on disk: not part of the search
+    runner.backbone_weights(
+        rm, source
+    )  # source pretraining is cached on disk: not part of the search
     runner.precision_for(rm)
     t0 = time.perf_counter()
     study = runner.search(0, rm)
@@ -87,7 +91,9 @@ def test_pruning_pays(benchmark, tmp_path):
         for seed in SAMPLER_SEEDS:
             out = {}
             for pruner in ("none", PRUNER):
-                runner = _runner(tmp_path / f"{pruner}-{seed}", {**PRUNING, "search.pruner": pruner}, seed)
+                runner = _runner(
+                    tmp_path / f"{pruner}-{seed}", {**PRUNING, "search.pruner": pruner}, seed
+                )
                 study, wall = _search(runner, "finetune")
                 trials = study.get_trials(deepcopy=False)
                 out[pruner] = {
@@ -132,7 +138,11 @@ def _startup_seconds(rounds: int = 2) -> float:
 
 
 def _timed_searches(
-    tmp: Path, monkeypatch, storage: str | None, overrides: dict | None = None, only: str | None = None
+    tmp: Path,
+    monkeypatch,
+    storage: str | None,
+    overrides: dict | None = None,
+    only: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """The quickstart's searches (6 trials x 6 epochs per method) with the time inside
     Trainer.fit, the time before the first trial (once per search) and the trials' loop apart.
@@ -225,7 +235,13 @@ def test_per_trial_overhead(benchmark, tmp_path, monkeypatch):
                   f"once per search before the first trial: {r['setup_s']:.2f} s; each trial's, ms: {r['overhead_ms_each']}")  # fmt: skip
         print(f"  {kind} all methods: overhead {(loop - fit) / loop:.2%} of the trials' time "
               f"(a process start-up per trial would add {startup * sum(r['trials'] for r in rows.values()) / loop:.0%})")  # fmt: skip
-        benchmark.extra_info[kind] = {k: {m: v if isinstance(v, list) else round(v, 4) for m, v in r.items()} for k, r in rows.items()}
+        benchmark.extra_info[kind] = {
+            k: {m: v if isinstance(v, list) else round(v, 4) for m, v in r.items()}
+            for k, r in rows.items()
+        }
         benchmark.extra_info[f"{kind}_overhead_share"] = round((loop - fit) / loop, 4)
     benchmark.extra_info["python_torch_timm_startup_s"] = round(startup, 2)
-    assert all(r["trials"] == 6 for rows in results.values() for r in rows.values()) and len(results) == 3
+    assert (
+        all(r["trials"] == 6 for rows in results.values() for r in rows.values())
+        and len(results) == 3
+    )

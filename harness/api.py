@@ -132,7 +132,9 @@ class DomainData:
         """Raise ``PluginContractError`` when the data break the dataset contract."""
         shapes = {tuple(s.x.shape[1:]) for s in (self.train, self.val, self.test)}
         if len(shapes) != 1:
-            raise PluginContractError(f"domain {self.name!r}: splits have different image shapes {shapes}")
+            raise PluginContractError(
+                f"domain {self.name!r}: splits have different image shapes {shapes}"
+            )
         c, h, w = self.image_shape
         if c != 3:
             raise PluginContractError(f"domain {self.name!r}: images must have 3 channels, got {c}")
@@ -181,7 +183,9 @@ def stratified_split(
     return tuple(torch.sort(torch.cat(p)).values for p in parts)  # type: ignore[return-value]
 
 
-def random_split(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def random_split(
+    n: int, fractions: tuple[float, float, float], seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded split of ``range(n)`` into three sorted parts with the given fractions."""
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must sum to 1, got {fractions}")
@@ -237,7 +241,9 @@ class Backbone:
                 f"backbone {self.name!r}: parameters in no stage: {', '.join(missing[:5])}"
             )
         if len(staged) != len(set(staged)):
-            raise PluginContractError(f"backbone {self.name!r}: a parameter is listed in two stages")
+            raise PluginContractError(
+                f"backbone {self.name!r}: a parameter is listed in two stages"
+            )
 
 
 def stages_from_prefixes(module: nn.Module, prefixes: Iterable[str]) -> list[list[str]]:
@@ -250,7 +256,9 @@ def stages_from_prefixes(module: nn.Module, prefixes: Iterable[str]) -> list[lis
                 stages[i].append(name)
                 break
         else:
-            raise PluginContractError(f"parameter {name!r} matches none of the stage prefixes {prefixes}")
+            raise PluginContractError(
+                f"parameter {name!r} matches none of the stage prefixes {prefixes}"
+            )
     return [s for s in stages if s]
 
 

@@ -26,8 +26,13 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
-StudyOpt = Annotated[str, typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file")]
-ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results/<study>/ folders go")]
+StudyOpt = Annotated[
+    str,
+    typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file"),
+]
+ResultsOpt = Annotated[
+    Path, typer.Option("--results-dir", help="where results/<study>/ folders go")
+]
 ReportOpt = Annotated[
     bool,
     typer.Option(
@@ -74,12 +79,22 @@ def run(
     study: StudyOpt,
     storage: StorageOpt = None,
     results_dir: ResultsOpt = Path("results"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a study field: --set budget.trials=4")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only print the leaderboard")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a study field: --set budget.trials=4"),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="only print the leaderboard")
+    ] = False,
     report: ReportOpt = True,
     workers: Annotated[
         int,
-        typer.Option("--workers", "-w", min=1, help="worker processes on this machine sharing the studies (CPU threads divided, one GPU each)"),
+        typer.Option(
+            "--workers",
+            "-w",
+            min=1,
+            help="worker processes on this machine sharing the studies (CPU threads divided, one GPU each)",
+        ),
     ] = 1,
     worker_rank: Annotated[int | None, typer.Option("--worker-rank", hidden=True)] = None,
 ) -> None:
@@ -105,8 +120,14 @@ def run(
     registry = get_registry()
     target_dir = results_dir / spec.name
     started = time.perf_counter()
-    log = (lambda msg: None) if quiet else (_log if worker_rank is None else lambda msg: _log(f"[worker {worker_rank}] {msg}"))
-    options = RunOptions(results_dir=target_dir, storage=storage, log=log, workers=max(workers, 1), rank=worker_rank)
+    log = (
+        (lambda msg: None)
+        if quiet
+        else (_log if worker_rank is None else lambda msg: _log(f"[worker {worker_rank}] {msg}"))
+    )
+    options = RunOptions(
+        results_dir=target_dir, storage=storage, log=log, workers=max(workers, 1), rank=worker_rank
+    )
     runner = Runner(spec, registry, options)
     if worker_rank is None:
         log(
@@ -116,7 +137,17 @@ def run(
         )
     try:
         if workers > 1 and worker_rank is None:
-            _run_workers(runner, spec, study, runner.storage_url, results_dir, set_ or [], quiet, workers, log)
+            _run_workers(
+                runner,
+                spec,
+                study,
+                runner.storage_url,
+                results_dir,
+                set_ or [],
+                quiet,
+                workers,
+                log,
+            )
         else:
             runner.run()
     except BaseException as exc:
@@ -125,10 +156,14 @@ def run(
             try:
                 _write_board(spec, runner.storage_url, target_dir, quiet=True)
             except Exception as write_exc:  # noqa: BLE001
-                console.print(f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}")
+                console.print(
+                    f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}"
+                )
         if isinstance(exc, KeyboardInterrupt):
             if worker_rank is None:
-                console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")
+                console.print(
+                    "[yellow]interrupted[/]: finished trials are kept; run the same command again to resume"
+                )
             raise typer.Exit(130) from None
         raise
     if worker_rank is None:
@@ -137,7 +172,15 @@ def run(
 
 
 def _run_workers(
-    runner: Any, spec: Any, study: str, url: str, results_dir: Path, sets: list[str], quiet: bool, workers: int, log: Any
+    runner: Any,
+    spec: Any,
+    study: str,
+    url: str,
+    results_dir: Path,
+    sets: list[str],
+    quiet: bool,
+    workers: int,
+    log: Any,
 ) -> None:
     """Check the study once here, then let ``workers`` processes share it; a dead worker's trial is
     marked failed at once and queued again for the others."""
@@ -145,12 +188,23 @@ def _run_workers(
 
     runner.preflight()  # a broken study fails once, before any worker starts; source weights are cached
     runner.searching = True
-    argv = ["--study", study, "--storage", url, "--results-dir", str(results_dir), "--workers", str(workers)]
+    argv = [
+        "--study",
+        study,
+        "--storage",
+        url,
+        "--results-dir",
+        str(results_dir),
+        "--workers",
+        str(workers),
+    ]
     argv += [a for s in sets for a in ("--set", s)] + (["--quiet"] if quiet else [])
 
     def on_exit(rank: int, code: int) -> None:
         if code != 0:
-            log(f"worker {rank} ended with {'signal ' + str(-code) if code < 0 else 'status ' + str(code)}")
+            log(
+                f"worker {rank} ended with {'signal ' + str(-code) if code < 0 else 'status ' + str(code)}"
+            )
             runner.reap_all()
 
     codes = run_workers(argv, workers, spec.device, on_exit, log)
@@ -158,12 +212,14 @@ def _run_workers(
         raise KeyboardInterrupt
     bad = [c for c in codes if c != 0]
     if bad:
-        log(f"{len(bad)} of {workers} workers failed; finished trials are kept, run the same command again to go on")
+        log(
+            f"{len(bad)} of {workers} workers failed; finished trials are kept, run the same command again to go on"
+        )
         raise typer.Exit(bad[0] if bad[0] > 0 else 1)
 
 
 def _shown_storage(url: str) -> str:
-    from harness.leaderboard import _redact
+    from harness.publish.leaderboard import _redact
 
     return _redact(url).replace(str(Path.cwd().resolve()) + "/", "")
 
@@ -173,7 +229,9 @@ def leaderboard_cmd(
     study: StudyOpt,
     storage: StorageOpt = None,
     results_dir: ResultsOpt = Path("results"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="the same overrides the run was given")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="the same overrides the run was given")
+    ] = None,
     report: ReportOpt = True,
 ) -> None:
     """Rebuild results/<study>/ leaderboard files from the storage, without training.
@@ -187,7 +245,9 @@ def leaderboard_cmd(
     _quiet_libraries()
     target_dir = results_dir / spec.name
     url = storage or embedded_storage(target_dir)
-    if storage is None and not any((target_dir / f).is_file() for f in ("optuna.db", "optuna.journal")):
+    if storage is None and not any(
+        (target_dir / f).is_file() for f in ("optuna.db", "optuna.journal")
+    ):
         raise HarnessError(
             f"no results storage for study {spec.name!r} in {target_dir} (optuna.db or optuna.journal)",
             hint=f"run `harness run --study {spec.name}` first, or pass --storage URL",
@@ -196,15 +256,17 @@ def leaderboard_cmd(
 
 
 def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: bool = False) -> None:
-    from harness import leaderboard
+    from harness.publish import leaderboard
 
     board, trials, provenance = leaderboard.collect(spec, url)
     paths = leaderboard.write(target_dir, spec, board, trials, provenance)
     if report:
-        from harness.report import export_bundle, write_report, write_results_index
+        from harness.publish.report import export_bundle, write_report, write_results_index
 
         try:
-            paths.append(export_bundle(target_dir, spec, board, url))  # first: the page links the bundle
+            paths.append(
+                export_bundle(target_dir, spec, board, url)
+            )  # first: the page links the bundle
             paths.append(write_report(target_dir, spec, board, trials, provenance, url))
             paths.append(write_results_index(target_dir.parent))
         except Exception as exc:  # noqa: BLE001 - the leaderboard is written; a page must not undo that
@@ -218,8 +280,16 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
 
     metric = primary_metric(spec.task)
     for pair, rows in board.groupby("pair", sort=False):
-        table = Table(title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± standard error over seeds)")
-        for col in ("rank", "method", f"test {LABELS[metric]} %", "selection", "trials ok/pruned/failed"):
+        table = Table(
+            title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± standard error over seeds)"
+        )
+        for col in (
+            "rank",
+            "method",
+            f"test {LABELS[metric]} %",
+            "selection",
+            "trials ok/pruned/failed",
+        ):
             table.add_column(col, overflow="fold")
         for r in rows.to_dict("records"):
             table.add_row(
@@ -227,7 +297,10 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
                 r["method"],
                 leaderboard._pm(r, metric),
                 (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
-                "/".join(str(leaderboard._int(r.get(k))) for k in ("trials_complete", "trials_pruned", "trials_failed")),
+                "/".join(
+                    str(leaderboard._int(r.get(k)))
+                    for k in ("trials_complete", "trials_pruned", "trials_failed")
+                ),
             )
         out.print(table)
     console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
@@ -235,7 +308,12 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
 
 @app.command()
 def plugins(
-    kind: Annotated[str | None, typer.Option("--kind", help="list every name of one kind: backbone, head, dataset, strategy")] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            "--kind", help="list every name of one kind: backbone, head, dataset, strategy"
+        ),
+    ] = None,
 ) -> None:
     """List plugins: distribution, version, what each registered, and load errors.
 
@@ -248,7 +326,9 @@ def plugins(
         if kind not in KINDS:
             from harness.registry import unknown_message
 
-            raise HarnessError(unknown_message("kind", kind, list(KINDS)), hint=f"kinds: {', '.join(KINDS)}")
+            raise HarnessError(
+                unknown_message("kind", kind, list(KINDS)), hint=f"kinds: {', '.join(KINDS)}"
+            )
         for name in registry.names(kind):
             e = registry.entries[kind][name]
             out.print(f"{name}\t{e.plugin} ({e.dist})\t{e.description}")
@@ -259,7 +339,9 @@ def plugins(
     for info in sorted(registry.plugins.values(), key=lambda p: p.name):
         parts = []
         for k, names in info.registered.items():
-            shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+            shown = ", ".join(names[:6]) + (
+                f", ... ({len(names)} in all)" if len(names) > 6 else ""
+            )
             parts.append(f"{k}: {shown}")
         table.add_row(info.name, info.dist, info.version, "\n".join(parts), info.error or "")
     out.print(table)
@@ -288,7 +370,9 @@ def validate(study: StudyOpt) -> None:
 
 @app.command("check-plugin")
 def check_plugin_cmd(
-    name: Annotated[str, typer.Argument(help="plugin (entry-point) name, as `harness plugins` lists it")],
+    name: Annotated[
+        str, typer.Argument(help="plugin (entry-point) name, as `harness plugins` lists it")
+    ],
 ) -> None:
     """Run the contract checks of harness.testing on every entry of one plugin and print what failed.
 
@@ -300,7 +384,10 @@ def check_plugin_cmd(
     _quiet_libraries()
     registry = get_registry()
     if name not in registry.plugins:
-        raise HarnessError(unknown_message("plugin", name, sorted(registry.plugins)), hint="`harness plugins` lists them")
+        raise HarnessError(
+            unknown_message("plugin", name, sorted(registry.plugins)),
+            hint="`harness plugins` lists them",
+        )
     results = check_plugin(registry, name)
     failed = 0
     for entry, checks in results.items():
@@ -322,7 +409,7 @@ def index_cmd(results_dir: ResultsOpt = Path("results")) -> None:
 
     Example: harness index
     """
-    from harness.report import write_results_index
+    from harness.publish.report import write_results_index
 
     console.print(f"wrote {write_results_index(results_dir)}")
 

@@ -26,7 +26,9 @@ def primary_metric(task: str) -> str:
     return METRICS[task][0]
 
 
-def score(task: str, outputs: Tensor, y: Tensor, num_classes: int) -> dict[str, float | list[float]]:
+def score(
+    task: str, outputs: Tensor, y: Tensor, num_classes: int
+) -> dict[str, float | list[float]]:
     """``outputs``: logits ``(N, C)`` for classification, predicted labels ``(N, H, W)`` for segmentation."""
     if task == "segmentation":
         return segmentation_metrics(outputs, y, num_classes)
@@ -54,7 +56,9 @@ def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[
     }
 
 
-def segmentation_metrics(preds: Tensor, y: Tensor, num_classes: int) -> dict[str, float | list[float]]:
+def segmentation_metrics(
+    preds: Tensor, y: Tensor, num_classes: int
+) -> dict[str, float | list[float]]:
     """Mean IoU over the classes that occur in prediction or truth (void pixels ignored), pixel
     accuracy, and the IoU of every class (NaN for a class absent from both)."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix

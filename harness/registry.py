@@ -83,8 +83,12 @@ class Registry:
             info = PluginInfo(ep.name, dist, version, ep.value)
             if ep.name in self.plugins:
                 other = self.plugins[ep.name]
-                info.name = f"{ep.name} ({dist})"  # keep the first plugin's row; report this one beside it
-                info.error = f"entry-point name {ep.name!r} is also used by {other.dist}; not loaded"
+                info.name = (
+                    f"{ep.name} ({dist})"  # keep the first plugin's row; report this one beside it
+                )
+                info.error = (
+                    f"entry-point name {ep.name!r} is also used by {other.dist}; not loaded"
+                )
                 self._fail(info)
                 continue
             self.plugins[ep.name] = info
@@ -226,7 +230,9 @@ def get_registry(*, reload: bool = False, strict: bool | None = None) -> Registr
     global _DEFAULT
     if _DEFAULT is None or reload:
         only_env = os.environ.get(ENV_PLUGINS)
-        only = [s.strip() for s in only_env.split(",") if s.strip()] if only_env is not None else None
+        only = (
+            [s.strip() for s in only_env.split(",") if s.strip()] if only_env is not None else None
+        )
         if strict is None:
             strict = os.environ.get(ENV_STRICT, "") in ("1", "true", "yes")
         registry = Registry()

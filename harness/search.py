@@ -23,7 +23,27 @@ from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from harness import api
-from harness.engine import (
+from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
+from harness.metrics import primary_metric, score
+from harness.registry import Entry, Registry
+from harness.store.schema import (
+    FINALS_SUFFIX,
+    FINISHED,
+    PARAMS,
+    best_trial,
+    budget_trials,
+    count_budget,
+    final_key,
+    final_seeds,
+    has_room,
+    is_finite_number,
+    is_surplus,
+    optuna_study_name,
+    parse_final_key,
+    trial_params,
+)
+from harness.study import Method, StudySpec, spec_error
+from harness.training.engine import (
     Precision,
     TrainConfig,
     Trainer,
@@ -34,20 +54,13 @@ from harness.engine import (
     seed_everything,
     unlabelled_logits,
 )
-from harness.errors import HarnessError, NonFiniteLossError, PluginContractError, StudySpecError
-from harness.metrics import primary_metric, score
-from harness.probe import device_name
-from harness.registry import Entry, Registry
-from harness.reset import BackboneReset
-from harness.study import Method, Pair, StudySpec, spec_error
+from harness.training.probe import device_name
+from harness.training.reset import BackboneReset
+from harness.training.weights import SourceRecipe, build_backbone, source_pretrained
 from harness.validators import VALIDATORS, validate
-from harness.weights import SourceRecipe, build_backbone, source_pretrained
-from harness.workers import NOT_COUNTED, claim, host_key, lease, reap, release, requeue
+from harness.versions import git_commit
+from harness.workers import claim, host_key, lease, reap, release, requeue
 
-FINISHED = (TrainState := TrialState).COMPLETE, TrialState.PRUNED, TrialState.FAIL
-STUDY_SEP = " | "
-#: the study beside each (pair, method) study that holds claims of its final runs (shared storages)
-FINALS_SUFFIX = f"{STUDY_SEP}final runs"
 #: decoder used to pretrain a backbone on a segmentation source (weights = "source")
 SOURCE_PRETRAIN_SEG_HEAD = "fpn"
 # keys of a study's configuration that must not change between runs sharing a storage
@@ -55,10 +68,6 @@ _FROZEN_CONFIG = (
     "pair", "method", "task", "metric", "direction", "image_size", "batch_size", "max_epochs", "search", "selection",
     "data", "pretrain", "reuse_backbone",
 )  # fmt: skip
-
-
-def optuna_study_name(pair: Pair, method: Method) -> str:
-    return f"{pair.key}{STUDY_SEP}{method.key}"
 
 
 def default_storage(results_dir: Path) -> str:
@@ -84,7 +93,9 @@ def embedded_storage(results_dir: Path, workers: int = 1) -> str:
         return journal_storage(results_dir)
     if (results_dir / "optuna.db").is_file():
         url = default_storage(results_dir)
-        check_workers(url, workers, f"{results_dir / 'optuna.db'} holds this study's trials in SQLite")
+        check_workers(
+            url, workers, f"{results_dir / 'optuna.db'} holds this study's trials in SQLite"
+        )
         return url
     return journal_storage(results_dir)
 
@@ -148,13 +159,17 @@ def _journal_path(url: str) -> str:
 _STUDY_OPS = frozenset(
     {JournalOperation.CREATE_STUDY, JournalOperation.DELETE_STUDY, JournalOperation.SET_STUDY_USER_ATTR, JournalOperation.SET_STUDY_SYSTEM_ATTR}
 )  # fmt: skip
-_FINISHED_STATES = frozenset(int(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+_FINISHED_STATES = frozenset(
+    int(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+)
 
 
 def _durable(log: dict[str, Any]) -> bool:
     """Whether an append finishes something: a study-level write, or a trial's end state."""
     op = log.get("op_code")
-    return op in _STUDY_OPS or (op == JournalOperation.SET_TRIAL_STATE_VALUES and log.get("state") in _FINISHED_STATES)
+    return op in _STUDY_OPS or (
+        op == JournalOperation.SET_TRIAL_STATE_VALUES and log.get("state") in _FINISHED_STATES
+    )
 
 
 class _FileLock(BaseJournalFileLock):
@@ -233,7 +248,9 @@ class DurableJournalFile(JournalFileBackend):
             view = memoryview(data)
             while view:  # one write call appends all of it, short of a full disk or a signal
                 view = view[os.write(fd, view) :]
-            end = os.lseek(fd, 0, os.SEEK_CUR)  # appended: the descriptor is at the end of this write
+            end = os.lseek(
+                fd, 0, os.SEEK_CUR
+            )  # appended: the descriptor is at the end of this write
             if any(_durable(log) for log in logs):
                 os.fsync(fd)
         # When this process had read the file up to where its lines landed, the next read needs
@@ -273,7 +290,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         if kind == "journal":
             path = Path(_journal_path(url))
             path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(DurableJournalFile(str(path), _FileLock(str(path))))
+            return optuna.storages.JournalStorage(
+                DurableJournalFile(str(path), _FileLock(str(path)))
+            )
         if kind == "sqlite":
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
@@ -308,36 +327,6 @@ def selection_rules(spec: StudySpec, strategy: api.Strategy) -> list[tuple[str, 
 def selection_rule(spec: StudySpec, strategy: api.Strategy) -> tuple[str, bool]:
     """The rule that drives the search (the sampler and pruner see its scores)."""
     return selection_rules(spec, strategy)[0]
-
-
-#: the trial user attribute that holds every parameter a trial trained with, suggested or fixed
-PARAMS_ATTR = "params"
-
-
-def trial_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """Every parameter ``trial`` trained with: one attribute, or (storages written before it) one
-    ``param:<name>`` attribute per parameter."""
-    params = trial.user_attrs.get(PARAMS_ATTR)
-    if isinstance(params, dict):
-        return dict(params)
-    return {k.removeprefix("param:"): v for k, v in trial.user_attrs.items() if k.startswith("param:")}
-
-
-def trial_score(trial: optuna.trial.FrozenTrial, rule: str) -> float | None:
-    """A finished trial's score under ``rule`` (validation splits and label-free validators only)."""
-    value = (trial.user_attrs.get("scores") or {}).get(rule)
-    return value if is_finite_number(value) else None
-
-
-def best_trial(trials: list[optuna.trial.FrozenTrial], rule: str) -> optuna.trial.FrozenTrial | None:
-    """The completed trial that ``rule`` selects: highest score, then the earliest."""
-    scored = [(v, t) for t in trials if t.state == TrialState.COMPLETE and (v := trial_score(t, rule)) is not None]
-    if not scored:
-        # storages written before per-rule scores existed: the objective value is the driving rule's
-        scored = [(t.value, t) for t in trials if t.state == TrialState.COMPLETE and is_finite_number(t.value)]
-    if not scored:
-        return None
-    return max(scored, key=lambda vt: (vt[0], -vt[1].number))[1]
 
 
 def asha_min_resource(epochs: int) -> int:
@@ -443,7 +432,12 @@ def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> 
     if declared and sub and sub not in declared:
         from harness.registry import unknown_message
 
-        raise spec_error(spec, key, unknown_message(f"domain of {name!r}", sub, list(declared)) + f" (it serves {', '.join(declared)})")
+        raise spec_error(
+            spec,
+            key,
+            unknown_message(f"domain of {name!r}", sub, list(declared))
+            + f" (it serves {', '.join(declared)})",
+        )
     return DomainRef(text, entry, sub or None, options)
 
 
@@ -458,20 +452,30 @@ def resolve_methods(spec: StudySpec, registry: Registry) -> list[ResolvedMethod]
                 raise spec_error(spec, f"methods[{i}].{attr}", exc) from None
         tasks = entries["head"].meta.get("tasks", ("classification",))
         if spec.task not in tasks:
-            raise spec_error(spec, f"methods[{i}].head", f"head {m.head!r} supports {', '.join(tasks)}, not {spec.task}")
+            raise spec_error(
+                spec,
+                f"methods[{i}].head",
+                f"head {m.head!r} supports {', '.join(tasks)}, not {spec.task}",
+            )
         strategy_tasks = entries["strategy"].meta.get("tasks", ("classification", "segmentation"))
         if spec.task not in strategy_tasks:
             raise spec_error(
-                spec, f"methods[{i}].strategy", f"strategy {m.strategy!r} supports {', '.join(strategy_tasks)}, not {spec.task}"
+                spec,
+                f"methods[{i}].strategy",
+                f"strategy {m.strategy!r} supports {', '.join(strategy_tasks)}, not {spec.task}",
             )
         rm = ResolvedMethod(m, entries["backbone"], entries["head"], entries["strategy"])
         try:
             strategy = rm.new_strategy()
         except (TypeError, ValueError) as exc:
-            raise spec_error(spec, f"methods[{i}].strategy_options", f"{m.strategy}: {exc}") from None
+            raise spec_error(
+                spec, f"methods[{i}].strategy_options", f"{m.strategy}: {exc}"
+            ) from None
         if strategy.shots and spec.task != "classification":
             raise spec_error(
-                spec, f"methods[{i}].strategy_options", "shots (k labelled images per class) applies to classification only"
+                spec,
+                f"methods[{i}].strategy_options",
+                "shots (k labelled images per class) applies to classification only",
             )
         out.append(rm)
     return out
@@ -512,14 +516,19 @@ class Runner:
         self.precision = Precision.for_device(self.device, self.spec.precision)
         # start-up, not a trial's work: the metrics library takes about a second to import
         import torchmetrics.functional.classification  # noqa: F401
+
         self.methods = resolve_methods(self.spec, self.registry)
         self.domains = {
-            (i, side): resolve_domain(self.spec, self.registry, getattr(p, side), f"pairs[{i}].{side}")
+            (i, side): resolve_domain(
+                self.spec, self.registry, getattr(p, side), f"pairs[{i}].{side}"
+            )
             for i, p in enumerate(self.spec.pairs)
             for side in ("source", "target")
         }
         self._data: dict[str, api.DomainData] = {}
-        self.storage_url = self.options.storage or embedded_storage(self.options.results_dir, self.options.workers)
+        self.storage_url = self.options.storage or embedded_storage(
+            self.options.results_dir, self.options.workers
+        )
         check_workers(self.storage_url, self.options.workers)
         self.options.results_dir.mkdir(parents=True, exist_ok=True)
         if storage_kind(self.storage_url) == "sqlite":
@@ -532,20 +541,24 @@ class Runner:
         self.searching = False  # set once preflight passed: from then on results are worth writing
         self._announced: set[str] = set()
         self._deadlines: dict[str, float] = {}
-        from harness.leaderboard import git_commit
-
         self.git_commit = git_commit(Path(self.spec.path).parent if self.spec.path else Path.cwd())
 
     # -------------------------------------------------------------------------------- data
 
     def domain(self, i: int, side: str) -> api.DomainData:
         ref = self.domains[(i, side)]
-        key = json.dumps([ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str)
+        key = json.dumps(
+            [ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str
+        )
         if key not in self._data:
             try:
-                data = ref.entry.factory(ref.sub, image_size=self.spec.image_size, seed=self.spec.seed, **ref.options)
+                data = ref.entry.factory(
+                    ref.sub, image_size=self.spec.image_size, seed=self.spec.seed, **ref.options
+                )
             except TypeError as exc:
-                raise spec_error(self.spec, f"pairs[{i}].{side}", f"dataset {ref.entry.name!r}: {exc}") from None
+                raise spec_error(
+                    self.spec, f"pairs[{i}].{side}", f"dataset {ref.entry.name!r}: {exc}"
+                ) from None
             except HarnessError as exc:
                 raise spec_error(self.spec, f"pairs[{i}].{side}", exc) from None
             if not isinstance(data, api.DomainData):
@@ -584,23 +597,45 @@ class Runner:
         if w != "source":
             return w
         p = self.spec.pretrain
-        recipe = SourceRecipe(p.epochs, p.lr, p.weight_decay, p.augment, self.spec.batch_size, self.spec.seed)
+        recipe = SourceRecipe(
+            p.epochs, p.lr, p.weight_decay, p.augment, self.spec.batch_size, self.spec.seed
+        )
         head = None
         if source.task == "segmentation":
             head = self.registry.get("head", SOURCE_PRETRAIN_SEG_HEAD)
         return str(
-            source_pretrained(rm.backbone, rm.method.backbone, source, recipe, self.device, self.precision_for(rm), self.log, head)
+            source_pretrained(
+                rm.backbone,
+                rm.method.backbone,
+                source,
+                recipe,
+                self.device,
+                self.precision_for(rm),
+                self.log,
+                head,
+            )
         )
 
-    def build_model(self, rm: ResolvedMethod, weights: str, num_classes: int, reuse: bool = False) -> TransferModel:
+    def build_model(
+        self, rm: ResolvedMethod, weights: str, num_classes: int, reuse: bool = False
+    ) -> TransferModel:
         """A fresh model: the backbone with ``weights`` and a new head initialized from the global
         generators. With ``reuse`` (trials, final runs and the preflight, which build one model at a
         time) and the study's ``reuse_backbone``, the backbone is the previous call's module reset in
-        place where that gives exactly what a build gives (``harness.reset``): the head's
+        place where that gives exactly what a build gives (``harness.training.reset``): the head's
         initialization then follows the caller's seed directly, not the backbone's."""
         reset = self._backbone_reset(rm, weights) if reuse and self.spec.reuse_backbone else None
-        backbone = reset() if reset is not None else build_backbone(rm.backbone, rm.method.backbone, weights)
-        head = rm.head.factory(backbone=backbone, num_classes=num_classes, task=self.spec.task, **rm.method.head_options)
+        backbone = (
+            reset()
+            if reset is not None
+            else build_backbone(rm.backbone, rm.method.backbone, weights)
+        )
+        head = rm.head.factory(
+            backbone=backbone,
+            num_classes=num_classes,
+            task=self.spec.task,
+            **rm.method.head_options,
+        )
         if not isinstance(head, torch.nn.Module):
             raise PluginContractError(
                 f"head factory of plugin {rm.head.plugin!r} ({rm.head.dist}) returned {type(head).__name__}, "
@@ -617,18 +652,20 @@ class Runner:
         resets = self.__dict__.setdefault("_resets", {})
         if key not in resets:
             resets.clear()  # one module kept: the trials and final runs of one method at a time
-            resets[key] = BackboneReset(lambda: build_backbone(rm.backbone, rm.method.backbone, weights))
+            resets[key] = BackboneReset(
+                lambda: build_backbone(rm.backbone, rm.method.backbone, weights)
+            )
         return resets[key]
 
     def precision_for(self, rm: ResolvedMethod) -> Precision:
         """The pinned precision, or for "auto" the fastest by a short probe, cached on disk per
-        backbone, image size, batch size, device and torch version (see ``harness.probe``)."""
+        backbone, image size, batch size, device and torch version (see ``harness.training.probe``)."""
         if self.spec.precision != "auto":
             return self.precision
         chosen = self.__dict__.setdefault("_precisions", {})
         name = rm.method.backbone
         if name not in chosen:
-            from harness import probe
+            from harness.training import probe
 
             chosen[name] = probe.resolve(
                 "auto", self.device, backbone=name, image_size=self.spec.image_size, batch_size=self.spec.batch_size,
@@ -644,7 +681,9 @@ class Runner:
                 try:
                     weights = self.backbone_weights(rm, source)
                     model = self.build_model(rm, weights, target.num_classes, reuse=True)
-                    expected = (2, target.num_classes) + (tuple(target.image_shape[1:]) if self.spec.task == "segmentation" else ())
+                    expected = (2, target.num_classes) + (
+                        tuple(target.image_shape[1:]) if self.spec.task == "segmentation" else ()
+                    )
                     try:
                         with torch.no_grad():
                             x = target.val.x[:2].float().div(255)
@@ -655,11 +694,15 @@ class Runner:
                             f"{self.spec.image_size} px images: {str(exc).splitlines()[0][:200]}"
                         ) from None
                     if tuple(out.shape) != expected:
-                        raise PluginContractError(f"model output has shape {tuple(out.shape)}, expected {expected}")
+                        raise PluginContractError(
+                            f"model output has shape {tuple(out.shape)}, expected {expected}"
+                        )
                 except HarnessError as exc:
                     raise spec_error(self.spec, f"methods[{j}]", exc) from None
                 except TypeError as exc:
-                    raise spec_error(self.spec, f"methods[{j}].head_options", f"head {rm.method.head!r}: {exc}") from None
+                    raise spec_error(
+                        self.spec, f"methods[{j}].head_options", f"head {rm.method.head!r}: {exc}"
+                    ) from None
 
     # -------------------------------------------------------------------------------- search
 
@@ -667,7 +710,9 @@ class Runner:
         source, target = self.pair_data(i)
         rule, oracle = selection_rule(self.spec, strategy)
         return {
-            "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(self.spec, strategy)],
+            "selection_rules": [
+                {"rule": r, "oracle": o} for r, o in selection_rules(self.spec, strategy)
+            ],
             "pair": self.spec.pairs[i].model_dump(),
             "method": rm.method.model_dump(),
             "task": self.spec.task,
@@ -697,7 +742,9 @@ class Runner:
         strategy = rm.new_strategy()
         name = optuna_study_name(self.spec.pairs[i], rm.method)
         config = self.config_of(i, rm, strategy)
-        study = optuna.create_study(storage=self.storage, study_name=name, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(
+            storage=self.storage, study_name=name, direction="maximize", load_if_exists=True
+        )
         old = study.user_attrs.get("config")
         if old is None and study.direction != optuna.study.StudyDirection.MAXIMIZE:
             old = {}  # made by something else than the harness, which always maximizes
@@ -732,7 +779,9 @@ class Runner:
         if self.spec.search.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         # TPE counts the finished trials itself when deciding whether start-up is over
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.spec.search.startup_trials, multivariate=True)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=self.spec.search.startup_trials, multivariate=True
+        )
 
     def _pruner(self) -> optuna.pruners.BasePruner:
         s, epochs = self.spec.search, self.spec.budget.max_epochs
@@ -741,10 +790,16 @@ class Runner:
         if s.pruner == "asha":
             return Halving(asha_min_resource(epochs), 3, self.spec.budget.trials, epochs)
         if s.pruner == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3))
+            return optuna.pruners.HyperbandPruner(
+                min_resource=1, max_resource=epochs, reduction_factor=3
+            )
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=s.startup_trials, n_warmup_steps=max(1, epochs // 3)
+        )
 
-    def suggest(self, trial: optuna.Trial, strategy: api.Strategy, num_stages: int) -> dict[str, Any]:
+    def suggest(
+        self, trial: optuna.Trial, strategy: api.Strategy, num_stages: int
+    ) -> dict[str, Any]:
         s = self.spec.search
         params: dict[str, Any] = {}
         if "freeze_depth" in strategy.fixed:
@@ -760,24 +815,32 @@ class Runner:
         if depth < num_stages:
             params["backbone.lr"] = _suggest_float(trial, "backbone.lr", s.backbone_lr)
             if isinstance(s.layer_decay, list) and s.layer_decay[0] < s.layer_decay[1]:
-                params["backbone.lr_decay"] = trial.suggest_float("backbone.lr_decay", *s.layer_decay)
+                params["backbone.lr_decay"] = trial.suggest_float(
+                    "backbone.lr_decay", *s.layer_decay
+                )
             else:
                 decay = s.layer_decay[0] if isinstance(s.layer_decay, list) else s.layer_decay
                 if decay != 1.0:
                     params["backbone.lr_decay"] = float(decay)
         params["head.lr"] = _suggest_float(trial, "head.lr", s.head_lr)
-        params["optimizer.weight_decay"] = _suggest_float(trial, "optimizer.weight_decay", s.weight_decay)
+        params["optimizer.weight_decay"] = _suggest_float(
+            trial, "optimizer.weight_decay", s.weight_decay
+        )
         policies = [s.augment] if isinstance(s.augment, str) else s.augment
         params["augment.policy"] = (
-            policies[0] if len(policies) == 1 else trial.suggest_categorical("augment.policy", policies)
+            policies[0]
+            if len(policies) == 1
+            else trial.suggest_categorical("augment.policy", policies)
         )
         extra = strategy.search_space(trial)
         bad = [k for k in extra if not k.startswith("strategy.")]
         if bad:
-            raise PluginContractError(f"strategy search_space returned {bad}; names must start with 'strategy.'")
+            raise PluginContractError(
+                f"strategy search_space returned {bad}; names must start with 'strategy.'"
+            )
         params.update(extra)
         # one write for all of them (the pinned and fixed ones are not in trial.params)
-        trial.set_user_attr(PARAMS_ATTR, params)
+        trial.set_user_attr(PARAMS, params)
         return params
 
     def train_config(
@@ -799,17 +862,30 @@ class Runner:
         )
 
     def rule_score(
-        self, rule: str, model: TransferModel, source: api.DomainData, target: api.DomainData, precision: Precision
+        self,
+        rule: str,
+        model: TransferModel,
+        source: api.DomainData,
+        target: api.DomainData,
+        precision: Precision,
     ) -> float:
         """``model``'s score under a selection rule: accuracy (mIoU) on a labelled validation split,
         or a label-free validator on the unlabelled target validation images."""
         if rule in ("target-val", "source-val"):
             split = target.val if rule == "target-val" else source.val
-            return self._split_score(predict(model, split, self.spec.batch_size * 4, self.device, precision), split, target)
+            return self._split_score(
+                predict(model, split, self.spec.batch_size * 4, self.device, precision),
+                split,
+                target,
+            )
         return VALIDATORS[rule](self._validator_logits(model, target, precision))
 
     def all_scores(
-        self, model: TransferModel, source: api.DomainData, target: api.DomainData, precision: Precision
+        self,
+        model: TransferModel,
+        source: api.DomainData,
+        target: api.DomainData,
+        precision: Precision,
     ) -> dict[str, float]:
         """Every rule's score, recorded with each trial: the study's rules select from them, and the
         label-free validators are later compared with target-val (never used by the search).
@@ -820,23 +896,37 @@ class Runner:
         target_out = predict(model, target.val, batch, self.device, precision)
         scores = {
             "target-val": self._split_score(target_out, target.val, target),
-            "source-val": self._split_score(predict(model, source.val, batch, self.device, precision), source.val, target),
+            "source-val": self._split_score(
+                predict(model, source.val, batch, self.device, precision), source.val, target
+            ),
         }
-        logits = target_out if self.spec.task == "classification" else self._validator_logits(model, target, precision)
+        logits = (
+            target_out
+            if self.spec.task == "classification"
+            else self._validator_logits(model, target, precision)
+        )
         return scores | validate(logits)
 
     def _split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:
-        return float(score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)])
+        return float(
+            score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)]
+        )
 
-    def _validator_logits(self, model: TransferModel, target: api.DomainData, precision: Precision) -> torch.Tensor:
+    def _validator_logits(
+        self, model: TransferModel, target: api.DomainData, precision: Precision
+    ) -> torch.Tensor:
         """What label-free validators read: the target validation images' logits (through the
         frozen-feature cache where it applies), seeded pixels of them for segmentation."""
         batch = self.spec.batch_size * 4
         if self.spec.task == "classification":
             return predict(model, target.val, batch, self.device, precision)
-        return unlabelled_logits(model, target.val, batch, self.device, precision, seed=self.spec.seed)
+        return unlabelled_logits(
+            model, target.val, batch, self.device, precision, seed=self.spec.seed
+        )
 
-    def objective(self, i: int, rm: ResolvedMethod, weights: str) -> Callable[[optuna.Trial], float]:
+    def objective(
+        self, i: int, rm: ResolvedMethod, weights: str
+    ) -> Callable[[optuna.Trial], float]:
         source, target = self.pair_data(i)
 
         def run(trial: optuna.Trial) -> float:
@@ -846,7 +936,9 @@ class Runner:
                 seed_everything(self.spec.seed + trial.number)
                 model = self.build_model(rm, weights, target.num_classes, reuse=True)
                 params = self.suggest(trial, strategy, model.num_stages)
-                cfg = self.train_config(params, self.spec.seed + trial.number, model.num_stages, self.precision_for(rm))
+                cfg = self.train_config(
+                    params, self.spec.seed + trial.number, model.num_stages, self.precision_for(rm)
+                )
                 trainer = Trainer(model, strategy, source, target, cfg)
 
                 last: dict[str, float] = {}
@@ -858,7 +950,9 @@ class Runner:
                     else:
                         value = self.rule_score(rule, m, source, target, cfg.precision)
                     if not math.isfinite(value):
-                        raise NonFiniteLossError(f"non-finite {rule} score ({value}) after epoch {epoch + 1}")
+                        raise NonFiniteLossError(
+                            f"non-finite {rule} score ({value}) after epoch {epoch + 1}"
+                        )
                     trial.report(value, epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
@@ -868,10 +962,16 @@ class Runner:
                 # the model is unchanged since the last epoch's scores
                 scores = last or self.all_scores(trainer.model, source, target, cfg.precision)
                 # (the epochs it trained are its reported intermediate values: no attribute of their own)
-                trial.set_user_attr("scores", {k: v if math.isfinite(v) else None for k, v in scores.items()})
+                trial.set_user_attr(
+                    "scores", {k: v if math.isfinite(v) else None for k, v in scores.items()}
+                )
                 trial.set_user_attr("train_loss", result.train_loss[-1])
-                if not (is_finite_number(result.history[-1]) and is_finite_number(result.train_loss[-1])):
-                    raise NonFiniteLossError(f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}")
+                if not (
+                    is_finite_number(result.history[-1]) and is_finite_number(result.train_loss[-1])
+                ):
+                    raise NonFiniteLossError(
+                        f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}"
+                    )
                 return result.history[-1]
             except (optuna.TrialPruned, UpdateFinishedTrialError):
                 raise  # pruned; or reaped by another process, which wrote the reason
@@ -898,9 +998,14 @@ class Runner:
         if not has_room(study, self.spec.budget.trials):
             if label not in self._announced:
                 self._announced.add(label)
-                self.log(f"{label}: budget of {self.spec.budget.trials} trials already spent ({count_budget(study)} finished)")
+                self.log(
+                    f"{label}: budget of {self.spec.budget.trials} trials already spent ({count_budget(study)} finished)"
+                )
             return study
-        deadline = self._deadlines.setdefault(label, time.time() + self.spec.budget.timeout_s if self.spec.budget.timeout_s else math.inf)
+        deadline = self._deadlines.setdefault(
+            label,
+            time.time() + self.spec.budget.timeout_s if self.spec.budget.timeout_s else math.inf,
+        )
         if time.time() >= deadline:
             return study
         source, _ = self.pair_data(i)
@@ -909,10 +1014,16 @@ class Runner:
         study.sampler = self._sampler(done)
         study.pruner = self._pruner()
         if "sampler" not in study.user_attrs or self.options.rank in (None, 0):
-            study.set_user_attr("sampler", {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done})
+            study.set_user_attr(
+                "sampler",
+                {"name": type(study.sampler).__name__, "seed": self.spec.seed, "resumed_at": done},
+            )
             study.set_user_attr("pruner", describe_pruner(study.pruner))
             study.set_user_attr("precision", self.precision_for(rm).describe())
-        callbacks = [self._progress_callback(label, time.perf_counter()), *self._tracking_callbacks()]
+        callbacks = [
+            self._progress_callback(label, time.perf_counter()),
+            *self._tracking_callbacks(),
+        ]
         objective = self.objective(i, rm, weights)
         # Everything alive now (plugins, registries, data, imports) lives as long as the process:
         # leave it out of the garbage collector's scans, so that the collection after each trial
@@ -935,7 +1046,9 @@ class Runner:
                     cb(study, frozen)
         return study
 
-    def _run_trial(self, study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> optuna.trial.FrozenTrial | None:
+    def _run_trial(
+        self, study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]
+    ) -> optuna.trial.FrozenTrial | None:
         """One trial under a lease; returns it finished, or None when another process reaped it.
 
         A reaped trial (its lease judged stale elsewhere: failed as ``lost`` and queued again there)
@@ -953,7 +1066,9 @@ class Runner:
                 state = TrialState.PRUNED
             except Exception as exc:  # noqa: BLE001 - the objective recorded the reason; the search goes on
                 state, error = TrialState.FAIL, exc
-            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
+            except (
+                KeyboardInterrupt
+            ) as exc:  # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
                 state, interrupted = TrialState.FAIL, exc
         frozen = None
         try:
@@ -965,11 +1080,15 @@ class Runner:
                 raise
         finally:
             if frozen is not None and error is not None:
-                self.log(f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(error).__name__}")
+                self.log(
+                    f"{study.study_name}: trial {trial.number} failed: {trial.user_attrs.get('error') or type(error).__name__}"
+                )
             error = None
             _release_memory(self.device)  # after the exception and its frames are gone
         if frozen is None:
-            self.log(f"{study.study_name}: trial {trial.number} was marked lost by another process meanwhile; its result is dropped")
+            self.log(
+                f"{study.study_name}: trial {trial.number} was marked lost by another process meanwhile; its result is dropped"
+            )
         if interrupted is not None:
             if frozen is not None:
                 requeue(study, frozen)
@@ -993,14 +1112,25 @@ class Runner:
                 "tracking.mlflow_uri",
                 "MLflow tracking needs the optional packages: pip install 'transfer-harness[tracking]'",
             ) from None
-        return [MLflowCallback(tracking_uri=uri, metric_name=primary_metric(self.spec.task), create_experiment=True)]
+        return [
+            MLflowCallback(
+                tracking_uri=uri, metric_name=primary_metric(self.spec.task), create_experiment=True
+            )
+        ]
 
     def _progress_callback(self, label: str, started: float) -> Callable[[optuna.Study, Any], None]:
         def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             trials = study.get_trials(deepcopy=False)
             n = sum(1 for t in trials if t.state in FINISHED)
-            best = max((t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None), default=None)
-            value = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("fail_reason", "")
+            best = max(
+                (t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
+                default=None,
+            )
+            value = (
+                f"{trial.value:.4f}"
+                if trial.value is not None
+                else trial.user_attrs.get("fail_reason", "")
+            )
             if trial.state == TrialState.PRUNED:
                 value = f"pruned@{len(trial.intermediate_values)}"
             info = {
@@ -1034,7 +1164,10 @@ class Runner:
         runs), True once there is nothing more to do here."""
         trials = study.get_trials(deepcopy=False)
         searching = time.time() < self._deadlines.get(study.study_name, math.inf)
-        if any(t.state == TrialState.RUNNING or (t.state == TrialState.WAITING and searching) for t in trials):
+        if any(
+            t.state == TrialState.RUNNING or (t.state == TrialState.WAITING and searching)
+            for t in trials
+        ):
             return False  # the best trial is not known yet
         budgeted = budget_trials(trials, self.spec.budget.trials)
         picks: dict[int, optuna.trial.FrozenTrial] = {}
@@ -1045,13 +1178,18 @@ class Runner:
         if not picks:
             self.log(f"{study.study_name}: no completed trial, no final runs")
             return True
-        keys = [f"final:{n}:{self.spec.seed + 10_000 + k}" for n in picks for k in range(self.spec.final_seeds)]
+        keys = [final_key(n, s) for n in picks for s in final_seeds(self.spec)]
         missing = [key for key in keys if key not in study.user_attrs]
         if not missing:
             return True
         claims = None
         if self.shared:
-            claims = optuna.create_study(storage=self.storage, study_name=study.study_name + FINALS_SUFFIX, direction="maximize", load_if_exists=True)
+            claims = optuna.create_study(
+                storage=self.storage,
+                study_name=study.study_name + FINALS_SUFFIX,
+                direction="maximize",
+                load_if_exists=True,
+            )
         source, target = self.pair_data(i)
         weights = None
         for key in missing:
@@ -1060,20 +1198,31 @@ class Runner:
                 claim_id = claim(claims, key)
                 if claim_id is None:
                     continue  # done or being done by another process
-                if key in optuna.load_study(study_name=study.study_name, storage=self.storage).user_attrs:
+                if (
+                    key
+                    in optuna.load_study(
+                        study_name=study.study_name, storage=self.storage
+                    ).user_attrs
+                ):
                     release(claims, claim_id, done=True)
                     continue
-            _, number, seed_text = key.split(":")
-            best, seed = picks[int(number)], int(seed_text)
+            number, seed = parse_final_key(key)
+            best = picks[number]
             ok, reason = False, "interrupted"
             try:
-                with lease(self.storage, claim_id) if claim_id is not None else contextlib.nullcontext():
+                with (
+                    lease(self.storage, claim_id)
+                    if claim_id is not None
+                    else contextlib.nullcontext()
+                ):
                     weights = weights or self.backbone_weights(rm, source)
                     self._final_run(study, rm, best, seed, key, weights, source, target)
                 ok = True
             except Exception as exc:  # noqa: BLE001 - recorded; the other seeds and studies go on
                 reason = failure_reason(exc)
-                self.log(f"{study.study_name}: final seed {seed} failed ({reason}): {type(exc).__name__}: {str(exc)[:200]}")
+                self.log(
+                    f"{study.study_name}: final seed {seed} failed ({reason}): {type(exc).__name__}: {str(exc)[:200]}"
+                )
             finally:
                 if claims is not None and claim_id is not None:
                     release(claims, claim_id, done=ok, reason=reason)
@@ -1083,7 +1232,10 @@ class Runner:
         attrs = optuna.load_study(study_name=study.study_name, storage=self.storage).user_attrs
         remaining = {key for key in keys if key not in attrs}
         # another process still trains one of them: look again later
-        return not any(t.user_attrs.get("key") in remaining for t in claims.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        return not any(
+            t.user_attrs.get("key") in remaining
+            for t in claims.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        )
 
     def _final_run(
         self,
@@ -1124,11 +1276,15 @@ class Runner:
             "git_commit": self.git_commit,
         }
         study.set_user_attr(key, record)
-        self.log(f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}")
+        self.log(
+            f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}"
+        )
 
     def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
         """The only place the target test split is read."""
-        return score(self.spec.task, trainer.predict(target.test), target.test.y, target.num_classes)
+        return score(
+            self.spec.task, trainer.predict(target.test), target.test.y, target.num_classes
+        )
 
     # -------------------------------------------------------------------------------- all
 
@@ -1138,7 +1294,9 @@ class Runner:
         if storage_kind(self.storage_url) == "sqlite":
             lock_sqlite(self.storage_url)  # held again if an earlier run() of this runner let it go
         try:
-            if self.options.rank is None:  # a local worker's parent has checked the same study already
+            if (
+                self.options.rank is None
+            ):  # a local worker's parent has checked the same study already
                 self.preflight()
             self.searching = True
             pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
@@ -1156,47 +1314,25 @@ class Runner:
 
     def reap_all(self) -> list[int]:
         """Mark the trials and final-run claims of dead processes (called when a worker dies)."""
-        names = {s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)}
+        names = {
+            s.study_name
+            for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)
+        }
         reaped = []
         for p in self.spec.pairs:
             for rm in self.methods:
                 name = optuna_study_name(p, rm.method)
                 if name in names:
-                    reaped += reap(optuna.load_study(study_name=name, storage=self.storage), log=self.log)
+                    reaped += reap(
+                        optuna.load_study(study_name=name, storage=self.storage), log=self.log
+                    )
                 if name + FINALS_SUFFIX in names:
-                    reap(optuna.load_study(study_name=name + FINALS_SUFFIX, storage=self.storage), retry=False)
+                    reap(
+                        optuna.load_study(study_name=name + FINALS_SUFFIX, storage=self.storage),
+                        retry=False,
+                    )
         return reaped
 
-
-def count_budget(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
-    """Finished trials that use up the budget: interrupted, lost and surplus ones do not."""
-    trials = study.get_trials(deepcopy=False) if isinstance(study, optuna.Study) else study
-    return sum(1 for t in trials if counts(t))
-
-
-def counts(t: optuna.trial.FrozenTrial) -> bool:
-    return t.state in FINISHED and not (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") in NOT_COUNTED)
-
-
-def budget_trials(trials: list[optuna.trial.FrozenTrial], budget: int) -> list[optuna.trial.FrozenTrial]:
-    """The trials a leaderboard is made of: the first ``budget`` counted ones by trial number, so
-    that a trial another worker started past the budget never changes the result."""
-    return sorted((t for t in trials if counts(t)), key=lambda t: t.number)[:budget]
-
-
-def has_room(study: optuna.Study, budget: int) -> bool:
-    """Whether another trial may start: a queued one waits, or the taken places are fewer than the budget."""
-    trials = study.get_trials(deepcopy=False)
-    if any(t.state == TrialState.WAITING for t in trials):
-        return True
-    return sum(1 for t in trials if counts(t) or t.state == TrialState.RUNNING) < budget
-
-
-def is_surplus(study: optuna.Study, number: int, budget: int) -> bool:
-    """Whether the trial ``number`` comes after the budget: places are taken in trial-number order."""
-    trials = study.get_trials(deepcopy=False)
-    taken = sum(1 for t in trials if t.number < number and (counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)))
-    return taken >= budget
 
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, NonFiniteLossError):
@@ -1226,7 +1362,3 @@ def _release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

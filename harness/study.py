@@ -94,7 +94,9 @@ class SearchSpace(_Strict):
                 raise ValueError(f"expected [low, high] or one number, got {v}")
             lo, hi = v
             if not (0 < lo <= hi):
-                raise ValueError(f"expected [low, high] with 0 < low <= high, got {v} (empty range)")
+                raise ValueError(
+                    f"expected [low, high] with 0 < low <= high, got {v} (empty range)"
+                )
         elif v <= 0:
             raise ValueError(f"expected a positive number, got {v}")
         return v
@@ -114,7 +116,7 @@ class SearchSpace(_Strict):
     def _depth(cls, v: Any) -> Any:
         if isinstance(v, list):
             if len(v) != 2 or not (0 <= v[0] <= v[1]):
-                raise ValueError(f"expected [low, high] with 0 <= low <= high, or \"auto\", got {v}")
+                raise ValueError(f'expected [low, high] with 0 <= low <= high, or "auto", got {v}')
         elif isinstance(v, int) and v < 0:
             raise ValueError(f"expected a non-negative stage count, got {v}")
         return v
@@ -173,7 +175,7 @@ class StudySpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp32-channels_last", "bf16-channels_last"] = "auto"
     seed: int = 0
     final_seeds: int = Field(3, ge=1)
-    #: trials of a method share one backbone module, reset in place to the weights (harness.reset);
+    #: trials of a method share one backbone module, reset in place to the weights (harness.training.reset);
     #: false builds it through its plugin for every trial, as the harness did before
     reuse_backbone: bool = True
     #: one rule, or several: the first drives the search (sampler, pruner); each gets its own rows
@@ -196,7 +198,7 @@ class StudySpec(_Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"expected \"auto\", \"cpu\" or \"cuda[:N]\", got {v!r}")
+            raise ValueError(f'expected "auto", "cpu" or "cuda[:N]", got {v!r}')
         return v
 
     @field_validator("selection")
@@ -204,7 +206,9 @@ class StudySpec(_Strict):
     def _selection(cls, v: str | list[str]) -> str | list[str]:
         values = [v] if isinstance(v, str) else v
         if not values:
-            raise ValueError(f"expected a rule or a list of rules from {', '.join(SELECTION_RULES)} (empty list)")
+            raise ValueError(
+                f"expected a rule or a list of rules from {', '.join(SELECTION_RULES)} (empty list)"
+            )
         bad = [r for r in values if r not in SELECTION_RULES]
         if bad:
             raise ValueError(f"unknown rule {bad[0]!r}; allowed: {', '.join(SELECTION_RULES)}")
@@ -221,7 +225,9 @@ class StudySpec(_Strict):
         keys = [m.key for m in self.methods]
         dup = {k for k in keys if keys.count(k) > 1}
         if dup:
-            raise ValueError(f"two methods share the key {sorted(dup)[0]!r}; give one a distinct `name`")
+            raise ValueError(
+                f"two methods share the key {sorted(dup)[0]!r}; give one a distinct `name`"
+            )
         return self
 
 
@@ -243,12 +249,16 @@ def find_study(name_or_path: str, root: Path | None = None) -> Path:
     from harness.registry import unknown_message
 
     raise StudySpecError(
-        unknown_message("study", name_or_path, known).replace("unknown study", f"no study file {candidate}: study"),
+        unknown_message("study", name_or_path, known).replace(
+            "unknown study", f"no study file {candidate}: study"
+        ),
         hint=f"studies here: {', '.join(known) or 'none'}; a path to a .toml file also works",
     )
 
 
-def load_study(name_or_path: str, overrides: dict[str, Any] | None = None, root: Path | None = None) -> StudySpec:
+def load_study(
+    name_or_path: str, overrides: dict[str, Any] | None = None, root: Path | None = None
+) -> StudySpec:
     path = find_study(name_or_path, root)
     raw_bytes = path.read_bytes()
     try:
@@ -284,13 +294,18 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         where = ".".join(parts[: i + 1])
         match = re.fullmatch(r"([A-Za-z_][\w-]*)\[(\d+)\]", part)
         if not isinstance(node, dict):
-            raise StudySpecError(f"--set {key}: {'.'.join(parts[:i])} is not a table", hint=_SET_HINT)
+            raise StudySpecError(
+                f"--set {key}: {'.'.join(parts[:i])} is not a table", hint=_SET_HINT
+            )
         if match:
             name, index = match.group(1), int(match.group(2))
             items = node.get(name)
             if not isinstance(items, list) or index >= len(items):
                 size = len(items) if isinstance(items, list) else 0
-                raise StudySpecError(f"--set {key}: {where} does not exist ({name} has {size} entries)", hint=_SET_HINT)
+                raise StudySpecError(
+                    f"--set {key}: {where} does not exist ({name} has {size} entries)",
+                    hint=_SET_HINT,
+                )
             if last:
                 items[index] = value
             else:
@@ -300,7 +315,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         else:
             node = node.setdefault(part, {})
             if isinstance(node, list):
-                raise StudySpecError(f"--set {key}: {where} is a list; name an entry, e.g. {part}[0]", hint=_SET_HINT)
+                raise StudySpecError(
+                    f"--set {key}: {where} is a list; name an entry, e.g. {part}[0]", hint=_SET_HINT
+                )
 
 
 _SET_HINT = "examples: --set budget.trials=4, --set methods[0].head=mlp, --set 'pairs[0].target=\"digits-m\"'"
@@ -330,7 +347,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not isinstance(part, str) or part.startswith(("function-", "list[", "literal[", "int", "float", "str")):
+        elif not isinstance(part, str) or part.startswith(
+            ("function-", "list[", "literal[", "int", "float", "str")
+        ):
             continue  # union branches pydantic adds to the path
         else:
             out += f".{part}" if out else part

@@ -42,7 +42,9 @@ def information_maximization(logits: Tensor) -> float:
     return float(_entropy_rows(p.mean(0, keepdim=True))[0] - _entropy_rows(p).mean())
 
 
-def soft_neighborhood_density(logits: Tensor, temperature: float = SND_TEMPERATURE, seed: int = 0) -> float:
+def soft_neighborhood_density(
+    logits: Tensor, temperature: float = SND_TEMPERATURE, seed: int = 0
+) -> float:
     p = F.softmax(logits.float(), dim=1)
     if p.shape[0] > SND_MAX_ROWS:
         g = torch.Generator().manual_seed(seed)

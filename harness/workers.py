@@ -31,9 +31,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-LEASE = "harness:lease"
-#: fail reasons of trials that did not run to an end of their own and do not use up the budget
-NOT_COUNTED = ("interrupted", "lost", "surplus")
+from harness.store.schema import LEASE
 
 
 def heartbeat_s() -> float:
@@ -109,7 +107,9 @@ class _Heartbeats:
     @staticmethod
     def beat(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
         try:
-            storage.set_trial_system_attr(trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()})
+            storage.set_trial_system_attr(
+                trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()}
+            )
             return True
         except UpdateFinishedTrialError:  # reaped meanwhile: nothing left to renew
             return False
@@ -119,7 +119,9 @@ class _Heartbeats:
         with self._lock:
             self._held[(id(storage), trial_id)] = (storage, trial_id, time.monotonic())
             if self._thread is None or not self._thread.is_alive():  # the first, or a forked child
-                self._thread = threading.Thread(target=self._run, name="harness-leases", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="harness-leases", daemon=True
+                )
                 self._thread.start()
         self._wake.set()  # the period may have changed (HARNESS_HEARTBEAT_S)
 
@@ -142,7 +144,10 @@ class _Heartbeats:
                             del self._held[key]
                     except Exception:  # noqa: BLE001 - a storage hiccup; the next beat tries again
                         self._held[key] = (storage, trial_id, time.monotonic())
-                due = min((last + period for _, _, last in self._held.values()), default=time.monotonic() + period)
+                due = min(
+                    (last + period for _, _, last in self._held.values()),
+                    default=time.monotonic() + period,
+                )
             self._wake.wait(max(0.01, due - time.monotonic()))
 
 
@@ -202,7 +207,9 @@ def _forget_old_looks(now: float) -> None:
         del _SEEN[trial_id]
 
 
-def reap(study: optuna.Study, retry: bool = True, log: Callable[[str], None] | None = None) -> list[int]:
+def reap(
+    study: optuna.Study, retry: bool = True, log: Callable[[str], None] | None = None
+) -> list[int]:
     """Fail every stale RUNNING trial of ``study`` (reason ``lost``) and queue each again, once.
 
     Safe with any number of processes reaping at the same time: the RUNNING -> FAIL step succeeds
@@ -229,7 +236,10 @@ def reap(study: optuna.Study, retry: bool = True, log: Callable[[str], None] | N
         reaped.append(t.number)
         queued = retry and requeue(study, t)
         if log:
-            log(f"{study.study_name}: trial {t.number} lost its worker; marked failed" + (", queued again" if queued else ""))
+            log(
+                f"{study.study_name}: trial {t.number} lost its worker; marked failed"
+                + (", queued again" if queued else "")
+            )
     return reaped
 
 
@@ -256,7 +266,9 @@ def claim(study: optuna.Study, key: str) -> int | None:
         return None
     template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"key": key})
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    study._storage.set_trial_system_attr(trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()})
+    study._storage.set_trial_system_attr(
+        trial_id, LEASE, {"host": host_key(), "pid": os.getpid(), "beat": time.time()}
+    )
     if _holder(study, key) != trial_id:
         with contextlib.suppress(UpdateFinishedTrialError):
             study._storage.set_trial_user_attr(trial_id, "fail_reason", "surplus")
@@ -317,7 +329,11 @@ def worker_env(rank: int, workers: int, device: str) -> dict[str, str]:
     every worker uses that device, and ``CUDA_VISIBLE_DEVICES`` is left as it is, since narrowing it
     would renumber the devices and make ``cuda:1`` point at another GPU or at none.
     """
-    env = {**os.environ, "HARNESS_WORKER_RANK": str(rank), "HARNESS_NUM_THREADS": str(thread_share(workers))}
+    env = {
+        **os.environ,
+        "HARNESS_WORKER_RANK": str(rank),
+        "HARNESS_NUM_THREADS": str(thread_share(workers)),
+    }
     env["OMP_NUM_THREADS"] = env["HARNESS_NUM_THREADS"]
     if device in ("auto", "cuda"):
         import torch
@@ -325,7 +341,11 @@ def worker_env(rank: int, workers: int, device: str) -> dict[str, str]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count > 1:  # one GPU per worker; with fewer GPUs than workers, they share round robin
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(count)]
+            ids = (
+                [i.strip() for i in visible.split(",") if i.strip()]
+                if visible
+                else [str(i) for i in range(count)]
+            )
             env["CUDA_VISIBLE_DEVICES"] = ids[rank % len(ids)]
     return env
 
@@ -371,10 +391,14 @@ def run_workers(
     grace = stop_grace_s()
     try:
         for k in range(workers):
-            procs.append(subprocess.Popen(_worker_command(argv, k), env=worker_env(k, workers, device)))
+            procs.append(
+                subprocess.Popen(_worker_command(argv, k), env=worker_env(k, workers, device))
+            )
             if stopping["signal"] is not None:
                 procs[-1].send_signal(signal.SIGTERM)
-        log(f"started {workers} worker processes ({thread_share(workers)} CPU thread(s) each): pids {', '.join(str(p.pid) for p in procs)}")
+        log(
+            f"started {workers} worker processes ({thread_share(workers)} CPU thread(s) each): pids {', '.join(str(p.pid) for p in procs)}"
+        )
         while len(codes) < len(procs):
             for k, p in enumerate(procs):
                 if k not in codes and p.poll() is not None:
@@ -395,5 +419,7 @@ def run_workers(
         for s, h in old.items():
             signal.signal(s, h)
     if stopping["signal"] is not None:
-        raise Preempted(f"signal {signal.Signals(stopping['signal']).name}, forwarded to the workers")
+        raise Preempted(
+            f"signal {signal.Signals(stopping['signal']).name}, forwarded to the workers"
+        )
     return [codes[k] for k in range(len(procs))]

@@ -247,11 +247,15 @@ def build_folder(
     if bad and not skip_bad_files:
         raise DatasetError(_bad_files_message(domain_dir, bad), hint=_BAD_FILES_HINT)
     if bad:
-        warnings.warn(_bad_files_message(domain_dir, bad) + "\n(skipped: skip_bad_files = true)", stacklevel=2)
+        warnings.warn(
+            _bad_files_message(domain_dir, bad) + "\n(skipped: skip_bad_files = true)", stacklevel=2
+        )
         keep = [k for k, (_, err) in enumerate(decoded) if err is None]
         decoded, labels = [decoded[k] for k in keep], [labels[k] for k in keep]
         if not decoded:
-            raise DatasetError(f"domain folder {domain_dir}: no readable image left", hint=_BAD_FILES_HINT)
+            raise DatasetError(
+                f"domain folder {domain_dir}: no readable image left", hint=_BAD_FILES_HINT
+            )
 
     x = torch.from_numpy(np.stack([arr for arr, _ in decoded])).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
@@ -278,7 +282,9 @@ def require_nonempty_splits(data: DomainData, where: str, n_images: int) -> Doma
     return data
 
 
-_BAD_FILES_HINT = "delete or re-export these files, or set skip_bad_files = true in the dataset to leave them out"
+_BAD_FILES_HINT = (
+    "delete or re-export these files, or set skip_bad_files = true in the dataset to leave them out"
+)
 
 
 def _subfolders(path: Path) -> list[str]:

@@ -19,7 +19,9 @@ def register_heads(register):
     )
 
 
-def build_linear(*, backbone: Backbone, num_classes: int, task: str, dropout: float = 0.0) -> nn.Module:
+def build_linear(
+    *, backbone: Backbone, num_classes: int, task: str, dropout: float = 0.0
+) -> nn.Module:
     layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
     return nn.Sequential(*layers, nn.Linear(backbone.num_features, num_classes))
 

@@ -163,7 +163,13 @@ def _shape_domain(
     _no_domain(name, domain)
     x, masks = _render_scenes(style, n, image_size, scene_seed)
     return DomainData.from_arrays(
-        name, x, masks.long(), class_names=SHAPE_CLASSES, seed=seed, task="segmentation", meta={"hflip": True}
+        name,
+        x,
+        masks.long(),
+        class_names=SHAPE_CLASSES,
+        seed=seed,
+        task="segmentation",
+        meta={"hflip": True},
     )
 
 

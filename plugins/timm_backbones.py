@@ -85,7 +85,10 @@ def _load_local(model, path: Path, name: str) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+            str(exc)[:200],
+        )
         raise WeightsError(
             f"weights file {path} does not fit backbone {name!r}: {first}",
             hint="the file must hold the state dict of the same timm architecture and input channels",
@@ -95,7 +98,9 @@ def _load_local(model, path: Path, name: str) -> None:
         if result.missing_keys:
             detail.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
         if result.unexpected_keys:
-            detail.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+            detail.append(
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})"
+            )
         raise WeightsError(
             f"weights file {path} does not fit backbone {name!r}: {', '.join(detail)} keys",
             hint="the file must hold the state dict of the same timm architecture",

@@ -236,7 +236,9 @@ class DANN(_Unsupervised):
         scale). Searching it is a choice of the study (``strategy_options = {schedule =
         "search"}``): it adds two parameters to every DANN search."""
         if schedule not in (*SCHEDULES, "search"):
-            raise ValueError(f"schedule must be one of {', '.join(map(repr, (*SCHEDULES, 'search')))}, got {schedule!r}")
+            raise ValueError(
+                f"schedule must be one of {', '.join(map(repr, (*SCHEDULES, 'search')))}, got {schedule!r}"
+            )
         if not (isinstance(gamma, int | float) and gamma > 0):
             raise ValueError(f"gamma must be a positive number, got {gamma!r}")
         self.schedule, self.gamma = schedule, float(gamma)

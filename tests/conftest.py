@@ -9,14 +9,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # the built-in plugins are exactly what pyproject.toml declares in the entry-point group
-BUILTIN_PLUGINS = ",".join(sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["harness"]))
+BUILTIN_PLUGINS = ",".join(
+    sorted(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["harness"]
+    )
+)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
     """Only the built-in plugins, a private weights cache, and no model hub."""
     cache = tmp_path_factory.mktemp("harness-cache")
-    saved = {k: os.environ.get(k) for k in ("HARNESS_PLUGINS", "HARNESS_CACHE_DIR", "HF_HUB_OFFLINE", "HARNESS_STRICT_PLUGINS")}
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "HARNESS_PLUGINS",
+            "HARNESS_CACHE_DIR",
+            "HF_HUB_OFFLINE",
+            "HARNESS_STRICT_PLUGINS",
+        )
+    }
     os.environ["HARNESS_PLUGINS"] = BUILTIN_PLUGINS
     os.environ["HARNESS_CACHE_DIR"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -72,9 +84,21 @@ epochs = 2
 """
 
 
-def write_study(directory: Path, name: str = "tiny", *, trials: int = 2, weights: str = "none", extra_top: str = "", body: str | None = None) -> Path:
+def write_study(
+    directory: Path,
+    name: str = "tiny",
+    *,
+    trials: int = 2,
+    weights: str = "none",
+    extra_top: str = "",
+    body: str | None = None,
+) -> Path:
     path = directory / f"{name}.toml"
-    text = body if body is not None else TINY_STUDY.format(trials=trials, weights=weights, extra_top=extra_top)
+    text = (
+        body
+        if body is not None
+        else TINY_STUDY.format(trials=trials, weights=weights, extra_top=extra_top)
+    )
     path.write_text(textwrap.dedent(text))
     return path
 

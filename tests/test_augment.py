@@ -1,4 +1,4 @@
-"""Tests for the batched augmentation in ``harness.augment``."""
+"""Tests for the batched augmentation in ``harness.training.augment``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.augment import POLICIES, Policy, _affine_grid, _affine_theta, augment, get_policy
+from harness.training.augment import (
+    POLICIES,
+    Policy,
+    _affine_grid,
+    _affine_theta,
+    augment,
+    get_policy,
+)
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 GEO = Policy(name="geo", rotate=30.0, translate=0.2, scale=(0.8, 1.2))
@@ -278,9 +285,13 @@ def test_the_sampling_grid_is_torchs_affine_grid(shape) -> None:
     h, w = shape
     theta = _affine_theta(POLICIES["strong"], 0.5, 16, h, w, _gen(), torch.device("cpu"))
     expected = F.affine_grid(theta, [16, 3, h, w], align_corners=False)
-    assert torch.equal(_affine_grid(theta, h, w), expected)  # the same floats: augmented numbers do not move
+    assert torch.equal(
+        _affine_grid(theta, h, w), expected
+    )  # the same floats: augmented numbers do not move
     identity = torch.eye(2, 3).expand(16, 2, 3).contiguous()
-    assert torch.equal(_affine_grid(identity, h, w), F.affine_grid(identity, [16, 3, h, w], align_corners=False))
+    assert torch.equal(
+        _affine_grid(identity, h, w), F.affine_grid(identity, [16, 3, h, w], align_corners=False)
+    )
 
 
 def test_mask_shape_is_checked() -> None:

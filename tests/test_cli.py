@@ -29,7 +29,13 @@ def test_run_study_end_to_end_then_rebuild_leaderboard(tmp_path):
     assert "[1/2, best" in result.stderr and "s]" in result.stderr
     assert "pretraining test_resnet on source 'digits'" in result.stderr
     out = tmp_path / "results" / "e2e"
-    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "trials.csv", "optuna.journal"):
+    for name in (
+        "leaderboard.csv",
+        "leaderboard.md",
+        "leaderboard.json",
+        "trials.csv",
+        "optuna.journal",
+    ):
         assert (out / name).is_file(), name
     data = json.loads((out / "leaderboard.json").read_text())
     rows = data["rows"]
@@ -69,7 +75,13 @@ def test_leaderboard_without_results_is_a_clear_error(tmp_path):
 def test_plugins_command_lists_distribution_version_and_entries(tmp_path):
     result = harness("plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for text in ("transfer-harness", "strategy: source-only", "dataset: digits", "head: linear", "in all)"):
+    for text in (
+        "transfer-harness",
+        "strategy: source-only",
+        "dataset: digits",
+        "head: linear",
+        "in all)",
+    ):
         assert text in result.stdout, text
     listed = harness("plugins", "--kind", "strategy", cwd=tmp_path)
     assert listed.returncode == 0
@@ -104,7 +116,11 @@ def test_ls_shows_study_states(tmp_path):
     (tmp_path / "results" / "begun" / "optuna.db").write_bytes(b"")
     result = harness("ls", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
+    lines = {
+        line.split("│")[1].strip(): line
+        for line in result.stdout.splitlines()
+        if line.count("│") > 2
+    }
     assert "not started" in lines["fresh"] and "partial" in lines["begun"]
 
 
@@ -122,7 +138,7 @@ def test_every_command_help_has_an_example():
 def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, monkeypatch):
     import optuna
 
-    import harness.report
+    import harness.publish.report
     from harness.cli import _write_board
     from harness.study import load_study
 
@@ -134,7 +150,7 @@ def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("matplotlib exploded")
 
-    monkeypatch.setattr(harness.report, "write_report", broken)
+    monkeypatch.setattr(harness.publish.report, "write_report", broken)
     _write_board(spec, url, tmp_path / "out", quiet=True, report=True)
     assert (tmp_path / "out" / "leaderboard.json").is_file()
     assert not (tmp_path / "out" / "index.html").exists()

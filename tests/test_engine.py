@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.api import Batch, DomainData, Strategy
-from harness.engine import (
+from harness.errors import NonFiniteLossError
+from harness.training.engine import (
     Precision,
     TrainConfig,
     Trainer,
@@ -16,7 +17,6 @@ from harness.engine import (
     resolve_device,
     resolve_freeze_depth,
 )
-from harness.errors import NonFiniteLossError
 from harness_plugins.heads import build_linear
 from harness_plugins.timm_backbones import build_timm_backbone
 
@@ -28,7 +28,9 @@ def domain(name: str, n: int = 60, size: int = 16, seed: int = 0, classes: int =
     y = torch.arange(n) % classes
     x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     x[:, 0] = (y * 80).view(-1, 1, 1).to(torch.uint8)  # learnable signal in channel 0
-    return DomainData.from_arrays(name, x, y, class_names=[str(i) for i in range(classes)], seed=seed)
+    return DomainData.from_arrays(
+        name, x, y, class_names=[str(i) for i in range(classes)], seed=seed
+    )
 
 
 def model(name: str = "test_resnet", classes: int = 3) -> TransferModel:
@@ -67,7 +69,11 @@ def test_device_and_precision_defaults_on_cpu():
     p = Precision.for_device(CPU)
     assert not p.autocast_bf16 and not p.channels_last and p.describe() == "fp32"
     cuda = Precision.for_device(torch.device("cuda"))
-    assert cuda.autocast_bf16 and cuda.channels_last and cuda.describe() == "bf16-autocast+channels_last"
+    assert (
+        cuda.autocast_bf16
+        and cuda.channels_last
+        and cuda.describe() == "bf16-autocast+channels_last"
+    )
     assert Precision.for_device(torch.device("cuda"), "fp32").describe() == "fp32"
 
 
@@ -85,7 +91,9 @@ def test_freeze_depth_freezes_the_first_k_stages_stem_first(name):
         assert all(p.requires_grad for p in m.head.parameters())
     # the stem is the first stage
     first = stages[0][0]
-    assert any(k in first for k in ("conv1", "stem", "patch_embed", "conv_stem", "cls_token", "pos_embed"))
+    assert any(
+        k in first for k in ("conv1", "stem", "patch_embed", "conv_stem", "cls_token", "pos_embed")
+    )
 
 
 def test_frozen_batchnorm_keeps_its_statistics():
@@ -128,7 +136,9 @@ def test_training_learns_and_is_deterministic():
     def run() -> tuple[float, list[float]]:
         m = model()
         t = Trainer(m, Recorder(), src, tgt, config(epochs=4, augment="light"))
-        res = t.fit(lambda e, mm: classification_metrics(t.predict(src.val), src.val.y, 3)["accuracy"])
+        res = t.fit(
+            lambda e, mm: classification_metrics(t.predict(src.val), src.val.y, 3)["accuracy"]
+        )
         return res.history[-1], res.train_loss
 
     acc1, loss1 = run()
@@ -180,7 +190,9 @@ def test_segmentation_batches_move_masks_with_their_images():
     mask = ((yy // 8 + xx // 8) % 4).expand(n, size, size).clone()
     x = torch.zeros(n, 3, size, size, dtype=torch.uint8)
     x[:, 0] = (mask * 60 + 30).to(torch.uint8)  # channel 0 encodes the class
-    data = DomainData.from_arrays("seg", x, mask, class_names=list("abcd"), seed=0, task="segmentation")
+    data = DomainData.from_arrays(
+        "seg", x, mask, class_names=list("abcd"), seed=0, task="segmentation"
+    )
     seen: list[Batch] = []
 
     class Rec(Strategy):

@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import features as feat
 from harness.api import Strategy
-from harness.engine import Precision, TrainConfig, Trainer, TransferModel, predict, seed_everything
+from harness.training import features as feat
+from harness.training.engine import (
+    Precision,
+    TrainConfig,
+    Trainer,
+    TransferModel,
+    predict,
+    seed_everything,
+)
 from harness_plugins.heads import build_linear
 from harness_plugins.strategies import FineTune, LinearProbe, SourceOnly
 from harness_plugins.timm_backbones import build_timm_backbone
@@ -32,12 +39,16 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def train(strategy: Strategy, cache: feat.FeatureCache, **kw) -> tuple[Trainer, list[float], torch.Tensor]:
+def train(
+    strategy: Strategy, cache: feat.FeatureCache, **kw
+) -> tuple[Trainer, list[float], torch.Tensor]:
     src, tgt = domain("s", n=90), domain("t", n=90, seed=1)
     m = model()
     t = Trainer(m, strategy, src, tgt, config(**kw))
     t.feature_cache = cache
-    res = t.fit(lambda e, mm: float(predict(mm, tgt.val, 32, CPU, t.cfg.precision, cache=cache).sum()))
+    res = t.fit(
+        lambda e, mm: float(predict(mm, tgt.val, 32, CPU, t.cfg.precision, cache=cache).sum())
+    )
     return t, res.train_loss, predict(m, tgt.test, 32, CPU, t.cfg.precision, cache=None)
 
 
@@ -49,7 +60,9 @@ def test_cached_and_uncached_linear_probe_train_the_same_head():
     assert len(cache) == 2  # the target train split and the validation split
     torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss2), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out1, out2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(t1.model.head[-1].weight, t2.model.head[-1].weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        t1.model.head[-1].weight, t2.model.head[-1].weight, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_the_backbone_really_runs_only_when_features_are_not_cached(monkeypatch):
@@ -79,7 +92,9 @@ def test_no_cache_where_it_would_not_be_exact(why, strategy, kw):
     t, _, _ = train(strategy, cache, **kw)
     assert not t.caches_features, why
     train_hashes = {feat.data_hash(t.source.train.x), feat.data_hash(t.target.train.x)}
-    assert not any(key[2] in train_hashes for key in cache._entries), why  # only evaluation may cache
+    assert not any(key[2] in train_hashes for key in cache._entries), (
+        why
+    )  # only evaluation may cache
 
 
 def test_a_strategy_can_opt_out():

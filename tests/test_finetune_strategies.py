@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_uda import batch, cpu_config, ctx, digits_pair, tiny_model  # noqa: F401 - fixture reused
 
 from harness.api import Batch
-from harness.engine import Trainer
+from harness.training.engine import Trainer
 from harness_plugins.strategies import L2SP, LPFT
 
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from harness import probe
-from harness.engine import Precision, TransferModel
+from harness.training import probe
+from harness.training.engine import Precision, TransferModel
 from harness_plugins.heads import build_linear
 from harness_plugins.timm_backbones import build_timm_backbone
 
@@ -25,7 +25,12 @@ def fake(times: dict[str, float], calls: list[str]):
     return measure
 
 
-TIMES = {"fp32": 3.0, "fp32+channels_last": 2.5, "bf16-autocast": 4.0, "bf16-autocast+channels_last": 1.2}
+TIMES = {
+    "fp32": 3.0,
+    "fp32+channels_last": 2.5,
+    "bf16-autocast": 4.0,
+    "bf16-autocast+channels_last": 1.2,
+}
 
 
 def test_picks_the_fastest_and_caches_it_on_disk():
@@ -44,10 +49,20 @@ def test_picks_the_fastest_and_caches_it_on_disk():
 
 def test_the_cache_key_separates_backbones_sizes_and_batches():
     base = probe.probe_key("a", 32, 64, CPU)
-    keys = [base, probe.probe_key("b", 32, 64, CPU), probe.probe_key("a", 64, 64, CPU), probe.probe_key("a", 32, 16, CPU)]
+    keys = [
+        base,
+        probe.probe_key("b", 32, 64, CPU),
+        probe.probe_key("a", 64, 64, CPU),
+        probe.probe_key("a", 32, 16, CPU),
+    ]
     assert len({probe._cache_file(k) for k in keys}) == 4
     assert base["torch"] == torch.__version__ and base["device"]
-    slow_bf16 = {"fp32": 1.0, "fp32+channels_last": 1.1, "bf16-autocast": 2.0, "bf16-autocast+channels_last": 1.9}
+    slow_bf16 = {
+        "fp32": 1.0,
+        "fp32+channels_last": 1.1,
+        "bf16-autocast": 2.0,
+        "bf16-autocast+channels_last": 1.9,
+    }
     for k, times in ((keys[0] | {"case": "sep"}, TIMES), (keys[1] | {"case": "sep"}, slow_bf16)):
         choice, _ = probe.choose(k, probe.ALL, fake(times, []), lambda m: None)
         assert choice.describe() == min(times, key=times.get)
@@ -86,7 +101,9 @@ def test_step_timer_times_only_the_steps_after_warm_up():
     def clock() -> float:
         t = next(ticks)
         stamps.append(t)
-        return float(t * t)  # later steps look slower: the fastest timed one is the first after warm-up
+        return float(
+            t * t
+        )  # later steps look slower: the fastest timed one is the first after warm-up
 
     def build():
         bb = build_timm_backbone("test_resnet", weights="none")

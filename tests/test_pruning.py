@@ -43,7 +43,10 @@ def test_successive_halving_keeps_the_top_third_at_each_rung():
 
     first = asha_min_resource(epochs) + 1  # judged once the epoch after min_resource is reported
     results = [_run(study, c) for c in (poor(0), poor(1), good, poor(2), good, poor(3), good)]
-    assert results[0] == (True, first)  # the first trial at a rung has nothing to beat there: it stops
+    assert results[0] == (
+        True,
+        first,
+    )  # the first trial at a rung has nothing to beat there: it stops
     assert results[1] == (True, first)  # below the only other value there
     # best at the first rung, but the first to reach the second (after epoch 13 of 24)
     assert results[2] == (True, 3 * (first - 1) + 1)
@@ -54,7 +57,10 @@ def test_successive_halving_keeps_the_top_third_at_each_rung():
     rungs = sorted(k for k in study.trials[4].system_attrs if k.startswith("completed_rung_"))
     assert rungs == ["completed_rung_0", "completed_rung_1"]  # after epochs 5 and 13 of 24
     # the pruned first arrivals stay at their rungs as what later trials are compared with
-    assert "completed_rung_0" in study.trials[0].system_attrs and "completed_rung_1" in study.trials[2].system_attrs
+    assert (
+        "completed_rung_0" in study.trials[0].system_attrs
+        and "completed_rung_1" in study.trials[2].system_attrs
+    )
 
 
 def test_short_trials_are_judged_from_the_third_epoch_only():
@@ -74,7 +80,12 @@ def test_the_last_trial_of_the_budget_completes_when_no_other_has():
     assert [_run(study, [v] * 24) for v in (0.5, 0.9, 0.95)] == [(True, 5), (True, 13), (False, 24)]
     # once a trial has completed, the last place is judged like any other
     study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=4))
-    assert [_run(study, [v] * 24) for v in (0.5, 0.9, 0.95, 0.1)] == [(True, 5), (True, 13), (False, 24), (True, 5)]
+    assert [_run(study, [v] * 24) for v in (0.5, 0.9, 0.95, 0.1)] == [
+        (True, 5),
+        (True, 13),
+        (False, 24),
+        (True, 5),
+    ]
     study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=1))
     assert _run(study, [0.1] * 24) == (False, 24)  # a budget of one trial completes it
 
@@ -82,7 +93,10 @@ def test_the_last_trial_of_the_budget_completes_when_no_other_has():
 def test_the_kept_last_place_is_still_recorded_and_judged_at_later_rungs():
     study = optuna.create_study(direction="maximize", pruner=_pruner(24, trials=2))
     assert _run(study, [0.9] * 24) == (True, 5)
-    assert _run(study, [0.1] * 24) == (False, 24)  # below trial 0 at both rungs, kept as the last place
+    assert _run(study, [0.1] * 24) == (
+        False,
+        24,
+    )  # below trial 0 at both rungs, kept as the last place
     assert {"completed_rung_0", "completed_rung_1"} <= set(study.trials[1].system_attrs)
 
 

@@ -106,7 +106,9 @@ def test_unknown_name_suggests_closest():
     assert "finetune" in str(err.value)
 
 
-def _fake_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+def _fake_distribution(
+    site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]
+) -> None:
     info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
@@ -164,12 +166,20 @@ def test_builtin_plugins_are_declared_in_the_entry_point_group():
     assert {v.split(".")[-1] for v in declared.values()} == modules
     installed = {ep.name: ep.value for ep in md.entry_points(group="harness")}
     for name, value in declared.items():
-        assert installed.get(name) == value, f"entry point {name} not installed; reinstall the project"
+        assert installed.get(name) == value, (
+            f"entry point {name} not installed; reinstall the project"
+        )
 
 
 def test_every_hook_is_documented_with_an_example():
     names = hookspecs.hook_names()
-    assert names == ["register_backbones", "register_commands", "register_datasets", "register_heads", "register_strategies"]
+    assert names == [
+        "register_backbones",
+        "register_commands",
+        "register_datasets",
+        "register_heads",
+        "register_strategies",
+    ]
     for name in names:
         doc = inspect.getdoc(getattr(hookspecs, name))
         assert doc and "register(" in doc and "Example" in doc, name
@@ -196,4 +206,6 @@ def test_every_hook_is_documented_in_the_plugin_guide():
         assert register_line.strip("`") in guide, f"signature of {name} differs in docs/plugins.md"
         factory = [line.strip() for line in doc.splitlines() if line.strip().startswith("factory(")]
         for line in factory:
-            assert line.split(" ->")[0].rstrip() in guide, f"factory signature of {name} differs in docs/plugins.md"
+            assert line.split(" ->")[0].rstrip() in guide, (
+                f"factory signature of {name} differs in docs/plugins.md"
+            )

@@ -23,7 +23,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from harness import leaderboard, report
+from harness.publish import leaderboard, report
 from harness.registry import Registry
 from harness.search import (
     FINALS_SUFFIX,
@@ -329,7 +329,9 @@ def test_storage_loads_with_optunas_public_api_as_optuna_dashboard_does(publishe
     # what `optuna-dashboard results/NAME/optuna.journal` opens
     from optuna.storages.journal import JournalFileBackend
 
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(published.results_dir / "optuna.journal")))
+    storage = optuna.storages.JournalStorage(
+        JournalFileBackend(str(published.results_dir / "optuna.journal"))
+    )
     summaries = optuna.get_all_study_summaries(storage)
     names = {optuna_study_name(spec.pairs[0], m) for m in spec.methods}
     # beside each (pair, method) study, the one that holds the claims of its final runs

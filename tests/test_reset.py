@@ -1,4 +1,4 @@
-"""Model reset (harness.reset): trials share one backbone module, reset in place to its weights,
+"""Model reset (harness.training.reset): trials share one backbone module, reset in place to its weights,
 and get exactly what building it afresh would give them."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from conftest import write_study
 from safetensors.torch import save_file
 from test_search import make_runner
 
-import harness.engine
-import harness.features as feat
 import harness.search
-from harness.engine import seed_everything
+import harness.training.engine
+import harness.training.features as feat
 from harness.errors import StudySpecError
-from harness.reset import BackboneReset
 from harness.study import load_study
+from harness.training.engine import seed_everything
+from harness.training.reset import BackboneReset
 from harness_plugins.timm_backbones import build_timm_backbone
 
 
@@ -49,7 +49,9 @@ def _train_a_little(backbone):
                 p.add_(p.grad, alpha=-0.1)
 
 
-def test_a_reset_backbone_is_the_same_module_with_exactly_the_weights_and_flags_of_a_fresh_build(weights):
+def test_a_reset_backbone_is_the_same_module_with_exactly_the_weights_and_flags_of_a_fresh_build(
+    weights,
+):
     reset = BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))
     first = reset()
     assert reset.refused is None
@@ -68,7 +70,11 @@ def test_building_the_template_leaves_the_callers_generators_alone(weights):
     expected = (torch.rand(3), random.random(), np.random.rand())
     seed_everything(7)
     BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))()
-    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+    assert (
+        torch.equal(torch.rand(3), expected[0])
+        and random.random() == expected[1]
+        and np.random.rand() == expected[2]
+    )
 
 
 def test_a_backbone_whose_weights_depend_on_the_seed_is_built_for_every_call():
@@ -84,7 +90,18 @@ def test_a_backbone_whose_weights_depend_on_the_seed_is_built_for_every_call():
 
 
 @pytest.mark.parametrize(
-    "change", ["hook", "attribute", "new attribute", "tensor attribute", "equal 0-d tensor", "array attribute", "stride", "module", "dtype"]
+    "change",
+    [
+        "hook",
+        "attribute",
+        "new attribute",
+        "tensor attribute",
+        "equal 0-d tensor",
+        "array attribute",
+        "stride",
+        "module",
+        "dtype",
+    ],
 )
 def test_a_trial_that_changed_more_than_values_gets_a_fresh_build(weights, change):
     reset = BackboneReset(lambda: build_timm_backbone("test_resnet", weights=weights))
@@ -122,7 +139,9 @@ def test_the_feature_cache_hashes_reset_weights_once(weights, monkeypatch):
     real = feat._hash_tensor
     monkeypatch.setattr(feat, "_hash_tensor", lambda h, t: (hashed.append(1), real(h, t)))
     digest = feat.state_hash(module)
-    assert hashed and digest == feat.state_hash(build_timm_backbone("test_resnet", weights=weights).module)
+    assert hashed and digest == feat.state_hash(
+        build_timm_backbone("test_resnet", weights=weights).module
+    )
     hashed.clear()
     _train_a_little(reset())
     assert feat.state_hash(module) != digest  # trained weights are hashed for what they are
@@ -137,11 +156,19 @@ def _trial_values(runner):
         study = runner.search(0, rm)
         runner.final_runs(0, rm, study)
         out.append([(t.state.name, t.value) for t in study.get_trials()])
-        out.append(sorted((k, v["test"]["accuracy"]) for k, v in study.user_attrs.items() if k.startswith("final:")))
+        out.append(
+            sorted(
+                (k, v["test"]["accuracy"])
+                for k, v in study.user_attrs.items()
+                if k.startswith("final:")
+            )
+        )
     return out
 
 
-def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(tmp_path, monkeypatch, weights):
+def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(
+    tmp_path, monkeypatch, weights
+):
     """Every trial and final run of a study, with one backbone reset in place, scores exactly what
     it scores when each builds its backbone afresh (leaving the generators alone, as a reset does)."""
     (tmp_path / "benchmarks").mkdir()
@@ -153,7 +180,7 @@ def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(tmp_p
 
     class Fresh(BackboneReset):
         def __call__(self):
-            with harness.engine.generators_kept():
+            with harness.training.engine.generators_kept():
                 return self._build()
 
     monkeypatch.setattr(harness.search, "BackboneReset", Fresh)
@@ -162,7 +189,9 @@ def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(tmp_p
 
 def test_reuse_backbone_false_builds_every_backbone_and_is_recorded(tmp_path, weights):
     (tmp_path / "benchmarks").mkdir()
-    path = write_study(tmp_path / "benchmarks", trials=1, weights=weights, extra_top="reuse_backbone = false")
+    path = write_study(
+        tmp_path / "benchmarks", trials=1, weights=weights, extra_top="reuse_backbone = false"
+    )
     spec = load_study(str(path))
     runner = make_runner(tmp_path, spec)
     study = runner.search(0, runner.methods[1])

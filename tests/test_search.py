@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from conftest import BUILTIN_PLUGINS, write_study
 from optuna.trial import TrialState
 
-import harness.engine
 import harness.search
-from harness import hookimpl, leaderboard
+import harness.training.engine
+from harness import hookimpl
 from harness.api import Strategy
 from harness.errors import StudySpecError
+from harness.publish import leaderboard
 from harness.registry import PluginInfo, Registry
 from harness.search import FINALS_SUFFIX, Runner, RunOptions, optuna_study_name, trial_params
 from harness.study import load_study
@@ -29,12 +30,19 @@ def registry_with(*strategies: tuple[str, type]) -> Registry:
             for name, cls in strategies:
                 register(name, cls)
 
-        reg.add_plugin(types.SimpleNamespace(register_strategies=register_strategies), PluginInfo("testing", "tests", "0", "tests"))
+        reg.add_plugin(
+            types.SimpleNamespace(register_strategies=register_strategies),
+            PluginInfo("testing", "tests", "0", "tests"),
+        )
     return reg
 
 
 def make_runner(tmp_path, spec, registry=None) -> Runner:
-    return Runner(spec, registry or registry_with(), RunOptions(results_dir=tmp_path / "results" / spec.name, log=lambda m: None))
+    return Runner(
+        spec,
+        registry or registry_with(),
+        RunOptions(results_dir=tmp_path / "results" / spec.name, log=lambda m: None),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def finished(tmp_path_factory):
     calls = {"test_reads": 0, "test_reads_outside_finals": 0}
     in_final = {"on": False}
     real_eval = Runner.evaluate_test
-    real_predict = harness.engine.predict
+    real_predict = harness.training.engine.predict
 
     def evaluate_test(self, trainer, target):
         in_final["on"] = True
@@ -64,7 +72,7 @@ def finished(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Runner, "evaluate_test", evaluate_test)
-    mp.setattr(harness.engine, "predict", predict)
+    mp.setattr(harness.training.engine, "predict", predict)
     mp.setattr(harness.search, "predict", predict)
     runner = make_runner(tmp, spec)
     try:
@@ -87,7 +95,12 @@ def test_one_optuna_study_per_pair_and_method_with_budget(finished):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert all(len(t.intermediate_values) == 2 for t in complete)  # one report per epoch
         assert all(0.0 <= t.value <= 1.0 for t in complete)
-        assert {"backbone.freeze_depth", "head.lr", "optimizer.weight_decay", "augment.policy"} <= set(trial_params(trials[0]))
+        assert {
+            "backbone.freeze_depth",
+            "head.lr",
+            "optimizer.weight_decay",
+            "augment.policy",
+        } <= set(trial_params(trials[0]))
         assert study.user_attrs["config"]["data"]["source"]
 
 
@@ -99,7 +112,9 @@ def test_test_split_is_read_only_by_the_final_runs(finished):
 
 def test_linear_probe_searches_no_backbone_learning_rate(finished):
     _, spec, runner, _ = finished
-    study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[2]), storage=runner.storage)
+    study = optuna.load_study(
+        study_name=optuna_study_name(spec.pairs[0], spec.methods[2]), storage=runner.storage
+    )
     for t in study.get_trials():
         assert "backbone.lr" not in t.params and "backbone.freeze_depth" not in t.params
         assert trial_params(t)["backbone.freeze_depth"] == 5
@@ -112,7 +127,11 @@ def test_leaderboard_rows_and_provenance(finished):
     assert (board["n_seeds"] == spec.final_seeds).all()
     assert board["test_accuracy"].between(0, 1).all() and board["test_macro_f1"].between(0, 1).all()
     rules = dict(zip(board["strategy"], board["selection"], strict=True))
-    assert rules == {"source-only": "source-val", "finetune": "target-val", "linear-probe": "target-val"}
+    assert rules == {
+        "source-only": "source-val",
+        "finetune": "target-val",
+        "linear-probe": "target-val",
+    }
     assert not board["oracle"].any()
     assert len(trials) == 6 and {"state", "value", "head.lr", "fail_reason"} <= set(trials.columns)
     for key in ("harness_version", "packages", "device", "seeds", "sampler", "pruner", "selection_rule",
@@ -123,7 +142,12 @@ def test_leaderboard_rows_and_provenance(finished):
     assert len(prov["device_names"]) == 1 and prov["device_names"][0].endswith("threads")
     assert prov["trial_counts"]["COMPLETE"] + prov["trial_counts"].get("PRUNED", 0) == 6
     paths = leaderboard.write(tmp / "out", spec, board, trials, prov)
-    assert {p.name for p in paths} == {"leaderboard.csv", "leaderboard.md", "leaderboard.json", "trials.csv"}
+    assert {p.name for p in paths} == {
+        "leaderboard.csv",
+        "leaderboard.md",
+        "leaderboard.json",
+        "trials.csv",
+    }
     data = json.loads((tmp / "out" / "leaderboard.json").read_text())
     assert data["provenance"]["study_file_sha256"] == spec.file_hash and len(data["rows"]) == 3
     md = (tmp / "out" / "leaderboard.md").read_text()
@@ -133,7 +157,10 @@ def test_leaderboard_rows_and_provenance(finished):
 def test_rerun_resumes_and_tops_up_the_budget(finished, tmp_path):
     tmp, spec, runner, _ = finished
     before = {
-        s.study_name: [(t.number, t.value) for t in optuna.load_study(study_name=s.study_name, storage=runner.storage).get_trials()]
+        s.study_name: [
+            (t.number, t.value)
+            for t in optuna.load_study(study_name=s.study_name, storage=runner.storage).get_trials()
+        ]
         for s in optuna.get_all_study_summaries(runner.storage)
         if not s.study_name.endswith(FINALS_SUFFIX)
     }
@@ -151,7 +178,9 @@ def test_rerun_resumes_and_tops_up_the_budget(finished, tmp_path):
 
 def test_changed_search_space_is_refused_on_resume(finished):
     tmp, spec, _, _ = finished
-    changed = spec.model_copy(update={"search": spec.search.model_copy(update={"head_lr": [1e-3, 1e-2]})})
+    changed = spec.model_copy(
+        update={"search": spec.search.model_copy(update={"head_lr": [1e-3, 1e-2]})}
+    )
     with pytest.raises(StudySpecError, match="search changed"):
         make_runner(tmp, changed).run()
 
@@ -168,11 +197,15 @@ class Explodes(Strategy):
 
 def test_failed_trials_are_recorded_with_reason_and_search_goes_on(tmp_path):
     body = write_study(tmp_path, trials=2).read_text()
-    body = body.replace('strategy = "finetune"', 'strategy = "nan-loss"').replace('strategy = "linear-probe"', 'strategy = "explodes"')
+    body = body.replace('strategy = "finetune"', 'strategy = "nan-loss"').replace(
+        'strategy = "linear-probe"', 'strategy = "explodes"'
+    )
     path = tmp_path / "fails.toml"
     path.write_text(body)
     spec = load_study(str(path))
-    runner = make_runner(tmp_path, spec, registry_with(("nan-loss", NanLoss), ("explodes", Explodes)))
+    runner = make_runner(
+        tmp_path, spec, registry_with(("nan-loss", NanLoss), ("explodes", Explodes))
+    )
     runner.run()
     board = leaderboard.collect(spec, runner.storage_url)[0].set_index("strategy")
     assert board.loc["source-only", "status"] == "final"
@@ -180,7 +213,9 @@ def test_failed_trials_are_recorded_with_reason_and_search_goes_on(tmp_path):
     assert board.loc["nan-loss", "trials_failed"] == 2
     reasons = {}
     for m in spec.methods[1:]:
-        study = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage)
+        study = optuna.load_study(
+            study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage
+        )
         reasons[m.strategy] = {t.user_attrs.get("fail_reason") for t in study.get_trials()}
     assert reasons == {"nan-loss": {"nonfinite"}, "explodes": {"error"}}
 
@@ -204,7 +239,10 @@ def test_declared_sub_domains_are_checked_before_training(tmp_path):
         register("cities", lambda domain, **kw: None, domains=["paris", "rome"])
 
     reg = registry_with()
-    reg.add_plugin(types.SimpleNamespace(register_datasets=register_datasets), PluginInfo("cities", "cities-dist", "0", "x"))
+    reg.add_plugin(
+        types.SimpleNamespace(register_datasets=register_datasets),
+        PluginInfo("cities", "cities-dist", "0", "x"),
+    )
     spec = load_study(str(write_study(tmp_path)))
     assert resolve_domain(spec, reg, "cities/rome", "pairs[0].target").sub == "rome"
     with pytest.raises(StudySpecError) as err:
@@ -229,17 +267,31 @@ def test_interrupted_trials_do_not_use_up_the_budget():
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(optuna.trial.create_trial(value=0.5))
-    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted"}))
-    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "nonfinite"}))
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted"})
+    )
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "nonfinite"})
+    )
     assert count_budget(study) == 2
 
 
 def test_shots_are_refused_for_segmentation(tmp_path):
-    from harness.engine import few_shot_indices
+    from harness.training.engine import few_shot_indices
 
-    body = write_study(tmp_path).read_text().replace('strategy = "finetune"', 'strategy = "finetune"\nstrategy_options = {shots = 2}')
+    body = (
+        write_study(tmp_path)
+        .read_text()
+        .replace('strategy = "finetune"', 'strategy = "finetune"\nstrategy_options = {shots = 2}')
+    )
     path = tmp_path / "seg.toml"
-    path.write_text('task = "segmentation"\n' + body.replace('head = "linear"', 'head = "unet"').replace('head = "mlp"', 'head = "fpn"').replace("digits-m", "seg-photo").replace('"digits"', '"seg-synthetic"'))
+    path.write_text(
+        'task = "segmentation"\n'
+        + body.replace('head = "linear"', 'head = "unet"')
+        .replace('head = "mlp"', 'head = "fpn"')
+        .replace("digits-m", "seg-photo")
+        .replace('"digits"', '"seg-synthetic"')
+    )
     with pytest.raises(StudySpecError, match="shots .* classification only"):
         make_runner(tmp_path, load_study(str(path)))
     with pytest.raises(ValueError, match="segmentation masks"):
@@ -250,7 +302,9 @@ def test_shots_are_refused_for_segmentation(tmp_path):
 
 def test_mlflow_tracking_through_optunas_callback(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store starts in a second; sqlite migrates first
+    monkeypatch.setenv(
+        "MLFLOW_ALLOW_FILE_STORE", "true"
+    )  # the file store starts in a second; sqlite migrates first
     uri = f"file://{tmp_path / 'mlruns'}"
     spec = load_study(str(write_study(tmp_path, trials=2)), {"tracking.mlflow_uri": uri})
     spec = spec.model_copy(update={"methods": spec.methods[:1], "final_seeds": 1})

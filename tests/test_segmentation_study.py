@@ -5,8 +5,8 @@ import json
 import pytest
 from test_search import registry_with
 
-from harness import leaderboard
 from harness.errors import StudySpecError
+from harness.publish import leaderboard
 from harness.search import Runner, RunOptions
 from harness.study import load_study
 
@@ -63,11 +63,15 @@ def test_segmentation_study_end_to_end(tmp_path):
     path = tmp_path / "seg.toml"
     path.write_text(SEG_STUDY)
     spec = load_study(str(path))
-    runner = Runner(spec, registry_with(), RunOptions(results_dir=tmp_path / "results", log=lambda m: None))
+    runner = Runner(
+        spec, registry_with(), RunOptions(results_dir=tmp_path / "results", log=lambda m: None)
+    )
     runner.run()
     board, trials, prov = leaderboard.collect(spec, runner.storage_url)
     assert list(board["status"]) == ["final"] * 3
-    assert board["test_miou"].between(0, 1).all() and board["test_pixel_accuracy"].between(0, 1).all()
+    assert (
+        board["test_miou"].between(0, 1).all() and board["test_pixel_accuracy"].between(0, 1).all()
+    )
     assert all(len(v) == 5 for v in board["test_per_class_iou"])
     assert set(board["selection"]) == {"source-val", "target-val"}
     paths = leaderboard.write(tmp_path / "out", spec, board, trials, prov)
@@ -81,17 +85,44 @@ def test_segmentation_study_end_to_end(tmp_path):
 def test_head_and_task_mismatch_is_refused_before_training(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(SEG_STUDY.replace('head = "fpn"', 'head = "linear"'))
-    with pytest.raises(StudySpecError, match=r"methods\[1\].head: head 'linear' supports classification, not segmentation"):
-        Runner(load_study(str(path)), registry_with(), RunOptions(results_dir=tmp_path / "r", log=lambda m: None))
-    path.write_text(SEG_STUDY.replace('task = "segmentation"', 'task = "classification"').replace('head = "fpn"', 'head = "linear"'))
+    with pytest.raises(
+        StudySpecError,
+        match=r"methods\[1\].head: head 'linear' supports classification, not segmentation",
+    ):
+        Runner(
+            load_study(str(path)),
+            registry_with(),
+            RunOptions(results_dir=tmp_path / "r", log=lambda m: None),
+        )
+    path.write_text(
+        SEG_STUDY.replace('task = "segmentation"', 'task = "classification"').replace(
+            'head = "fpn"', 'head = "linear"'
+        )
+    )
     with pytest.raises(StudySpecError, match="head 'unet' supports segmentation"):
-        Runner(load_study(str(path)), registry_with(), RunOptions(results_dir=tmp_path / "r", log=lambda m: None))
+        Runner(
+            load_study(str(path)),
+            registry_with(),
+            RunOptions(results_dir=tmp_path / "r", log=lambda m: None),
+        )
 
 
 def test_backbone_that_cannot_feed_a_decoder_fails_before_training(tmp_path):
     path = tmp_path / "vit.toml"
-    path.write_text(SEG_STUDY.replace('weights = "none"\nhead = "fpn"', 'weights = "none"\nhead = "fpn"').replace(
-        'backbone = "test_resnet"\nweights = "none"\nhead = "fpn"', 'backbone = "test_vit"\nweights = "none"\nhead = "fpn"'))
-    runner = Runner(load_study(str(path)), registry_with(), RunOptions(results_dir=tmp_path / "r", log=lambda m: None))
-    with pytest.raises(StudySpecError, match=r"methods\[1\]: head 'fpn' cannot be built on backbone 'test_vit'"):
+    path.write_text(
+        SEG_STUDY.replace(
+            'weights = "none"\nhead = "fpn"', 'weights = "none"\nhead = "fpn"'
+        ).replace(
+            'backbone = "test_resnet"\nweights = "none"\nhead = "fpn"',
+            'backbone = "test_vit"\nweights = "none"\nhead = "fpn"',
+        )
+    )
+    runner = Runner(
+        load_study(str(path)),
+        registry_with(),
+        RunOptions(results_dir=tmp_path / "r", log=lambda m: None),
+    )
+    with pytest.raises(
+        StudySpecError, match=r"methods\[1\]: head 'fpn' cannot be built on backbone 'test_vit'"
+    ):
         runner.preflight()

@@ -10,8 +10,8 @@ from conftest import write_study
 from optuna.trial import TrialState
 from test_search import make_runner
 
-from harness import leaderboard
 from harness.errors import StudySpecError
+from harness.publish import leaderboard
 from harness.search import Runner, optuna_study_name
 from harness.study import load_study
 
@@ -86,9 +86,7 @@ def uda_run(tmp_path_factory):
 
 def studies(spec, runner):
     return [
-        optuna.load_study(
-            study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage
-        )
+        optuna.load_study(study_name=optuna_study_name(spec.pairs[0], m), storage=runner.storage)
         for m in spec.methods
     ]
 

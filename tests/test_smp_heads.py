@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from harness.api import Backbone, stages_from_prefixes
-from harness.engine import TransferModel
 from harness.errors import PluginContractError
 from harness.metrics import segmentation_metrics
+from harness.training.engine import TransferModel
 from harness_plugins.smp_heads import ARCHITECTURES, SmpHead
 from harness_plugins.timm_backbones import build_timm_backbone
 
@@ -63,7 +63,9 @@ def test_backbones_without_multiscale_features_fail_clearly():
     with pytest.raises(PluginContractError, match="cannot be built on backbone 'test_vit'"):
         SmpHead("unet", build_timm_backbone("test_vit"), 3)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    plain = Backbone(module=net, num_features=8, stages=stages_from_prefixes(net, ["0"]), name="plain")
+    plain = Backbone(
+        module=net, num_features=8, stages=stages_from_prefixes(net, ["0"]), name="plain"
+    )
     with pytest.raises(PluginContractError, match="needs a timm backbone"):
         SmpHead("fpn", plain, 3)
 

@@ -28,10 +28,19 @@ def test_defaults_and_lookup_by_name(study_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("[budget]", "[budget]\nepochs = 3"), ["budget.epochs", "unknown key", "allowed here: trials, max_epochs"]),
+        (
+            ("[budget]", "[budget]\nepochs = 3"),
+            ["budget.epochs", "unknown key", "allowed here: trials, max_epochs"],
+        ),
         (("trials = 2", 'trials = "many"'), ["budget.trials", "integer"]),
-        (("[search]", "[search]\nbackbone_lr = [0.1, 0.001]"), ["search.backbone_lr", "empty range"]),
-        (("[search]", '[search]\naugment = ["none", "wild"]'), ["search.augment", "'wild'", "light"]),
+        (
+            ("[search]", "[search]\nbackbone_lr = [0.1, 0.001]"),
+            ["search.backbone_lr", "empty range"],
+        ),
+        (
+            ("[search]", '[search]\naugment = ["none", "wild"]'),
+            ["search.augment", "'wild'", "light"],
+        ),
         (("[search]", "[search]\naugment = []"), ["search.augment", "empty"]),
         (("[search]", '[search]\nsampler = "grid"'), ["search.sampler", "'tpe'", "'random'"]),
         (("image_size = 16", "image_size = 4"), ["image_size", "greater than or equal to 8"]),
@@ -76,7 +85,9 @@ def test_unknown_study_name_lists_studies(study_dir, monkeypatch):
 def test_duplicate_methods_need_a_name(study_dir):
     path = write_study(study_dir)
     text = path.read_text()
-    block = text[text.index("[[methods]]") : text.index("[[methods]]", text.index("[[methods]]") + 1)]
+    block = text[
+        text.index("[[methods]]") : text.index("[[methods]]", text.index("[[methods]]") + 1)
+    ]
     path.write_text(text.replace(block, block + block, 1))
     with pytest.raises(StudySpecError, match="distinct `name`"):
         load_study(str(path))
@@ -92,7 +103,11 @@ def test_overrides_from_the_command_line(study_dir):
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -145,9 +160,13 @@ def test_set_reaches_list_entries_and_explains_mistakes(study_dir):
     spec = load_study(str(path), {"methods[1].head": "mlp", "pairs[0].target": "digits"})
     assert spec.methods[1].head == "mlp" and spec.pairs[0].target == "digits"
     assert spec.overrides == {"methods[1].head": "mlp", "pairs[0].target": "digits"}
-    with pytest.raises(StudySpecError, match=r"--set pairs.source: pairs is a list; name an entry, e.g. pairs\[0\]"):
+    with pytest.raises(
+        StudySpecError, match=r"--set pairs.source: pairs is a list; name an entry, e.g. pairs\[0\]"
+    ):
         load_study(str(path), {"pairs.source": "x"})
-    with pytest.raises(StudySpecError, match=r"methods\[9\] does not exist \(methods has 3 entries\)"):
+    with pytest.raises(
+        StudySpecError, match=r"methods\[9\] does not exist \(methods has 3 entries\)"
+    ):
         load_study(str(path), {"methods[9].head": "mlp"})
 
 
@@ -170,10 +189,18 @@ def test_cli_unusable_device_and_storage_are_one_line_errors(study_dir):
 
 def test_cli_bad_dann_schedule_is_one_line_naming_the_key(study_dir):
     path = write_study(study_dir)
-    text = path.read_text().replace('strategy = "linear-probe"', 'strategy = "dann"\nstrategy_options = { schedule = "step" }', 1)
+    text = path.read_text().replace(
+        'strategy = "linear-probe"',
+        'strategy = "dann"\nstrategy_options = { schedule = "step" }',
+        1,
+    )
     path.write_text(text)
     result = _cli("validate", "--study", str(path))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     first = result.stderr.strip().splitlines()[0]
-    assert str(path) in first and "methods[2].strategy_options" in first and "schedule must be one of" in first
+    assert (
+        str(path) in first
+        and "methods[2].strategy_options" in first
+        and "schedule must be one of" in first
+    )

@@ -149,7 +149,9 @@ def test_harness_plugins_shows_the_distribution(plugin_site: Path, tmp_path: Pat
 
 
 def test_plugin_adds_its_own_subcommand(plugin_site: Path, tmp_path: Path) -> None:
-    proc = _harness(["example-shapes-info", "--image-size", "16", "--n", "30"], _env(plugin_site), tmp_path)
+    proc = _harness(
+        ["example-shapes-info", "--image-size", "16", "--n", "30"], _env(plugin_site), tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plain: square=" in proc.stdout and "bar=" in proc.stdout, proc.stdout
     assert "noisy: " in proc.stdout

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.api import IGNORE_INDEX, Backbone, Batch, StepContext
-from harness.engine import Precision, TrainConfig, Trainer, TransferModel
+from harness.training.engine import Precision, TrainConfig, Trainer, TransferModel
 from harness_plugins import uda
 
 
@@ -118,8 +118,15 @@ def test_dann_schedule_and_gamma_are_searched_and_used():
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     fixed = uda.DANN().search_space(trial)
     assert fixed["strategy.schedule"] == "ramp" and fixed["strategy.gamma"] == 10.0
-    assert set(trial.distributions) == {"strategy.weight", "strategy.disc_hidden", "strategy.disc_lr_scale"}
-    assert uda.DANN(schedule="constant", gamma=3).search_space(trial)["strategy.schedule"] == "constant"
+    assert set(trial.distributions) == {
+        "strategy.weight",
+        "strategy.disc_hidden",
+        "strategy.disc_lr_scale",
+    }
+    assert (
+        uda.DANN(schedule="constant", gamma=3).search_space(trial)["strategy.schedule"]
+        == "constant"
+    )
     with pytest.raises(ValueError, match="schedule must be one of"):
         uda.DANN(schedule="step")
     with pytest.raises(ValueError, match="gamma"):
@@ -258,7 +265,9 @@ def test_sampled_locations_are_distinct_and_all_when_few():
 def test_the_engine_optimizes_a_strategy_module_at_its_own_learning_rate(digits_pair):
     source, target = digits_pair
     model = tiny_model(num_classes=10)
-    cfg = cpu_config(params={"strategy.weight": 1.0, "strategy.disc_hidden": 8, "strategy.disc_lr_scale": 0.1})
+    cfg = cpu_config(
+        params={"strategy.weight": 1.0, "strategy.disc_hidden": 8, "strategy.disc_lr_scale": 0.1}
+    )
     trainer = Trainer(model, uda.DANN(), source, target, cfg)
     lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-2])  # backbone, discriminator (0.1 x head), head

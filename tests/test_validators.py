@@ -26,7 +26,9 @@ def test_information_maximization_rewards_confident_and_diverse_predictions():
     collapsed = one_hot_logits([2, 2, 2, 2], 4)
     assert v.information_maximization(diverse) == pytest.approx(math.log(4), abs=1e-5)
     assert v.information_maximization(collapsed) == pytest.approx(0.0, abs=1e-5)
-    assert v.information_maximization(torch.zeros(4, 4)) == pytest.approx(0.0, abs=1e-6)  # diverse on average, unsure each
+    assert v.information_maximization(torch.zeros(4, 4)) == pytest.approx(
+        0.0, abs=1e-6
+    )  # diverse on average, unsure each
 
 
 def test_batch_nuclear_norm_of_known_matrices():
@@ -57,7 +59,9 @@ def test_soft_neighborhood_density_subsamples_large_inputs_deterministically():
 
 def test_validate_returns_every_validator():
     scores = v.validate(torch.randn(10, 3))
-    assert set(scores) == {"entropy", "im", "snd", "bnm"} and all(math.isfinite(s) for s in scores.values())
+    assert set(scores) == {"entropy", "im", "snd", "bnm"} and all(
+        math.isfinite(s) for s in scores.values()
+    )
 
 
 def test_rank_agreement_is_spearman():
@@ -67,4 +71,6 @@ def test_rank_agreement_is_spearman():
     assert v.rank_agreement([1, 2, 3, 5, 4], truth) == pytest.approx(0.9)  # 1 - 6*2 / (5*24)
     assert v.rank_agreement([1, 2], [0.1, 0.2]) is None  # too few trials
     assert v.rank_agreement([1, 1, 1, 1], truth[:4]) is None  # no spread
-    assert v.rank_agreement([1, None, 3, float("nan"), 5, 6], [1, 2, 3, 4, 5, 6]) == pytest.approx(1.0)
+    assert v.rank_agreement([1, None, 3, float("nan"), 5, 6], [1, 2, 3, 4, 5, 6]) == pytest.approx(
+        1.0
+    )

@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import harness.engine
+import harness.training.engine
 from harness.api import DomainData
-from harness.engine import Precision
 from harness.errors import WeightsError
 from harness.registry import get_registry
-from harness.weights import SourceRecipe, source_pretrained
+from harness.training.engine import Precision
+from harness.training.weights import SourceRecipe, source_pretrained
 from harness_plugins.timm_backbones import build_timm_backbone
 
 
@@ -67,9 +67,15 @@ def test_source_pretraining_is_cached_as_safetensors(monkeypatch, tmp_path):
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
     entry = get_registry().get("backbone", "test_resnet")
     calls = []
-    real_fit = harness.engine.Trainer.fit
-    monkeypatch.setattr(harness.engine.Trainer, "fit", lambda self, *a, **k: calls.append(1) or real_fit(self, *a, **k))
-    recipe = SourceRecipe(epochs=1, lr=1e-3, weight_decay=0.0, augment="none", batch_size=32, seed=0)
+    real_fit = harness.training.engine.Trainer.fit
+    monkeypatch.setattr(
+        harness.training.engine.Trainer,
+        "fit",
+        lambda self, *a, **k: calls.append(1) or real_fit(self, *a, **k),
+    )
+    recipe = SourceRecipe(
+        epochs=1, lr=1e-3, weight_decay=0.0, augment="none", batch_size=32, seed=0
+    )
     cpu = torch.device("cpu")
     src = _digits()
     p1 = source_pretrained(entry, "test_resnet", src, recipe, cpu, Precision.for_device(cpu))
@@ -78,7 +84,14 @@ def test_source_pretraining_is_cached_as_safetensors(monkeypatch, tmp_path):
     state = load_file(str(p1))
     assert "conv1.0.weight" in state
     # a different recipe or different data means different weights
-    p3 = source_pretrained(entry, "test_resnet", src, SourceRecipe(2, 1e-3, 0.0, "none", 32, 0), cpu, Precision.for_device(cpu))
+    p3 = source_pretrained(
+        entry,
+        "test_resnet",
+        src,
+        SourceRecipe(2, 1e-3, 0.0, "none", 32, 0),
+        cpu,
+        Precision.for_device(cpu),
+    )
     assert p3 != p1 and len(calls) == 2
     bb = build_timm_backbone("test_resnet", weights=str(p1))
     assert torch.equal(bb.module.conv1[0].weight, state["conv1.0.weight"])

@@ -42,10 +42,14 @@ pruner = "none"
 STUDY_NAME = "digits->digits-m | test_resnet(none)+linear+finetune"
 
 
-def write(tmp: Path, name: str = "par", *, trials: int = 3, epochs: int = 1, final_seeds: int = 1) -> Path:
+def write(
+    tmp: Path, name: str = "par", *, trials: int = 3, epochs: int = 1, final_seeds: int = 1
+) -> Path:
     (tmp / "benchmarks").mkdir(exist_ok=True)
     path = tmp / "benchmarks" / f"{name}.toml"
-    path.write_text(textwrap.dedent(STUDY.format(trials=trials, epochs=epochs, final_seeds=final_seeds)))
+    path.write_text(
+        textwrap.dedent(STUDY.format(trials=trials, epochs=epochs, final_seeds=final_seeds))
+    )
     return path
 
 
@@ -53,7 +57,9 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run(*args: str, cwd: Path, timeout: int = 300, **extra: str) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path, timeout: int = 300, **extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", "run", *args],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env(**extra),
@@ -63,7 +69,11 @@ def run(*args: str, cwd: Path, timeout: int = 300, **extra: str) -> subprocess.C
 def start(*args: str, cwd: Path, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     out = log.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "run", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(**extra)
+        [sys.executable, "-m", "harness.cli", "run", *args],
+        cwd=cwd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env(**extra),
     )
 
 
@@ -76,14 +86,18 @@ def trials(url: str, name: str = STUDY_NAME) -> list[optuna.trial.FrozenTrial]:
         path = url.removeprefix("sqlite:///")
         try:
             storage = optuna.storages.RDBStorage(
-                f"sqlite:///file:{path}?mode=ro&uri=true", skip_table_creation=True, skip_compatibility_check=True
+                f"sqlite:///file:{path}?mode=ro&uri=true",
+                skip_table_creation=True,
+                skip_compatibility_check=True,
             )
             optuna.get_all_study_summaries(storage, include_best_trial=False)
         except Exception:  # noqa: BLE001 - the schema is not (all) there yet
             return []
     else:
         storage = make_storage(url)
-    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+    if name not in {
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    }:
         return []
     return optuna.load_study(study_name=name, storage=storage).get_trials()
 
@@ -93,7 +107,11 @@ def user_attrs(url: str, name: str = STUDY_NAME) -> dict[str, Any]:
 
 
 def wait_for(
-    what: Callable[[], Any], timeout: float, step: float = 0.2, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+    what: Callable[[], Any],
+    timeout: float,
+    step: float = 0.2,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
 ) -> Any:
     """Poll ``what`` until it returns something truthy; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
@@ -102,7 +120,9 @@ def wait_for(
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before the awaited state\n{_tail(log)}")
+            raise AssertionError(
+                f"the run ended (status {proc.returncode}) before the awaited state\n{_tail(log)}"
+            )
         time.sleep(step)
     raise AssertionError(f"not reached within {timeout} s\n{_tail(log)}")
 

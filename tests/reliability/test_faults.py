@@ -20,15 +20,19 @@ from test_search import make_runner, registry_with  # noqa: E402
 
 import harness.search
 import harness.workers
-from harness import leaderboard
 from harness.errors import StudySpecError
+from harness.publish import leaderboard
 from harness.search import Runner, RunOptions, count_budget, make_storage, optuna_study_name
 from harness.study import load_study
 from harness_plugins.strategies import FineTune
 
 
 def _spec(tmp_path, strategy: str, trials: int = 2):
-    body = write_study(tmp_path, trials=trials).read_text().replace('strategy = "finetune"', f'strategy = "{strategy}"')
+    body = (
+        write_study(tmp_path, trials=trials)
+        .read_text()
+        .replace('strategy = "finetune"', f'strategy = "{strategy}"')
+    )
     path = tmp_path / f"{strategy}.toml"
     path.write_text(body.replace("max_epochs = 2", "max_epochs = 1"))
     spec = load_study(str(path))
@@ -36,7 +40,9 @@ def _spec(tmp_path, strategy: str, trials: int = 2):
 
 
 def _trials(runner: Runner, spec) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage).get_trials()
+    return optuna.load_study(
+        study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage
+    ).get_trials()
 
 
 def _no_non_finite(obj) -> bool:
@@ -70,7 +76,9 @@ class Plain(FineTune):
         return super().training_step(model, batch, ctx)
 
 
-def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboard(tmp_path, monkeypatch):
+def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboard(
+    tmp_path, monkeypatch
+):
     spec = _spec(tmp_path, "nan-loss", trials=1)
     spec = spec.model_copy(update={"methods": [
         spec.methods[0], spec.methods[0].model_copy(update={"strategy": "inf-metric"}), spec.methods[0].model_copy(update={"strategy": "plain"}),
@@ -82,11 +90,19 @@ def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboa
         return {**out, "accuracy": math.inf} if _metric_breaks["on"] else out
 
     monkeypatch.setattr(harness.search, "score", score)
-    runner = make_runner(tmp_path, spec, registry_with(("nan-loss", NanLoss), ("inf-metric", InfiniteMetric), ("plain", Plain)))
+    runner = make_runner(
+        tmp_path,
+        spec,
+        registry_with(("nan-loss", NanLoss), ("inf-metric", InfiniteMetric), ("plain", Plain)),
+    )
     runner.run()
     monkeypatch.undo()
-    for method, state in zip(spec.methods, (TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE), strict=True):
-        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], method), storage=runner.storage).get_trials()
+    for method, state in zip(
+        spec.methods, (TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE), strict=True
+    ):
+        trials = optuna.load_study(
+            study_name=optuna_study_name(spec.pairs[0], method), storage=runner.storage
+        ).get_trials()
         assert [t.state for t in trials] == [state], method.strategy  # the search goes on
         if state == TrialState.FAIL:
             assert {t.user_attrs["fail_reason"] for t in trials} == {"nonfinite"}
@@ -106,12 +122,18 @@ class OutOfMemoryOnce(FineTune):
     def training_step(self, model, batch, ctx):
         if not self.models:
             self.models.append(weakref.ref(model))
-            ballast = torch.empty(64, 1024, 1024, dtype=torch.uint8)  # 64 MiB held by the failing frame
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated on CPU, {ballast.numel()} bytes held)")
+            ballast = torch.empty(
+                64, 1024, 1024, dtype=torch.uint8
+            )  # 64 MiB held by the failing frame
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (simulated on CPU, {ballast.numel()} bytes held)"
+            )
         return super().training_step(model, batch, ctx)
 
 
-def test_out_of_memory_fails_the_trial_frees_its_memory_and_the_next_trial_runs(tmp_path, monkeypatch):
+def test_out_of_memory_fails_the_trial_frees_its_memory_and_the_next_trial_runs(
+    tmp_path, monkeypatch
+):
     spec = _spec(tmp_path, "oom-once", trials=2)
     OutOfMemoryOnce.models = []
     freed = []
@@ -150,13 +172,19 @@ def test_resuming_a_changed_study_is_refused_naming_what_changed(tmp_path, field
         make_runner(tmp_path, spec).open_study(0, runner.methods[0])
     msg = str(err.value)
     assert f"{field} changed" in msg and "cannot resume" in msg
-    expected = {"metric": '"miou", now "accuracy"', "direction": '"minimize", now "maximize"', "data": '"source": "0000'}[field]
+    expected = {
+        "metric": '"miou", now "accuracy"',
+        "direction": '"minimize", now "maximize"',
+        "data": '"source": "0000',
+    }[field]
     assert expected in msg
 
 
 def test_a_crash_while_writing_results_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     spec = _spec(tmp_path, "finetune", trials=1)
-    board = pd.DataFrame([{"pair": "a->b", "method": "m", "strategy": "s", "status": "final", "test_accuracy": 0.5}])
+    board = pd.DataFrame(
+        [{"pair": "a->b", "method": "m", "strategy": "s", "status": "final", "test_accuracy": 0.5}]
+    )
     trials = pd.DataFrame([{"trial": 0, "value": 0.5}])
     prov = {"harness_version": "x", "packages": {}, "final_runs_git_commits": [], "git_commit": None, "python": "", "device": [], "precision": [], "seeds": {"study": 0, "final": []}, "sampler": [], "pruner": [], "data_fingerprints": {}, "study_file": "", "study_file_sha256": "", "trial_counts": {}, "compute_seconds": 0, "wall_seconds": 0, "generated_at": ""}  # fmt: skip
     out = tmp_path / "out"
@@ -173,7 +201,9 @@ def test_a_crash_while_writing_results_leaves_the_previous_files_whole(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         leaderboard.write(out, spec, board.assign(test_accuracy=0.9), trials, prov)
     monkeypatch.setattr(pd.DataFrame, "to_csv", real)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, no temporary left
+    assert {
+        p.name: p.read_bytes() for p in out.iterdir()
+    } == before  # no partial file, no temporary left
 
 
 class ReapedWhileTraining(FineTune):
@@ -188,10 +218,16 @@ class ReapedWhileTraining(FineTune):
         return super().training_step(model, batch, ctx)
 
 
-def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_search_goes_on(tmp_path, monkeypatch):
+def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_search_goes_on(
+    tmp_path, monkeypatch
+):
     spec = _spec(tmp_path, "reaped", trials=2)
     logged: list[str] = []
-    runner = Runner(spec, registry_with(("reaped", ReapedWhileTraining)), RunOptions(results_dir=tmp_path / "results" / spec.name, log=logged.append))
+    runner = Runner(
+        spec,
+        registry_with(("reaped", ReapedWhileTraining)),
+        RunOptions(results_dir=tmp_path / "results" / spec.name, log=logged.append),
+    )
     name = optuna_study_name(spec.pairs[0], spec.methods[0])
 
     def reap_elsewhere() -> None:
@@ -215,7 +251,11 @@ def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_sear
             if len(attempts) == 3:  # reaped after its last epoch, between the look and the tell
                 reap_elsewhere()
                 looks = iter([False])
-                monkeypatch.setattr(Runner, "_reaped", staticmethod(lambda s, t, real=Runner._reaped: next(looks, None) or real(s, t)))
+                monkeypatch.setattr(
+                    Runner,
+                    "_reaped",
+                    staticmethod(lambda s, t, real=Runner._reaped: next(looks, None) or real(s, t)),
+                )
             return value
 
         return run
@@ -225,7 +265,12 @@ def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_sear
     monkeypatch.undo()
     trials = _trials(runner, spec)
     assert attempts == [0, 1, 2, 3]  # trial 1 is trial 0's retry, trial 3 trial 2's
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+    ]
     assert [t.user_attrs.get("fail_reason") for t in trials[::2]] == ["lost", "lost"]
     assert "error" not in trials[0].user_attrs  # the refused writes left nothing misleading behind
     assert [t.user_attrs.get("retry_of") for t in trials[1::2]] == [0, 2]

@@ -48,7 +48,9 @@ class _NotAStrategy:
     pass
 
 
-def test_broken_plugins_are_reported_by_name_and_a_study_using_one_fails_before_training(tmp_path, monkeypatch):
+def test_broken_plugins_are_reported_by_name_and_a_study_using_one_fails_before_training(
+    tmp_path, monkeypatch
+):
     site = tmp_path / "site"
     _fake_distribution(
         site,
@@ -64,22 +66,48 @@ def test_broken_plugins_are_reported_by_name_and_a_study_using_one_fails_before_
     def register_strategie(register):  # misspelt hook
         register("typo", Strategy)
 
-    reg.add_plugin(types.SimpleNamespace(register_strategie=register_strategie), PluginInfo("typo", "typo-dist", "0", "x"))
+    reg.add_plugin(
+        types.SimpleNamespace(register_strategie=register_strategie),
+        PluginInfo("typo", "typo-dist", "0", "x"),
+    )
     errors = {p.name: p.error for p in reg.errors}
     assert set(errors) == {"broken", "typo"}
     assert "needs a missing library" in errors["broken"] and "unknown hook" in errors["typo"]
     assert reg.get("strategy", "finetune") and reg.get("backbone", "test_resnet")  # the others work
 
     body = write_study(tmp_path).read_text()
-    spec = load_study(str(write_study(tmp_path, "uses_broken", body=body.replace('strategy = "finetune"', 'strategy = "from-broken"'))))
+    spec = load_study(
+        str(
+            write_study(
+                tmp_path,
+                "uses_broken",
+                body=body.replace('strategy = "finetune"', 'strategy = "from-broken"'),
+            )
+        )
+    )
     with pytest.raises(HarnessError) as err:
         make_runner(tmp_path, spec, reg)
-    assert "from-broken" in str(err.value) and "broken (broken-plugin)" in err.value.hint and "needs a missing library" in err.value.hint
-    spec = load_study(str(write_study(tmp_path, "wrong_kind", body=body.replace('strategy = "finetune"', 'strategy = "wrong-kind"'))))
+    assert (
+        "from-broken" in str(err.value)
+        and "broken (broken-plugin)" in err.value.hint
+        and "needs a missing library" in err.value.hint
+    )
+    spec = load_study(
+        str(
+            write_study(
+                tmp_path,
+                "wrong_kind",
+                body=body.replace('strategy = "finetune"', 'strategy = "wrong-kind"'),
+            )
+        )
+    )
     with pytest.raises(PluginContractError) as err:
         make_runner(tmp_path, spec, reg)
     assert "'testing'" in str(err.value) and "_NotAStrategy" in str(err.value)
-    assert not (tmp_path / "results" / "uses_broken").exists() and not (tmp_path / "results" / "wrong_kind").exists()
+    assert (
+        not (tmp_path / "results" / "uses_broken").exists()
+        and not (tmp_path / "results" / "wrong_kind").exists()
+    )
 
 
 def _image_folder(root, bad: bool):
@@ -89,11 +117,17 @@ def _image_folder(root, bad: bool):
             d = root / domain / cls
             d.mkdir(parents=True)
             for k in range(10):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"{k}.png")
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    d / f"{k}.png"
+                )
     if not bad:
         return []
     good = (root / "sketch" / "cat" / "0.png").read_bytes()
-    truncated, empty, text = root / "sketch" / "cat" / "cut.png", root / "sketch" / "dog" / "empty.jpg", root / "sketch" / "dog" / "notes.png"
+    truncated, empty, text = (
+        root / "sketch" / "cat" / "cut.png",
+        root / "sketch" / "dog" / "empty.jpg",
+        root / "sketch" / "dog" / "notes.png",
+    )
     truncated.write_bytes(good[: len(good) // 2])
     empty.write_bytes(b"")
     text.write_text("not an image")
@@ -104,7 +138,12 @@ def _image_folder(root, bad: bool):
 def test_unreadable_images_stop_the_run_before_training_unless_the_study_skips_them(tmp_path, skip):
     bad = _image_folder(tmp_path / "data", bad=True)
     option = "\nskip_bad_files = true" if skip else ""
-    body = write_study(tmp_path).read_text().replace('source = "digits"', 'source = "mine/photo"').replace('target = "digits-m"', 'target = "mine/sketch"')
+    body = (
+        write_study(tmp_path)
+        .read_text()
+        .replace('source = "digits"', 'source = "mine/photo"')
+        .replace('target = "digits-m"', 'target = "mine/sketch"')
+    )
     body = f'[datasets.mine]\nplugin = "folder"\nroot = "{tmp_path / "data"}"{option}\n\n' + body
     # the [datasets] table has to follow the top-level keys
     top, _, rest = body.partition("[[pairs]]")
@@ -127,4 +166,6 @@ def test_unreadable_images_stop_the_run_before_training_unless_the_study_skips_t
     for p in bad:
         assert str(p) in text
     _, target = runner.pair_data(0)
-    assert len(target.train) + len(target.val) + len(target.test) == 20  # the good ones, all of them
+    assert (
+        len(target.train) + len(target.val) + len(target.test) == 20
+    )  # the good ones, all of them

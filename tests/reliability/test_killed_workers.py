@@ -19,13 +19,22 @@ pytestmark = pytest.mark.slow
 
 
 def _running(url: str):
-    return next((t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs), None)
+    return next(
+        (t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs), None
+    )
 
 
 def _training(url: str):
     """A running trial past its first epoch: killed there, its worker holds no storage lock (a
     worker killed while appending to the journal leaves a lock Optuna breaks only after 30 s)."""
-    return next((t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs and t.intermediate_values), None)
+    return next(
+        (
+            t
+            for t in trials(url)
+            if t.state == TrialState.RUNNING and LEASE in t.system_attrs and t.intermediate_values
+        ),
+        None,
+    )
 
 
 def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finishes(tmp_path):
@@ -37,9 +46,18 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
         victim = wait_for(lambda: _training(url), timeout=240, proc=proc, log=log)
         os.kill(victim.system_attrs[LEASE]["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
-        lost = wait_for(lambda: next((t for t in trials(url) if t.number == victim.number and t.state.is_finished()), None), timeout=30, log=log)
+        lost = wait_for(
+            lambda: next(
+                (t for t in trials(url) if t.number == victim.number and t.state.is_finished()),
+                None,
+            ),
+            timeout=30,
+            log=log,
+        )
         marked_after = time.monotonic() - killed_at
-        assert lost.state == TrialState.FAIL, "the trial ended before the kill reached it; a slower machine needs more epochs"
+        assert lost.state == TrialState.FAIL, (
+            "the trial ended before the kill reached it; a slower machine needs more epochs"
+        )
         assert proc.wait(timeout=240) == 1, log.read_text()[-3000:]  # one of two workers failed
     finally:
         if proc.poll() is None:
@@ -49,18 +67,26 @@ def test_sigkilled_worker_trial_is_marked_lost_retried_once_and_the_budget_finis
     assert marked_after < 15  # the parent notices its worker's death at once; generous bound
     first = trials(url)
     retries = [t for t in first if t.user_attrs.get("retry_of") == victim.number]
-    assert len(retries) == 1  # retried once, with the parameters it had drawn (none if killed before drawing)
+    assert (
+        len(retries) == 1
+    )  # retried once, with the parameters it had drawn (none if killed before drawing)
     assert retries[0].params.items() >= lost.params.items()
-    assert count_budget(first) == 3 and not [t for t in first if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert count_budget(first) == 3 and not [
+        t for t in first if t.state in (TrialState.RUNNING, TrialState.WAITING)
+    ]
     board = json.loads((tmp_path / "results" / "par" / "leaderboard.json").read_text())["rows"]
 
     # running the command again finishes whatever is missing, and changes nothing that is done
     proc = start("--study", "par", "--workers", "2", "--no-report", cwd=tmp_path, log=log)
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
     again = trials(url)
-    assert [(t.number, t.state, t.value) for t in again] == [(t.number, t.state, t.value) for t in first]
+    assert [(t.number, t.state, t.value) for t in again] == [
+        (t.number, t.state, t.value) for t in first
+    ]
     assert count_budget(again) == 3
-    assert len([k for k in user_attrs(url) if k.startswith("final:")]) == 1  # one final seed, trained once
+    assert (
+        len([k for k in user_attrs(url) if k.startswith("final:")]) == 1
+    )  # one final seed, trained once
     rows = json.loads((tmp_path / "results" / "par" / "leaderboard.json").read_text())["rows"]
     assert board[0]["status"] == "final" and rows[0]["test_accuracy"] == board[0]["test_accuracy"]
 
@@ -91,12 +117,16 @@ def test_sigterm_marks_the_running_trial_and_exits_within_seconds(tmp_path):
     assert not [t for t in after if t.state == TrialState.RUNNING]
     stopped = next(t for t in after if t.number == victim.number)
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
-    assert [t.user_attrs.get("retry_of") for t in after if t.state == TrialState.WAITING] == [victim.number]
+    assert [t.user_attrs.get("retry_of") for t in after if t.state == TrialState.WAITING] == [
+        victim.number
+    ]
     assert count_budget(after) == 0
     assert "interrupted" in log.read_text() and "Traceback" not in log.read_text()
 
 
-def test_rerunning_a_sigkilled_lone_run_reaps_its_trial_retries_it_once_and_finishes_the_budget(tmp_path):
+def test_rerunning_a_sigkilled_lone_run_reaps_its_trial_retries_it_once_and_finishes_the_budget(
+    tmp_path,
+):
     write(tmp_path, trials=2, epochs=4, final_seeds=1)
     url = journal_storage(tmp_path / "results" / "par")
     log = tmp_path / "run.log"
@@ -117,7 +147,9 @@ def test_rerunning_a_sigkilled_lone_run_reaps_its_trial_retries_it_once_and_fini
             proc.kill()
     first = trials(url)
     victims = [t for t in first if t.state == TrialState.RUNNING]
-    assert len(victims) == 1, "the trial ended before the kill reached it; a slower machine needs more epochs"
+    assert len(victims) == 1, (
+        "the trial ended before the kill reached it; a slower machine needs more epochs"
+    )
     victim = victims[0]
     done = {t.number: t.value for t in first if t.state == TrialState.COMPLETE}
     assert done and count_budget(first) == len(done)
@@ -135,8 +167,12 @@ def test_rerunning_a_sigkilled_lone_run_reaps_its_trial_retries_it_once_and_fini
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params.items() >= victim.params.items()
     assert {n: after[n].value for n in done} == done  # completed trials untouched
-    assert count_budget(after) == 2 and not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert not [t for t in after if "retry_of" in t.user_attrs and t.user_attrs["retry_of"] != victim.number]
+    assert count_budget(after) == 2 and not [
+        t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)
+    ]
+    assert not [
+        t for t in after if "retry_of" in t.user_attrs and t.user_attrs["retry_of"] != victim.number
+    ]
     assert len([k for k in user_attrs(url) if k.startswith("final:")]) == 1
     out = tmp_path / "results" / "par"
     table = pd.read_csv(out / "trials.csv")
@@ -153,7 +189,9 @@ def test_sigterm_to_the_parent_of_several_workers_stops_them_all_and_marks_their
     proc = start("--study", "par", "--workers", "2", "--no-report", cwd=tmp_path, log=log)
 
     def both_running():
-        running = [t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs]
+        running = [
+            t for t in trials(url) if t.state == TrialState.RUNNING and LEASE in t.system_attrs
+        ]
         return running if len({t.system_attrs[LEASE]["pid"] for t in running}) == 2 else None
 
     try:
@@ -174,7 +212,9 @@ def test_sigterm_to_the_parent_of_several_workers_stops_them_all_and_marks_their
     assert not [t for t in after if t.state == TrialState.RUNNING]
     for victim in victims:
         stopped = after[victim.number]
-        assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+        assert (
+            stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+        )
     queued = sorted(t.user_attrs.get("retry_of") for t in after if t.state == TrialState.WAITING)
     assert queued == sorted(t.number for t in victims)
     assert count_budget(after) == len([t for t in after if t.state == TrialState.COMPLETE])

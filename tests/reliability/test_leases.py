@@ -29,7 +29,9 @@ def url(tmp_path):
 
 
 def _study(url: str, name: str = "s") -> optuna.Study:
-    return optuna.create_study(storage=make_storage(url), study_name=name, direction="maximize", load_if_exists=True)
+    return optuna.create_study(
+        storage=make_storage(url), study_name=name, direction="maximize", load_if_exists=True
+    )
 
 
 def _running(study: optuna.Study, lease_info: dict | None, x: float = 0.5) -> int:
@@ -56,7 +58,9 @@ def test_trial_of_a_dead_local_process_is_reaped_at_once_and_queued_again_once(u
     # the retry dies too: failed again, but not queued a third time
     retry = study.ask()
     assert retry.number == queued[0].number and retry.suggest_float("x", 0, 1) == lost.params["x"]
-    study._storage.set_trial_system_attr(retry._trial_id, LEASE, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()})
+    study._storage.set_trial_system_attr(
+        retry._trial_id, LEASE, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()}
+    )
     assert reap(study) == [retry.number]
     assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]
     assert count_budget(study) == 0  # lost trials do not use up the budget
@@ -68,7 +72,9 @@ def _fresh_looks(monkeypatch):
     monkeypatch.setattr(harness.workers, "_SEEN", {})
 
 
-def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_grace_period(url, monkeypatch):
+def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_grace_period(
+    url, monkeypatch
+):
     monkeypatch.setenv("HARNESS_GRACE_S", "30")
     study = _study(url)
     n = _running(study, {"host": "other-machine", "pid": 1, "beat": 1000.0})
@@ -78,13 +84,19 @@ def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_g
     assert not is_stale(t, now=t0 + 29)
     assert is_stale(t, now=t0 + 31)
     # it beats: the grace period starts again from this look
-    study._storage.set_trial_system_attr(t._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 1010.0})
+    study._storage.set_trial_system_attr(
+        t._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 1010.0}
+    )
     t = study.get_trials()[n]
-    assert not is_stale(t, now=t0 + 40) and not is_stale(t, now=t0 + 69) and is_stale(t, now=t0 + 71)
+    assert (
+        not is_stale(t, now=t0 + 40) and not is_stale(t, now=t0 + 69) and is_stale(t, now=t0 + 71)
+    )
 
 
 @pytest.mark.parametrize("skew_s", [-10 * 365 * 86400, -3600, 3600, 10 * 365 * 86400])
-def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead_one(url, monkeypatch, skew_s):
+def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead_one(
+    url, monkeypatch, skew_s
+):
     """The other machine's clock is years or an hour behind or ahead of this one's."""
     monkeypatch.setenv("HARNESS_GRACE_S", "0.6")
     study = _study(url)
@@ -93,7 +105,11 @@ def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead
     while time.monotonic() < alive_until:  # the holder beats every 0.2 s on its own clock
         assert reap(study) == []
         beat = study.get_trials()[n].system_attrs[LEASE]["beat"]
-        study._storage.set_trial_system_attr(study.get_trials()[n]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": beat + 0.2})
+        study._storage.set_trial_system_attr(
+            study.get_trials()[n]._trial_id,
+            LEASE,
+            {"host": "other-machine", "pid": 1, "beat": beat + 0.2},
+        )
         time.sleep(0.2)
     assert study.get_trials()[n].state == TrialState.RUNNING
     # the holder dies: reaped once its last beat has stood still for the grace period, not before
@@ -144,14 +160,20 @@ def test_a_unit_of_work_is_claimed_by_one_process(url, monkeypatch):
     claims._storage.create_new_trial(claims._study_id, template_trial=template)
     looks = iter([None])
     real = harness.workers._holder
-    monkeypatch.setattr(harness.workers, "_holder", lambda study, key: next(looks, real(study, key)))
+    monkeypatch.setattr(
+        harness.workers, "_holder", lambda study, key: next(looks, real(study, key))
+    )
     assert claim(claims, "final:3:10002") is None
     surplus = [t for t in claims.get_trials() if t.user_attrs.get("fail_reason") == "surplus"]
     assert [t.user_attrs["key"] for t in surplus] == ["final:3:10002"]
 
 
-def _finished(state: TrialState, value: float | None = None, reason: str | None = None) -> optuna.trial.FrozenTrial:
-    return create_trial(state=state, value=value, user_attrs={"fail_reason": reason} if reason else {})
+def _finished(
+    state: TrialState, value: float | None = None, reason: str | None = None
+) -> optuna.trial.FrozenTrial:
+    return create_trial(
+        state=state, value=value, user_attrs={"fail_reason": reason} if reason else {}
+    )
 
 
 def test_the_budget_is_the_study_total_and_places_go_by_trial_number():
@@ -166,15 +188,21 @@ def test_the_budget_is_the_study_total_and_places_go_by_trial_number():
         study.add_trial(t)
     trials = study.get_trials()
     assert count_budget(study) == 4
-    assert [t.number for t in budget_trials(trials, 3)] == [0, 2, 3]  # the 0.9 overshoot is left out
+    assert [t.number for t in budget_trials(trials, 3)] == [
+        0,
+        2,
+        3,
+    ]  # the 0.9 overshoot is left out
     assert not has_room(study, 3) and not has_room(study, 4) and has_room(study, 5)
     assert is_surplus(study, 5, 4) and not is_surplus(study, 5, 5)
     study.enqueue_trial({})
     assert has_room(study, 3)  # a queued trial is popped, then found surplus
 
 
-def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_label(url, monkeypatch):
-    from harness.leaderboard import _trial_row
+def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_label(
+    url, monkeypatch
+):
+    from harness.publish.leaderboard import _trial_row
 
     monkeypatch.setattr(harness.workers, "is_stale", lambda t: True)
     # its holder beat, or finished it, after the reaper's look and before its writes: left alone
@@ -184,8 +212,12 @@ def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_l
     k = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
     before = snapshot_of(deepcopy=True, states=(TrialState.RUNNING,))
     holder.tell(n, 0.7)
-    holder._storage.set_trial_system_attr(before[1]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 5.0})
-    monkeypatch.setattr(study, "get_trials", lambda **kw: before if kw.get("states") else snapshot_of(**kw))
+    holder._storage.set_trial_system_attr(
+        before[1]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 5.0}
+    )
+    monkeypatch.setattr(
+        study, "get_trials", lambda **kw: before if kw.get("states") else snapshot_of(**kw)
+    )
     assert reap(study) == []
     done = snapshot_of()[n]
     assert done.state == TrialState.COMPLETE and "fail_reason" not in done.user_attrs

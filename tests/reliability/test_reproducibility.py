@@ -6,7 +6,7 @@ import optuna
 from conftest import write_study
 from test_search import registry_with
 
-from harness import leaderboard
+from harness.publish import leaderboard
 from harness.search import Runner, RunOptions, optuna_study_name
 from harness.study import load_study
 
@@ -19,9 +19,13 @@ def test_same_study_same_seed_same_numbers_whatever_ran_before(tmp_path):
     values = []
     for k, noise in enumerate((1, 999)):
         torch.manual_seed(noise)  # leftover global random state must not leak into a run
-        runner = Runner(spec, registry_with(), RunOptions(results_dir=tmp_path / f"r{k}", log=lambda m: None))
+        runner = Runner(
+            spec, registry_with(), RunOptions(results_dir=tmp_path / f"r{k}", log=lambda m: None)
+        )
         runner.run()
         board = leaderboard.collect(spec, runner.storage_url)[0]
-        trials = optuna.load_study(study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage).get_trials()
+        trials = optuna.load_study(
+            study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage
+        ).get_trials()
         values.append(([t.value for t in trials], board["test_accuracy"].tolist()))
     assert values[0] == values[1]

@@ -23,24 +23,43 @@ from harness.search import count_budget, default_storage, embedded_storage, jour
 
 def test_sqlite_is_refused_for_several_workers_with_one_line(tmp_path):
     write(tmp_path)
-    result = run("--study", "par", "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path, timeout=120)
+    result = run(
+        "--study",
+        "par",
+        "--workers",
+        "2",
+        "--storage",
+        f"sqlite:///{tmp_path / 'x.db'}",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and "advises against SQLite" in lines[0] and "--workers 2" in lines[0]
+    assert (
+        lines[0].startswith("error: ")
+        and "advises against SQLite" in lines[0]
+        and "--workers 2" in lines[0]
+    )
     assert lines[1].startswith("hint: ") and "postgresql://" in lines[1] and len(lines) == 2
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "results").exists()
 
 
 def test_the_embedded_storage_is_a_journal_and_a_study_begun_in_sqlite_stays_there(tmp_path):
-    assert embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 4) == journal_storage(tmp_path)
-    (tmp_path / "optuna.db").write_bytes(b"")  # a study begun in SQLite stays there, for one worker only
+    assert (
+        embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 4) == journal_storage(tmp_path)
+    )
+    (tmp_path / "optuna.db").write_bytes(
+        b""
+    )  # a study begun in SQLite stays there, for one worker only
     assert embedded_storage(tmp_path, 1) == default_storage(tmp_path)
     from harness.errors import HarnessError
 
     with pytest.raises(HarnessError, match="advises against SQLite"):
         embedded_storage(tmp_path, 2)
     (tmp_path / "optuna.journal").write_bytes(b"")
-    assert embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 3) == journal_storage(tmp_path)
+    assert (
+        embedded_storage(tmp_path, 1) == embedded_storage(tmp_path, 3) == journal_storage(tmp_path)
+    )
 
 
 # ------------------------------------------------------------------------------------- PostgreSQL
@@ -84,13 +103,25 @@ def postgres_server():
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = base / "data", _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-    options = f"-k {base} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=50"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    options = (
+        f"-k {base} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off -c max_connections=50"
+    )
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -104,7 +135,11 @@ def postgres_url(postgres_server):
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
     # the driver named explicitly: SQLAlchemy 2.0 would pick psycopg2 for a bare postgresql://
-    yield postgres_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + name
+    yield (
+        postgres_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        + "/"
+        + name
+    )
     with contextlib.suppress(Exception), conn.cursor() as cur:
         cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
     conn.close()
@@ -113,7 +148,17 @@ def postgres_url(postgres_server):
 @pytest.mark.slow
 def test_several_workers_on_postgresql_run_every_trial_once(tmp_path, postgres_url):
     write(tmp_path, trials=5, epochs=1, final_seeds=2)
-    result = run("--study", "par", "--workers", "3", "--storage", postgres_url, "--no-report", cwd=tmp_path, timeout=400)
+    result = run(
+        "--study",
+        "par",
+        "--workers",
+        "3",
+        "--storage",
+        postgres_url,
+        "--no-report",
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(postgres_url)
     assert count_budget(done) == 5 and Counter(t.state for t in done)[TrialState.COMPLETE] == 5
@@ -125,7 +170,9 @@ def test_several_workers_on_postgresql_run_every_trial_once(tmp_path, postgres_u
     finals = sorted(k for k in user_attrs(postgres_url) if k.startswith("final:"))
     assert len(finals) == 2
     claims = trials(postgres_url, STUDY_NAME + " | final runs")
-    assert Counter(t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE) == Counter(finals)
+    assert Counter(
+        t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE
+    ) == Counter(finals)
     assert result.stderr.count("final seed") == 2  # each final run trained once
     board = (tmp_path / "results" / "par" / "leaderboard.md").read_text()
     assert "5/0/0" in board
@@ -155,8 +202,12 @@ def test_two_independent_processes_on_one_journal_run_every_trial_once(tmp_path)
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     procs = [start("--study", "par", "--storage", url, "--no-report", cwd=tmp_path, log=logs[0])]
     try:
-        wait_for(lambda: journal.is_file(), timeout=300, proc=procs[0], log=logs[0])  # as the README advises
-        procs.append(start("--study", "par", "--storage", url, "--no-report", cwd=tmp_path, log=logs[1]))
+        wait_for(
+            lambda: journal.is_file(), timeout=300, proc=procs[0], log=logs[0]
+        )  # as the README advises
+        procs.append(
+            start("--study", "par", "--storage", url, "--no-report", cwd=tmp_path, log=logs[1])
+        )
         codes = [p.wait(timeout=600) for p in procs]
     finally:
         for p in procs:
@@ -169,20 +220,28 @@ def test_two_independent_processes_on_one_journal_run_every_trial_once(tmp_path)
     assert len(complete) == count_budget(done) == 4
     assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # nothing lost or retried; a trial asked past the budget in a race is marked surplus, never trained
-    assert {t.user_attrs.get("fail_reason") for t in done if t.state == TrialState.FAIL} <= {"surplus"}
+    assert {t.user_attrs.get("fail_reason") for t in done if t.state == TrialState.FAIL} <= {
+        "surplus"
+    }
     assert not [t for t in done if "retry_of" in t.user_attrs]
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
     finals = sorted(k for k in user_attrs(url) if k.startswith("final:"))
     assert len(finals) == 2
     claims = trials(url, STUDY_NAME + " | final runs")
-    assert Counter(t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE) == Counter(finals)
-    assert sum(t.count("final seed") for t in texts) == 2  # each final run trained once, by one of them
+    assert Counter(
+        t.user_attrs["key"] for t in claims if t.state == TrialState.COMPLETE
+    ) == Counter(finals)
+    assert (
+        sum(t.count("final seed") for t in texts) == 2
+    )  # each final run trained once, by one of them
     pids = Counter(t.system_attrs["harness:lease"]["pid"] for t in complete)
     print(f"trials per process: {dict(pids)}")
     assert set(pids) <= {p.pid for p in procs}
 
 
-def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every_append(tmp_path, monkeypatch):
+def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every_append(
+    tmp_path, monkeypatch
+):
     """A running trial's appends (its creation, parameters, reports, attributes) are written but
     not fsync'd one by one; its end state is, and that fsync flushes the rest. Another reader of
     the file sees every append at once, synced or not."""
@@ -194,8 +253,12 @@ def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
     url = journal_storage(tmp_path)
-    study = optuna.create_study(storage=harness.search.make_storage(url), study_name="s", direction="maximize")
-    other = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")  # another process's view
+    study = optuna.create_study(
+        storage=harness.search.make_storage(url), study_name="s", direction="maximize"
+    )
+    other = optuna.load_study(
+        storage=harness.search.make_storage(url), study_name="s"
+    )  # another process's view
     synced.clear()
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
@@ -203,14 +266,20 @@ def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every
     trial.set_user_attr("scores", {"a": 1})
     assert not synced
     seen = other.get_trials(deepcopy=False)[0]
-    assert seen.intermediate_values == {0: 0.5} and seen.user_attrs["scores"] == {"a": 1} and "x" in seen.params
+    assert (
+        seen.intermediate_values == {0: 0.5}
+        and seen.user_attrs["scores"] == {"a": 1}
+        and "x" in seen.params
+    )
     study.tell(trial, 0.7)
     assert len(synced) == 1 and other.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE
     study.set_user_attr("final:0", {"test": 1.0})  # a study's attributes: its final runs
     assert len(synced) == 2
 
 
-def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(tmp_path, monkeypatch):
+def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
+    tmp_path, monkeypatch
+):
     """After its own append, a process takes the lines it wrote from memory instead of reading the
     file again, unless another process appended after its last read; either way every view of the
     journal, interleaved writes included, equals what Optuna's own backend reads from the file."""
@@ -221,9 +290,13 @@ def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
 
     file_reads = []
     real = JournalFileBackend.read_logs
-    monkeypatch.setattr(JournalFileBackend, "read_logs", lambda self, n: (file_reads.append(n), real(self, n))[1])
+    monkeypatch.setattr(
+        JournalFileBackend, "read_logs", lambda self, n: (file_reads.append(n), real(self, n))[1]
+    )
     url = journal_storage(tmp_path)
-    a = optuna.create_study(storage=harness.search.make_storage(url), study_name="s", direction="maximize")
+    a = optuna.create_study(
+        storage=harness.search.make_storage(url), study_name="s", direction="maximize"
+    )
     b = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")
     ta = a.ask()
     a.trials  # noqa: B018 - a has read everything
@@ -234,16 +307,24 @@ def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
     tb = b.ask()  # b appends after a's last read ...
     tb.report(0.9, 0)
     file_reads.clear()
-    ta.set_user_attr("scores", {"x": 1, "2": [1.5, None]})  # ... so a's next append is followed by a read
+    ta.set_user_attr(
+        "scores", {"x": 1, "2": [1.5, None]}
+    )  # ... so a's next append is followed by a read
     assert file_reads
     a.tell(ta, 0.5)
     b.tell(tb, 0.25)
 
     def view(study):
-        return [(t.number, t.state, t.value, t.intermediate_values, t.user_attrs, t.params) for t in study.get_trials()]
+        return [
+            (t.number, t.state, t.value, t.intermediate_values, t.user_attrs, t.params)
+            for t in study.get_trials()
+        ]
 
     plain = optuna.load_study(
-        storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))), study_name="s"
+        storage=optuna.storages.JournalStorage(
+            JournalFileBackend(str(tmp_path / "optuna.journal"))
+        ),
+        study_name="s",
     )
     assert view(a) == view(b) == view(plain)
     assert view(plain)[0][3] == {0: 0.0, 1: 0.1, 2: 0.2} and view(plain)[1][2] == 0.25
@@ -264,7 +345,9 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
     a.append_logs([{"op_code": 0, "n": 0}])
     assert list(a.read_logs(0)) == [{"op_code": 0, "n": 0}]  # a has read everything
     a.append_logs([{"op_code": 5, "n": 1}, {"op_code": 5, "n": 2, "v": float("nan")}])
-    assert pickle.loads(pickle.dumps(a)).__dict__.get("_harness_own") is None  # no lines of a's in a copy
+    assert (
+        pickle.loads(pickle.dumps(a)).__dict__.get("_harness_own") is None
+    )  # no lines of a's in a copy
     b.append_logs([{"op_code": 6, "n": 3}])
     with open(path, "ab") as f:
         f.write(b'{"op_code": 7, "n"')  # a foreign writer's unfinished line
@@ -275,8 +358,10 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
     assert got[1]["v"] != got[1]["v"]  # NaN, parsed from the line as written
     assert a._log_number_offset == fresh._log_number_offset
     with open(path, "ab") as f:
-        f.write(b': 4}\n')
-    a.append_logs([{"op_code": 8, "n": 5}])  # the file grew under a: its lines are read from the file
+        f.write(b": 4}\n")
+    a.append_logs(
+        [{"op_code": 8, "n": 5}]
+    )  # the file grew under a: its lines are read from the file
     assert [g["n"] for g in a.read_logs(4)] == [4, 5]
     again = JournalFileBackend(path)
     assert [w["n"] for w in again.read_logs(0)] == [0, 1, 2, 3, 4, 5]

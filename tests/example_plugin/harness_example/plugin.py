@@ -117,7 +117,10 @@ def shapes_info(image_size: int = 32, n: int = 240) -> None:
     for domain in ("plain", "noisy"):
         data = build_shapes(domain, image_size=image_size, seed=0, n=n)
         counts = torch.bincount(torch.cat([data.train.y, data.val.y, data.test.y]), minlength=3)
-        print(f"{domain}: " + ", ".join(f"{c}={k}" for c, k in zip(data.class_names, counts.tolist(), strict=True)))
+        print(
+            f"{domain}: "
+            + ", ".join(f"{c}={k}" for c, k in zip(data.class_names, counts.tolist(), strict=True))
+        )
 
 
 # ======================================================================================= backbone

@@ -7,11 +7,9 @@ Everything here is computed from the Optuna storage and the study file alone, so
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata as md
 import json
 import math
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +20,24 @@ from optuna.trial import TrialState
 from harness import __version__
 from harness.fileio import atomic_path, write_json, write_text
 from harness.metrics import LABELS, METRICS, primary_metric
-from harness.search import (
+from harness.search import make_storage
+from harness.store.schema import (
     best_trial,
     budget_trials,
     counts,
-    make_storage,
+    final_seeds,
     optuna_study_name,
     trial_params,
     trial_score,
 )
 from harness.study import StudySpec
 from harness.validators import VALIDATORS, rank_agreement
+from harness.versions import git_commit, package_version
 
 PACKAGES = (
     "torch", "torchvision", "timm", "optuna", "segmentation-models-pytorch", "pluggy",
     "pandas", "torchmetrics", "numpy", "scikit-learn", "scikit-image",
 )  # fmt: skip
-
-
-def final_seeds(spec: StudySpec) -> list[int]:
-    return [spec.seed + 10_000 + k for k in range(spec.final_seeds)]
 
 
 def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -210,7 +206,7 @@ def collect(spec: StudySpec, storage_url: str) -> tuple[pd.DataFrame, pd.DataFra
         "final_runs_git_commits": sorted(run_commits),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {p: _version(p) for p in PACKAGES},
+        "packages": {p: package_version(p) for p in PACKAGES},
         "device": sorted(devices),
         "device_names": sorted(device_names),
         "precision": sorted(precisions),
@@ -476,7 +472,9 @@ def _trial_row(pair: str, method: str, t: optuna.trial.FrozenTrial) -> dict[str,
         "epochs_reported": len(t.intermediate_values),
         "duration_s": t.duration.total_seconds() if t.duration else None,
         # only a failed trial has a reason (a trial may finish just as another process reaps it)
-        "fail_reason": t.user_attrs.get("fail_reason", "") if t.state == optuna.trial.TrialState.FAIL else "",
+        "fail_reason": t.user_attrs.get("fail_reason", "")
+        if t.state == optuna.trial.TrialState.FAIL
+        else "",
         "retry_of": t.user_attrs.get("retry_of"),
         "counted": counts(t),
         "error": t.user_attrs.get("error", ""),
@@ -498,38 +496,6 @@ def _finite(v: Any) -> bool:
         return v is not None and v is not pd.NA and math.isfinite(float(v))
     except (TypeError, ValueError):
         return False
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def git_commit(where: Path) -> str | None:
-    """The checkout's commit, "-dirty" when tracked code differs from it (published results
-    under results/ are outputs, not code, and do not count)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _redact(url: str) -> str:

@@ -1,6 +1,6 @@
 """Publishing: plots, a self-contained ``index.html``, a re-run bundle and the results index.
 
-Everything here reads what :func:`harness.leaderboard.collect` returns plus the Optuna storage, so
+Everything here reads what :func:`harness.publish.leaderboard.collect` returns plus the Optuna storage, so
 a report can be rebuilt at any time without training. Every file is written atomically.
 
 - :func:`write_report` -> ``results/<study>/index.html`` and ``results/<study>/plots/*.png``
@@ -31,8 +31,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.fileio import atomic_path, write_json, write_text
-from harness.leaderboard import _finite, _int, _pct, _pm, _records, _redact, _val
 from harness.metrics import LABELS, METRICS, primary_metric
+from harness.publish.leaderboard import _finite, _int, _pct, _pm, _records, _redact, _val
 from harness.search import default_storage, journal_storage, make_storage, optuna_study_name
 from harness.study import StudySpec
 

@@ -89,7 +89,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.api import IGNORE_INDEX, Backbone, Batch, DomainData, StepContext, Strategy
-from harness.engine import (
+from harness.errors import HarnessError, PluginContractError
+from harness.registry import KINDS, Entry, Registry, unknown_message
+from harness.training.engine import (
     Precision,
     TrainConfig,
     Trainer,
@@ -98,8 +100,6 @@ from harness.engine import (
     resolve_freeze_depth,
     seed_everything,
 )
-from harness.errors import HarnessError, PluginContractError
-from harness.registry import KINDS, Entry, Registry, unknown_message
 
 __all__ = [
     "DUPLICATE_TOLERANCE",
@@ -631,7 +631,7 @@ def _backbone_deterministic(first: Backbone, factory: Callable[..., Any], name: 
         raise _Fail(
             f"two builds with weights='none' under the same seed differ in {len(differ)} tensor(s) "
             f"(e.g. {differ[0]!r}): draw the random initialisation from torch's global generator, "
-            "which the harness seeds before it builds a model (harness.engine.seed_everything "
+            "which the harness seeds before it builds a model (harness.training.engine.seed_everything "
             "seeds torch, numpy and random)"
         )
 

@@ -62,7 +62,11 @@ class _SourceCE(Strategy):
 
 
 def source_weights_key(
-    backbone: str, source: DomainData, recipe: SourceRecipe, head: str = "linear", extra: dict[str, Any] | None = None
+    backbone: str,
+    source: DomainData,
+    recipe: SourceRecipe,
+    head: str = "linear",
+    extra: dict[str, Any] | None = None,
 ) -> str:
     import importlib.metadata as md
 
@@ -99,15 +103,19 @@ def source_pretrained(
     from filelock import FileLock
     from safetensors.torch import save_file
 
-    from harness.engine import TrainConfig, Trainer, TransferModel, seed_everything
     from harness.metrics import primary_metric, score
+    from harness.training.engine import TrainConfig, Trainer, TransferModel, seed_everything
 
     key = source_weights_key(
         backbone_name,
         source,
         recipe,
         head.name if head is not None else "linear",
-        {"plugin": f"{entry.plugin} ({entry.dist})", "precision": precision.describe(), "device": device.type},
+        {
+            "plugin": f"{entry.plugin} ({entry.dist})",
+            "precision": precision.describe(),
+            "device": device.type,
+        },
     )
     path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,13 +123,17 @@ def source_pretrained(
         if path.is_file():
             return path
         if log:
-            log(f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})")
+            log(
+                f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})"
+            )
         seed_everything(recipe.seed)
         backbone = build_backbone(entry, backbone_name, "none")
         if head is None:
             model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
         else:
-            decoder = head.factory(backbone=backbone, num_classes=source.num_classes, task=source.task)
+            decoder = head.factory(
+                backbone=backbone, num_classes=source.num_classes, task=source.task
+            )
             model = TransferModel(backbone, decoder, source.task)
         cfg = TrainConfig(
             epochs=recipe.epochs,

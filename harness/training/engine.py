@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from harness import augment as aug
-from harness import features as feat
 from harness.api import Backbone, Batch, DomainData, Split, StepContext, Strategy
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
+from harness.training import augment as aug
+from harness.training import features as feat
 
 # ----------------------------------------------------------------------------- device & precision
 
@@ -28,9 +28,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available here (use \"auto\" or \"cpu\")")
+            raise RuntimeError(
+                f'device {spec!r} asked for, but CUDA is not available here (use "auto" or "cpu")'
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {spec!r} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+            raise RuntimeError(
+                f"device {spec!r} asked for, but there are {torch.cuda.device_count()} CUDA device(s)"
+            )
     return device
 
 
@@ -44,7 +48,7 @@ class Precision:
     @classmethod
     def for_device(cls, device: torch.device, spec: str = "auto") -> Precision:
         """A pinned choice, or for "auto" the static default (the Runner probes per backbone
-        instead: see ``harness.probe``)."""
+        instead: see ``harness.training.probe``)."""
         if spec == "fp32":
             return cls(False, False)
         if spec == "bf16":
@@ -108,7 +112,9 @@ class TransferModel(nn.Module):
         self.task = task
         # a segmentation decoder runs the backbone's modules itself, on the image
         self.head_takes_images = bool(getattr(head, "takes_images", False))
-        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(backbone.mean).view(1, -1, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(backbone.std).view(1, -1, 1, 1), persistent=False)
         self._frozen_modules: list[nn.Module] = []
 
@@ -243,7 +249,9 @@ class Trainer:
         seed_everything(cfg.seed)  # modules a strategy adds in setup() start from the run's seed
         self.source, self.target = source, target
         self.num_classes = target.num_classes
-        tensors = [t for _, t in feat.module_tensors(model)]  # one walk, not one per parameters() and buffers()
+        tensors = [
+            t for _, t in feat.module_tensors(model)
+        ]  # one walk, not one per parameters() and buffers()
         if any(t.device != self.device for t in tensors):
             model.to(self.device)  # a reset backbone is there already
             tensors = [t for _, t in feat.module_tensors(model)]  # moving replaces buffers
@@ -281,7 +289,9 @@ class Trainer:
         key = feat.feature_key(self.model, split.x, self.cfg.precision, self.device)
         return self.feature_cache.get_or_compute(
             key,
-            lambda: feat.compute_features(self.model, split.x, self.cfg.precision, self.device, self.cfg.batch_size * 4),
+            lambda: feat.compute_features(
+                self.model, split.x, self.cfg.precision, self.device, self.cfg.batch_size * 4
+            ),
         )
 
     def _prepared(self, split: Split | None, max_bytes: int = 256 * 2**20) -> Tensor | None:
@@ -313,7 +323,12 @@ class Trainer:
         decay = float(self.cfg.params.get("backbone.lr_decay", 1.0))
         named = dict(self.model.backbone.named_parameters())
         if decay == 1.0:
-            return [{"params": [p for p in named.values() if p.requires_grad], "lr": self.cfg.backbone_lr}]
+            return [
+                {
+                    "params": [p for p in named.values() if p.requires_grad],
+                    "lr": self.cfg.backbone_lr,
+                }
+            ]
         stages = self.model.spec.stages
         return [
             {
@@ -326,12 +341,16 @@ class Trainer:
     def target_images(self, split: Split) -> Iterator[Tensor]:
         """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt``."""
         for start in range(0, len(split), self.cfg.batch_size):
-            x = self.model.normalize(split.x[start : start + self.cfg.batch_size].float().div_(255.0))
+            x = self.model.normalize(
+                split.x[start : start + self.cfg.batch_size].float().div_(255.0)
+            )
             if self.cfg.precision.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x
 
-    def _prepare(self, x_uint8: Tensor, y: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    def _prepare(
+        self, x_uint8: Tensor, y: Tensor | None, g: torch.Generator
+    ) -> tuple[Tensor, Tensor | None]:
         """uint8 batch -> augmented, normalized float batch; a mask moves with its image."""
         x = x_uint8.float().div_(255.0)
         if self.cfg.augment != "none":
@@ -344,7 +363,9 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
-    def fit(self, on_epoch: Callable[[int, TransferModel], float | None] | None = None) -> TrainResult:
+    def fit(
+        self, on_epoch: Callable[[int, TransferModel], float | None] | None = None
+    ) -> TrainResult:
         """Train for ``cfg.epochs``; after each epoch ``on_epoch(epoch, model)`` may score and prune."""
         cfg, strategy, device = self.cfg, self.strategy, self.device
         seed_everything(cfg.seed)
@@ -356,14 +377,20 @@ class Trainer:
         if strategy.uses_target:
             target_split = self.target.train
             if strategy.target_labels == "few" and not strategy.shots:
-                raise ValueError(f"strategy {type(strategy).__name__} declares target_labels='few' but no shots")
+                raise ValueError(
+                    f"strategy {type(strategy).__name__} declares target_labels='few' but no shots"
+                )
             if strategy.shots:
-                target_split = target_split.subset(few_shot_indices(target_split.y, strategy.shots, cfg.data_seed))
+                target_split = target_split.subset(
+                    few_shot_indices(target_split.y, strategy.shots, cfg.data_seed)
+                )
             target_split = target_split.to(device)
         give_target_labels = strategy.target_labels != "none"
         primary = source_split if source_split is not None else target_split
         if primary is None:
-            raise ValueError(f"strategy {type(strategy).__name__} uses neither source nor target data")
+            raise ValueError(
+                f"strategy {type(strategy).__name__} uses neither source nor target data"
+            )
         primary_batches = _Batches(len(primary), cfg.batch_size, index_gen)
         paired = (
             _Batches(len(target_split), cfg.batch_size, index_gen)
@@ -373,7 +400,8 @@ class Trainer:
         steps_per_epoch = len(primary_batches.epoch())
         total = steps_per_epoch * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+            self.optimizer,
+            lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total))),
         )
         history: list[float] = []
         losses: list[float] = []
@@ -391,7 +419,9 @@ class Trainer:
                 self.extra.train()
             loss_sum = torch.zeros((), device=device)
             n_steps = 0
-            swap = feat.swapped_backbone(self.model, wrapper) if wrapper is not None else nullcontext()
+            swap = (
+                feat.swapped_backbone(self.model, wrapper) if wrapper is not None else nullcontext()
+            )
             with swap:
                 for idx in primary_batches.epoch():
                     idx = idx.to(device, non_blocking=True)
@@ -402,7 +432,9 @@ class Trainer:
                         if wrapper is not None and source_x is not None:
                             batch.source = (self._slice(source_x, idx), source_split.y[idx])
                         else:
-                            batch.source = self._prepare(source_split.x[idx], source_split.y[idx], aug_gen)
+                            batch.source = self._prepare(
+                                source_split.x[idx], source_split.y[idx], aug_gen
+                            )
                         if wrapper is not None:
                             wrapper.expect(batch.source[0], source_feats[idx])
                         if paired is not None:
@@ -447,7 +479,9 @@ class Trainer:
                 )
             mean_loss = float(loss_sum) / max(1, n_steps)  # one device sync per epoch
             if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) in epoch {epoch + 1}")
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({mean_loss}) in epoch {epoch + 1}"
+                )
             losses.append(mean_loss)
             if target_split is not None:
                 with torch.no_grad(), cfg.precision.autocast(device):
@@ -491,7 +525,9 @@ def predict(
     )
     if frozen:
         key = feat.feature_key(model, split.x, precision, device)
-        features = cache.get_or_compute(key, lambda: feat.compute_features(model, split.x, precision, device, batch_size))
+        features = cache.get_or_compute(
+            key, lambda: feat.compute_features(model, split.x, precision, device, batch_size)
+        )
         for start in range(0, len(features), batch_size):
             with precision.autocast(device):
                 logits = model.head(features[start : start + batch_size])

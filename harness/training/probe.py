@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from harness.engine import Precision
 from harness.fileio import atomic_path
-from harness.weights import cache_dir
+from harness.training.engine import Precision
+from harness.training.weights import cache_dir
 
 #: explicit choices a study may pin, besides "auto"
 NAMES = ("fp32", "fp32-channels_last", "bf16", "bf16-channels_last")
@@ -62,10 +62,14 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name or platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return (
+        f"{name or platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    )
 
 
-def probe_key(backbone: str, image_size: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+def probe_key(
+    backbone: str, image_size: int, batch_size: int, device: torch.device
+) -> dict[str, Any]:
     return {
         "backbone": backbone,
         "image_size": image_size,
@@ -109,19 +113,27 @@ def choose(
     best = min(options, key=lambda p: timings.get(p.describe(), float("inf")))
     record = {
         "key": key,
-        "choice": {"autocast_bf16": best.autocast_bf16, "channels_last": best.channels_last, "name": best.describe()},
+        "choice": {
+            "autocast_bf16": best.autocast_bf16,
+            "channels_last": best.channels_last,
+            "name": best.describe(),
+        },
         "seconds_per_step": timings,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     shown = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in timings.items())
-    log(f"precision auto for {_label(key)}: {best.describe()} (per training step: {shown}; cached in {path})")
+    log(
+        f"precision auto for {_label(key)}: {best.describe()} (per training step: {shown}; cached in {path})"
+    )
     return best, record
 
 
 def _label(key: dict[str, Any]) -> str:
-    return f"{key['backbone']} at {key['image_size']} px, batch {key['batch_size']} on {key['device']}"
+    return (
+        f"{key['backbone']} at {key['image_size']} px, batch {key['batch_size']} on {key['device']}"
+    )
 
 
 def step_timer(

@@ -189,7 +189,11 @@ def augment(
         out = _blur(out, policy.blur, generator)
     if policy.noise:
         noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-        out = out.add_(noise, alpha=policy.noise) if out is not x else torch.add(out, noise, alpha=policy.noise)
+        out = (
+            out.add_(noise, alpha=policy.noise)
+            if out is not x
+            else torch.add(out, noise, alpha=policy.noise)
+        )
     if policy.cutout:
         out = _cutout(out, policy.cutout, generator)
     out = out.clamp(0.0, 1.0) if out is x else out.clamp_(0.0, 1.0)
@@ -272,7 +276,10 @@ def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
     xs, ys = steps(width).view(1, 1, width), steps(height).view(1, height, 1)
     t = theta.reshape(n, 6, 1, 1)
     grid = torch.empty(n, height, width, 2, device=theta.device, dtype=theta.dtype)
-    for k in (0, 1):  # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
+    for k in (
+        0,
+        1,
+    ):  # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
         torch.add(t[:, 3 * k] * xs, t[:, 3 * k + 1] * ys, out=grid[..., k]).add_(t[:, 3 * k + 2])
     return grid
 

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import Backbone
-from harness.engine import generators_kept
-from harness.features import module_tensors
+from harness.training.engine import generators_kept
+from harness.training.features import module_tensors
 
 _PLAIN = frozenset({bool, int, float, str, type(None)})
 
@@ -45,6 +45,8 @@ def _plain(v: Any) -> bool:
     """A setting compared by value: a number, string, None, or a tuple of them (a convolution's
     ``stride``, ``padding``)."""
     return type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v))
+
+
 _HOOKS = (
     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
@@ -78,7 +80,10 @@ class _Layout:
         self.mods = [m for _, m in module.named_modules(remove_duplicate=False)]
         dicts = [m.__dict__ for m in self.mods]
         self.keys = [_keys(d) for d in dicts]
-        self._settings = [_getter([k for k in ks if k != "training" and _plain(d[k])]) for ks, d in zip(self.keys, dicts, strict=True)]
+        self._settings = [
+            _getter([k for k in ks if k != "training" and _plain(d[k])])
+            for ks, d in zip(self.keys, dicts, strict=True)
+        ]
         self._hooks = [_getter([h for h in _HOOKS if h in d]) for d in dicts]
         self.values = [g(d) for g, d in zip(self._settings, dicts, strict=True)]
         self.types = [tuple(map(type, v)) for v in self.values]
@@ -151,17 +156,23 @@ class BackboneReset:
         with generators_kept():
             backbone = self._build()
             state = torch.get_rng_state()
-        with generators_kept(seed=int(state[-64:].sum()) + 1):  # another state than the first build's
+        with generators_kept(
+            seed=int(state[-64:].sum()) + 1
+        ):  # another state than the first build's
             other = self._build()
         self.builds += 2
         tensors = module_tensors(backbone.module)
         if not _same_tensors(tensors, module_tensors(other.module)):
-            self.refused = "its weights depend on the random seed (the weights do not cover all of them)"
+            self.refused = (
+                "its weights depend on the random seed (the weights do not cover all of them)"
+            )
             return self._fresh()  # under the caller's generators, as without reuse
         self._live, self._layout = backbone, _Layout(backbone.module, tensors)
         with torch.no_grad():
             self._values = [t.detach().clone() for _, t in tensors]
-        self._requires = [t.requires_grad if isinstance(t, nn.Parameter) else None for _, t in tensors]
+        self._requires = [
+            t.requires_grad if isinstance(t, nn.Parameter) else None for _, t in tensors
+        ]
         self._training = [m.training for m in self._layout.mods]
         self._remember_hash(tensors)
         return backbone
@@ -179,17 +190,21 @@ class BackboneReset:
                 if t.grad is not None:
                     t.grad = None
         for m, flag in zip(self._layout.mods, self._training, strict=True):
-            object.__setattr__(m, "training", flag)  # what Module.train sets, without Module.__setattr__'s checks
+            object.__setattr__(
+                m, "training", flag
+            )  # what Module.train sets, without Module.__setattr__'s checks
         self._remember_hash(tensors)
 
     def _remember_hash(self, tensors: list[tuple[str, Tensor]] | None = None) -> None:
         """Tell the frozen-feature cache what the weights are: their hash is computed the first
         time a trial looks its features up and remembered for every later trial, instead of
         hashing the backbone in every trial (about 25 ms for a ResNet-18)."""
-        from harness.features import remember_state_hash, state_hash
+        from harness.training.features import remember_state_hash, state_hash
 
         def learn() -> str:
             self._digest = state_hash(self._live.module, memo=False)
             return self._digest
 
-        remember_state_hash(self._live.module, self._digest or learn, tensors)  # the same list, same order
+        remember_state_hash(
+            self._live.module, self._digest or learn, tensors
+        )  # the same list, same order

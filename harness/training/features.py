@@ -84,13 +84,18 @@ def state_hash(module: nn.Module, memo: bool = True) -> str:
 
 
 def remember_state_hash(
-    module: nn.Module, digest: str | Callable[[], str], tensors: list[tuple[str, Tensor]] | None = None
+    module: nn.Module,
+    digest: str | Callable[[], str],
+    tensors: list[tuple[str, Tensor]] | None = None,
 ) -> None:
     """Record that ``module``'s tensors, as they are now, hash to ``digest`` (or to what the
     callable returns when first asked), so ``state_hash`` does not hash them while they stay
-    unchanged. For a caller that has just written known values into them (``harness.reset``),
+    unchanged. For a caller that has just written known values into them (``harness.training.reset``),
     which may pass ``module_tensors(module)`` if it has them."""
-    module.__dict__["_harness_state_hash"] = (_state_token(tensors or module_tensors(module)), digest)
+    module.__dict__["_harness_state_hash"] = (
+        _state_token(tensors or module_tensors(module)),
+        digest,
+    )
 
 
 def data_hash(x: Tensor) -> str:
@@ -161,7 +166,9 @@ def feature_key(model: Any, x: Tensor, precision: Any, device: torch.device) -> 
 
 
 @torch.no_grad()
-def compute_features(model: Any, x_uint8: Tensor, precision: Any, device: torch.device, batch_size: int) -> Tensor:
+def compute_features(
+    model: Any, x_uint8: Tensor, precision: Any, device: torch.device, batch_size: int
+) -> Tensor:
     """Pooled backbone output for every image, in eval mode, preprocessed as the engine does it."""
     backbone = model.backbone
     was_training = backbone.training
@@ -169,7 +176,12 @@ def compute_features(model: Any, x_uint8: Tensor, precision: Any, device: torch.
     out = []
     try:
         for start in range(0, len(x_uint8), batch_size):
-            x = x_uint8[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
+            x = (
+                x_uint8[start : start + batch_size]
+                .to(device, non_blocking=True)
+                .float()
+                .div_(255.0)
+            )
             x = model.normalize(x)
             if precision.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
