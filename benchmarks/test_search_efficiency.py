@@ -17,9 +17,10 @@ from pathlib import Path
 
 import optuna
 
-import harness.search
+import harness.search.objective
 from harness.registry import get_registry
-from harness.search import Runner, RunOptions
+from harness.search import Driver, RunOptions, build_driver
+from harness.store.backends import make_storage
 from harness.study import SearchSpace, load_study
 from harness.training.engine import Trainer
 
@@ -51,34 +52,19 @@ DEFAULT_PRUNER = SearchSpace.model_fields["pruner"].default
 PRUNER = os.environ.get("BENCH_PRUNER", DEFAULT_PRUNER)
 
 
-class _SeededRunner(Runner):
-    """The Runner with the sampler's seed moved away from the study seed (same data, same weights)."""
-
-    sampler_seed = 0
-
-    def _sampler(self, n_done):
-        spec = self.spec
-        self.spec = spec.model_copy(update={"seed": self.sampler_seed})
-        try:
-            return super()._sampler(n_done)
-        finally:
-            self.spec = spec
-
-
-def _runner(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Runner:
+def _runner(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Driver:
+    """The driver with the sampler's seed moved away from the study seed (same data, same weights)."""
     spec = load_study(QUICKSTART, overrides=overrides)
-    runner = _SeededRunner(spec, get_registry(), RunOptions(results_dir=tmp, log=lambda m: None))
-    runner.sampler_seed = sampler_seed
-    return runner
+    options = RunOptions(results_dir=tmp, log=lambda m: None, sampler_seed=sampler_seed)
+    return build_driver(spec, get_registry(), options)
 
 
-def _search(runner: Runner, strategy: str):
+def _search(runner: Driver, strategy: str):
     rm = next(rm for rm in runner.methods if rm.method.strategy == strategy)
-    source, _ = runner.pair_data(0)
-    runner.backbone_weights(
-        rm, source
-    )  # source pretraining is cached on disk: not part of the search
-    runner.precision_for(rm)
+    source, _ = runner.domains.pair_data(0)
+    # source pretraining is cached on disk: not part of the search
+    runner.models.backbone_weights(rm, source)
+    runner.models.precision_for(rm)
     t0 = time.perf_counter()
     study = runner.search(0, rm)
     return study, time.perf_counter() - t0
@@ -174,17 +160,17 @@ def _timed_searches(
     for name in ("report", "should_prune"):
         monkeypatch.setattr(optuna.trial.Trial, name, timed(getattr(optuna.trial.Trial, name)))
 
-    run_trial = Runner._run_trial
+    run_trial = Driver._run_trial
 
     def timed_run_trial(self, study, trial, objective):
         starts.append(time.perf_counter())
         return run_trial(self, study, trial, objective)
 
-    monkeypatch.setattr(harness.search, "Trainer", TimedTrainer)
-    monkeypatch.setattr(Runner, "_run_trial", timed_run_trial)
+    monkeypatch.setattr(harness.search.objective, "Trainer", TimedTrainer)
+    monkeypatch.setattr(Driver, "_run_trial", timed_run_trial)
     runner = _runner(tmp, overrides or {})
     if storage is not None:
-        runner.storage_url, runner.storage = storage, harness.search.make_storage(storage)
+        runner.storage_url, runner.storage = storage, make_storage(storage)
     runner.preflight()  # as `harness run` does once before searching: builds every model once
     out = {}
     for rm in runner.methods:

@@ -1,7 +1,8 @@
 """Transfer-learning benchmark harness.
 
-Importing this package stays light (no torch, optuna or pandas) so that the CLI starts quickly;
-plugin authors import ``hookimpl`` from here and the data types from ``harness.api``.
+Importing this package stays light (no torch, optuna or pandas) so that the CLI starts quickly.
+Plugin authors import ``hookimpl`` from here or from ``harness.api``, which holds the rest of the
+plugin surface (types, errors, helpers); the hooks are specified in ``harness.hookspecs``.
 """
 
 from harness.hookspecs import hookimpl

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import HarnessError, StudySpecError
+from harness.registry import BUILTIN_COMMANDS
 
 app = typer.Typer(
     add_completion=False,
@@ -74,28 +75,31 @@ def _parse_sets(values: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a study field: --set budget.trials=4"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="only print the leaderboard")]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        "-w",
+        min=1,
+        help="worker processes on this machine sharing the studies (CPU threads divided, one GPU each)",
+    ),
+]
+
+
 @app.command()
 def run(
     study: StudyOpt,
     storage: StorageOpt = None,
     results_dir: ResultsOpt = Path("results"),
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="override a study field: --set budget.trials=4"),
-    ] = None,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="only print the leaderboard")
-    ] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
     report: ReportOpt = True,
-    workers: Annotated[
-        int,
-        typer.Option(
-            "--workers",
-            "-w",
-            min=1,
-            help="worker processes on this machine sharing the studies (CPU threads divided, one GPU each)",
-        ),
-    ] = 1,
+    workers: WorkersOpt = 1,
     worker_rank: Annotated[int | None, typer.Option("--worker-rank", hidden=True)] = None,
 ) -> None:
     """Search every pair x method of a study, run the final seeds, and write the leaderboard.
@@ -106,76 +110,87 @@ def run(
     Several machines share a study through one database: harness run --study NAME --storage postgresql://...
     """
     from harness.registry import get_registry
-    from harness.search import Runner, RunOptions
+    from harness.search import RunOptions, build_driver
+    from harness.search.workers import install_preemption_handler
     from harness.study import load_study
-    from harness.workers import install_preemption_handler
 
     install_preemption_handler()  # SIGTERM (pre-emption) stops like Ctrl-C: the running trial is marked
-    if worker_rank is not None:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("HARNESS_NUM_THREADS", torch.get_num_threads())))
+    # a lone run, or the parent of workers: it checks, reports and publishes
+    lead = worker_rank is None
+    if not lead:
+        _worker_threads()
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
-    registry = get_registry()
     target_dir = results_dir / spec.name
     started = time.perf_counter()
-    log = (
-        (lambda msg: None)
-        if quiet
-        else (_log if worker_rank is None else lambda msg: _log(f"[worker {worker_rank}] {msg}"))
-    )
+    log = _run_log(quiet, worker_rank)
     options = RunOptions(
         results_dir=target_dir, storage=storage, log=log, workers=max(workers, 1), rank=worker_rank
     )
-    runner = Runner(spec, registry, options)
-    if worker_rank is None:
-        log(
-            f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
-            f"{spec.budget.trials} trials each, device {runner.device} ({'precision auto: probed per backbone' if spec.precision == 'auto' else runner.precision.describe()}), "
-            f"storage {_shown_storage(runner.storage_url)}"
-        )
+    driver = build_driver(spec, get_registry(), options)
+    if lead:
+        log(_run_header(driver))
     try:
-        if workers > 1 and worker_rank is None:
-            _run_workers(
-                runner,
-                spec,
-                study,
-                runner.storage_url,
-                results_dir,
-                set_ or [],
-                quiet,
-                workers,
-                log,
-            )
+        if workers > 1 and lead:
+            _run_workers(driver, study, results_dir, set_ or [], quiet, workers, log)
         else:
-            runner.run()
+            driver.run()
     except BaseException as exc:
-        # publish what is finished before leaving; the storage keeps every trial either way
-        if runner.searching and worker_rank is None:
-            try:
-                _write_board(spec, runner.storage_url, target_dir, quiet=True)
-            except Exception as write_exc:  # noqa: BLE001
-                console.print(
-                    f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}"
-                )
-        if isinstance(exc, KeyboardInterrupt):
-            if worker_rank is None:
-                console.print(
-                    "[yellow]interrupted[/]: finished trials are kept; run the same command again to resume"
-                )
-            raise typer.Exit(130) from None
+        _stopped(driver, target_dir, lead, exc)
         raise
-    if worker_rank is None:
-        _write_board(spec, runner.storage_url, target_dir, quiet=False, report=report)
+    if lead:
+        _write_board(spec, driver.storage_url, target_dir, quiet=False, report=report)
         log(f"done in {time.perf_counter() - started:.0f}s")
 
 
+def _worker_threads() -> None:
+    """A worker's share of the CPU threads, as its parent set it."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("HARNESS_NUM_THREADS", torch.get_num_threads())))
+
+
+def _run_header(driver: Any) -> str:
+    spec = driver.spec
+    precision = (
+        "precision auto: probed per backbone"
+        if spec.precision == "auto"
+        else driver.precision.describe()
+    )
+    return (
+        f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
+        f"{spec.budget.trials} trials each, device {driver.device} ({precision}), "
+        f"storage {_shown_storage(driver.storage_url)}"
+    )
+
+
+def _run_log(quiet: bool, worker_rank: int | None) -> Any:
+    if quiet:
+        return lambda msg: None
+    return _log if worker_rank is None else lambda msg: _log(f"[worker {worker_rank}] {msg}")
+
+
+def _stopped(driver: Any, target_dir: Path, lead: bool, exc: BaseException) -> None:
+    """A run ends early: publish what is finished (the storage keeps every trial either way); an
+    interrupt exits with 130."""
+    if driver.started and lead:
+        try:
+            _write_board(driver.spec, driver.storage_url, target_dir, quiet=True)
+        except Exception as write_exc:  # noqa: BLE001
+            console.print(
+                f"[yellow]could not write the partial leaderboard[/]: {escape(str(write_exc))}"
+            )
+    if isinstance(exc, KeyboardInterrupt):
+        if lead:
+            console.print(
+                "[yellow]interrupted[/]: finished trials are kept; run the same command again to resume"
+            )
+        raise typer.Exit(130) from None
+
+
 def _run_workers(
-    runner: Any,
-    spec: Any,
+    driver: Any,
     study: str,
-    url: str,
     results_dir: Path,
     sets: list[str],
     quiet: bool,
@@ -184,15 +199,14 @@ def _run_workers(
 ) -> None:
     """Check the study once here, then let ``workers`` processes share it; a dead worker's trial is
     marked failed at once and queued again for the others."""
-    from harness.workers import run_workers
+    from harness.search.workers import run_workers
 
-    runner.preflight()  # a broken study fails once, before any worker starts; source weights are cached
-    runner.searching = True
+    driver.preflight()  # a broken study fails once, before any worker starts; source weights are cached
     argv = [
         "--study",
         study,
         "--storage",
-        url,
+        driver.storage_url,
         "--results-dir",
         str(results_dir),
         "--workers",
@@ -205,9 +219,9 @@ def _run_workers(
             log(
                 f"worker {rank} ended with {'signal ' + str(-code) if code < 0 else 'status ' + str(code)}"
             )
-            runner.reap_all()
+            driver.reap_all()
 
-    codes = run_workers(argv, workers, spec.device, on_exit, log)
+    codes = run_workers(argv, workers, driver.spec.device, on_exit, log)
     if any(c in (130, -2, -15) for c in codes):
         raise KeyboardInterrupt
     bad = [c for c in codes if c != 0]
@@ -219,9 +233,9 @@ def _run_workers(
 
 
 def _shown_storage(url: str) -> str:
-    from harness.publish.leaderboard import _redact
+    from harness.publish.format import shown_storage
 
-    return _redact(url).replace(str(Path.cwd().resolve()) + "/", "")
+    return shown_storage(url)
 
 
 @app.command("leaderboard")
@@ -238,7 +252,7 @@ def leaderboard_cmd(
 
     Example: harness leaderboard --study quickstart
     """
-    from harness.search import embedded_storage
+    from harness.store.backends import embedded_storage
     from harness.study import load_study
 
     spec = load_study(study, _parse_sets(set_))
@@ -257,26 +271,34 @@ def leaderboard_cmd(
 
 def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: bool = False) -> None:
     from harness.publish import leaderboard
+    from harness.publish.results import read_results
 
-    board, trials, provenance = leaderboard.collect(spec, url)
+    results = read_results(spec, url)  # the only read of the storage: every file is made from it
+    board, trials, provenance = leaderboard.tables(results)
     paths = leaderboard.write(target_dir, spec, board, trials, provenance)
     if report:
-        from harness.publish.report import export_bundle, write_report, write_results_index
+        from harness.publish.bundle import export_bundle
+        from harness.publish.html import write_report
+        from harness.publish.index import write_results_index
 
         try:
-            paths.append(
-                export_bundle(target_dir, spec, board, url)
-            )  # first: the page links the bundle
-            paths.append(write_report(target_dir, spec, board, trials, provenance, url))
+            paths.append(export_bundle(target_dir, results, board))  # first: the page links it
+            paths.append(write_report(target_dir, results, board, trials, provenance))
             paths.append(write_results_index(target_dir.parent))
         except Exception as exc:  # noqa: BLE001 - the leaderboard is written; a page must not undo that
             console.print(
                 f"[yellow]warning:[/] the leaderboard is written but the report is not: "
                 f"{escape(type(exc).__name__ + ': ' + str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)}"
             )
-    if quiet:
-        return
+    if not quiet:
+        _print_board(spec, board)
+        console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
+
+
+def _print_board(spec: Any, board: Any) -> None:
+    """The board as one table per pair on the terminal."""
     from harness.metrics import LABELS, primary_metric
+    from harness.publish.format import pm, trial_counts
 
     metric = primary_metric(spec.task)
     for pair, rows in board.groupby("pair", sort=False):
@@ -295,15 +317,11 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
             table.add_row(
                 str(r.get("rank", "-")),
                 r["method"],
-                leaderboard._pm(r, metric),
+                pm(r, metric),
                 (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
-                "/".join(
-                    str(leaderboard._int(r.get(k)))
-                    for k in ("trials_complete", "trials_pruned", "trials_failed")
-                ),
+                trial_counts(r),
             )
         out.print(table)
-    console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
 
 
 @app.command()
@@ -409,7 +427,7 @@ def index_cmd(results_dir: ResultsOpt = Path("results")) -> None:
 
     Example: harness index
     """
-    from harness.publish.report import write_results_index
+    from harness.publish.index import write_results_index
 
     console.print(f"wrote {write_results_index(results_dir)}")
 
@@ -420,7 +438,7 @@ def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
 
     Example: harness ls
     """
-    import json
+    from harness.publish.index import study_state
 
     base = Path.cwd() / "benchmarks"
     studies = sorted(base.glob("*.toml")) if base.is_dir() else []
@@ -430,29 +448,8 @@ def ls_cmd(results_dir: ResultsOpt = Path("results")) -> None:
     for col in ("study", "state", "rows", "description"):
         table.add_column(col, overflow="fold")
     for path in studies:
-        folder = results_dir / path.stem
-        board = folder / "leaderboard.json"
-        state, rows, description = "not started", "-", ""
-        if board.is_file():
-            data = json.loads(board.read_text())
-            statuses = [r.get("status") for r in data.get("rows", [])]
-            rows = str(len(statuses))
-            description = data.get("description", "")
-            state = "published" if statuses and all(s == "final" for s in statuses) else "partial"
-        elif (folder / "optuna.db").is_file() or (folder / "optuna.journal").is_file():
-            state = "partial"
-        if not description:
-            try:
-                import tomllib
-
-                description = str(tomllib.loads(path.read_text()).get("description", ""))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-                description = "(not valid TOML)"
-        table.add_row(path.stem, state, rows, description)
+        table.add_row(path.stem, *study_state(path, results_dir / path.stem))
     out.print(table)
-
-
-BUILTIN_COMMANDS = {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "index"}
 
 
 def add_plugin_commands(target: typer.Typer = app) -> list[str]:

@@ -13,27 +13,29 @@ same way, so everything here is also how the harness extends itself.
 
 Registration by callback
 ------------------------
-Each ``register_*`` hook receives a ``register`` function owned by the harness and calls it once
-per thing it provides::
+Each ``register_*`` hook receives a ``register`` function (typed as ``Register`` below) owned by
+the harness and calls it once per thing it provides. The harness records which plugin and which
+distribution gave each entry, refuses a second entry of the same kind and name (naming both
+plugins), and answers an unknown name with the closest registered names.
 
-    register(name, factory, description="...", **meta)
+Names: ``NAME_RULE`` below is the one statement of what a registered name may be.
 
-The harness records which plugin and which distribution gave each entry, refuses a second entry
-of the same kind and name (naming both plugins), and answers an unknown name with the closest
-registered names. Names are lowercase and may contain ``-``, ``_`` and ``.`` (a ``/`` separates a
-dataset from its sub-domain in a study, so it cannot be part of a name).
-
-A plugin module never imports the search driver, the engine or the CLI: it only needs
-``harness.hookimpl`` and the types in ``harness.api``.
+A plugin module never imports the search driver, the engine or the CLI: everything it needs is
+in ``harness`` (``hookimpl``) and ``harness.api`` (types, errors, helpers).
 
 Hooks are called once per process, one plugin at a time; an exception raised inside one plugin's
 hook is reported with that plugin's name and does not stop the others.
+
+This module stays free of torch so that ``import harness`` is fast; ``docs/plugins.md`` carries
+each hook's docstring verbatim (``docs/hook_reference.py`` writes it, a test keeps them equal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import pluggy
 
@@ -43,47 +45,125 @@ ENTRY_POINT_GROUP = "harness"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[..., None]
+#: the naming rule for everything a plugin registers, stated once (docs and README point here)
+NAME_RULE = (
+    "lowercase letters, digits, '-', '_' and '.', starting with a letter or digit "
+    "(no '/': a study writes a dataset's sub-domain as 'dataset/sub')"
+)
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+
+#: the tasks a study can have
+TASKS = ("classification", "segmentation")
+#: what an entry that passes no ``tasks=`` serves, per kind
+DEFAULT_TASKS = {
+    "head": ("classification",),
+    "dataset": ("classification",),
+    "strategy": TASKS,
+}
+
+
+@dataclass(frozen=True)
+class OpenDomains:
+    """A dataset's ``domains=`` when its sub-domains follow a rule rather than a list, such as
+    ``rotated-digits/90``: ``accepts`` is a regular expression a sub-domain must match in full,
+    or a function that says whether one is valid; ``examples`` are a few valid names (shown in
+    errors and built by the contract kit); ``help`` says the rule in words ("an angle in
+    degrees, 0 to 359").
+
+    It behaves as a container: ``"90" in domains`` applies the rule, and iterating gives the
+    examples."""
+
+    accepts: str | Callable[[str], bool]
+    examples: tuple[str, ...]
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.examples or not all(isinstance(e, str) and e in self for e in self.examples):
+            raise ValueError(
+                f"OpenDomains needs examples that its rule accepts, got {self.examples!r}"
+            )
+
+    def __contains__(self, sub: object) -> bool:
+        if not isinstance(sub, str):
+            return False
+        if isinstance(self.accepts, str):
+            return re.fullmatch(self.accepts, sub) is not None
+        return bool(self.accepts(sub))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.examples)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class Register(Protocol):
+    """The `register` callback every `register_*` hook receives.
+
+    - `name`: see `NAME_RULE`; one name per kind.
+    - `factory`: what the harness calls when a study names the entry (see each hook).
+    - `description`: one line for `harness plugins`.
+    - `tasks`: heads, datasets and strategies only: the tasks the entry serves, a subset of
+      `TASKS`. Declared here and nowhere else (default: `DEFAULT_TASKS` of the kind); a study
+      of another task is refused before training.
+    - `domains`: datasets only: the sub-domains served, a list of names or `OpenDomains`.
+    - `meta`: further documented keys of a kind (`min_image_size` and
+      `source_pretraining` for heads), shown by `harness plugins`.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        description: str = "",
+        *,
+        tasks: Sequence[str] | None = None,
+        domains: Sequence[str] | OpenDomains | None = None,
+        **meta: Any,
+    ) -> None: ...
 
 
 @hookspec
 def register_backbones(register: Register) -> None:
     """Register backbone factories: feature extractors that a head sits on.
 
-    ``register(name, factory, description="")``
+    `register(name, factory, description="")`; the factory is called as
 
-    The factory is called as::
+    ```python
+    factory(name: str, *, weights: str, in_chans: int = 3) -> harness.api.Backbone
+    ```
 
-        factory(name: str, *, weights: str, in_chans: int = 3) -> harness.api.Backbone
+    - `name` is the registered name the study asked for (one factory may serve many names).
+    - `weights` is `"none"` (random init), `"imagenet"` (the library's own pretrained weights,
+      which may need a model hub), or the path of a local weights file (`.safetensors`, or a torch
+      checkpoint: read it with `harness.api.load_weights_file`, which uses `weights_only=True`).
+      The harness resolves `weights = "source"` (pretraining on the source domain) into such a
+      file before calling the factory, so a factory never sees `"source"`. When weights cannot
+      be had (no network), raise `harness.api.WeightsError` saying how to supply a local file.
 
-    - ``name`` is the registered name the study asked for (one factory may serve many names).
-    - ``weights`` is ``"none"`` (random init), ``"imagenet"`` (the library's own pretrained
-      weights, which may need a model hub), or the path of a local weights file (``.safetensors``,
-      or a torch checkpoint that must be loaded with ``torch.load(..., weights_only=True)``).
-      The harness itself resolves ``weights = "source"`` (pretraining on the source domain) into
-      such a local file before calling the factory, so a factory never sees ``"source"``.
-      When weights cannot be had (no network), raise ``harness.api.WeightsError`` with a message
-      that says how to supply a local file.
+    The returned `Backbone` wraps an `nn.Module` whose `forward(x)` maps a float batch
+    `(N, in_chans, H, W)` to pooled features `(N, num_features)`, lists its parameter names stage
+    by stage, **stem first** (`harness.api.stages_from_prefixes` helps), so that freeze depth `k`
+    means "the first k stages" for any backbone, and names the normalization (mean, std) its
+    weights expect. Segmentation decoders additionally need a timm model with `feature_info`
+    (any hierarchical timm model qualifies).
 
-    The returned ``Backbone`` wraps an ``nn.Module`` whose ``forward(x)`` maps a float batch
-    ``(N, in_chans, H, W)`` to pooled features ``(N, num_features)``, and lists its parameters
-    stage by stage, **stem first**, so that freeze depth ``k`` means "the first k stages" for any
-    backbone. It also names the normalization (mean, std) its weights expect.
+    Example:
 
-    Example::
+    ```python
+    @hookimpl
+    def register_backbones(register):
+        register("lenet", build_lenet, description="LeNet-5 for 32 px digits")
 
-        @hookimpl
-        def register_backbones(register):
-            register("lenet", build_lenet, description="LeNet-5 for 32 px digits")
-
-        def build_lenet(name, *, weights, in_chans=3):
-            net = LeNet(in_chans)
-            if weights not in ("none", None):
-                net.load_state_dict(harness.api.load_weights_file(weights))
-            return harness.api.Backbone(
-                module=net, num_features=84,
-                stages=harness.api.stages_from_prefixes(net, ["conv1", "conv2", "fc"]),
-            )
+    def build_lenet(name, *, weights, in_chans=3):
+        net = LeNet(in_chans)
+        if weights != "none":
+            net.load_state_dict(harness.api.load_weights_file(weights))
+        return harness.api.Backbone(
+            module=net, num_features=84,
+            stages=harness.api.stages_from_prefixes(net, ["conv1", "conv2", "fc"]),
+        )
+    ```
     """
 
 
@@ -91,26 +171,38 @@ def register_backbones(register: Register) -> None:
 def register_heads(register: Register) -> None:
     """Register heads: modules mapping backbone features to outputs.
 
-    ``register(name, factory, description="", tasks=("classification",))``
+    `register(name, factory, description="", tasks=("classification",), **meta)`; the factory is
+    called as
 
-    ``tasks`` lists the tasks the head supports (``"classification"``, ``"segmentation"``).
-    A study that pairs a head with a task it does not declare is refused before training.
+    ```python
+    factory(*, backbone: harness.api.Backbone, num_classes: int, task: str, **options)
+        -> torch.nn.Module
+    ```
 
-    The factory is called as::
+    A classification head maps `(N, backbone.num_features)` to logits `(N, num_classes)`.
+    `options` come from the study's `head_options`; reject unknown ones with a `TypeError`.
 
-        factory(*, backbone: harness.api.Backbone, num_classes: int, task: str, **options)
-            -> torch.nn.Module
+    Capabilities, each a Protocol in `harness.api`:
 
-    For classification the module maps ``(N, backbone.num_features)`` to logits
-    ``(N, num_classes)``. ``options`` come from the study's ``[[methods]]`` entry
-    (``head_options = {hidden = 256}``); reject unknown options with a ``TypeError``.
+    - `ImageHead`: a module with `takes_images = True` receives the images instead and returns
+      `(N, num_classes, H, W)`; it runs the backbone's modules itself (the smp decoders).
+    - `FeatureMapHead`: `forward_with_features(x)` returns the logits and the backbone's
+      deepest feature map `(N, C, h, w)` from the same pass, and `deepest_channels` is `C`. The
+      feature-level adaptation strategies (`dann`, `coral`, `mmd`) need it on segmentation and
+      stop with a `PluginContractError` naming what is missing.
 
-    Example::
+    Meta keys: `min_image_size` (the smallest image size the head works at) and
+    `source_pretraining=True`: the decoder that `weights = "source"` pretrains a backbone with on
+    a segmentation source (one registered head declares it; the built-in `fpn` does).
 
-        @hookimpl
-        def register_heads(register):
-            register("cosine", lambda *, backbone, num_classes, task: CosineClassifier(
-                backbone.num_features, num_classes))
+    Example:
+
+    ```python
+    @hookimpl
+    def register_heads(register):
+        register("cosine", lambda *, backbone, num_classes, task: CosineClassifier(
+            backbone.num_features, num_classes))
+    ```
     """
 
 
@@ -118,34 +210,50 @@ def register_heads(register: Register) -> None:
 def register_datasets(register: Register) -> None:
     """Register datasets: each serves one or more *domains* with train/val/test splits.
 
-    ``register(name, factory, description="", tasks=("classification",), domains=None)``
+    `register(name, factory, description="", tasks=("classification",), domains=None)`; the
+    factory is called as
 
-    ``domains`` optionally lists the sub-domains the dataset serves (``["amazon", "dslr"]``);
-    a study names a domain as ``"name"`` or ``"name/sub"``, and a study-level alias can bind a
-    dataset to options (``[datasets.office31] plugin = "folder", root = "~/data/office31"``).
+    ```python
+    factory(domain: str | None, *, image_size: int, seed: int, **options)
+        -> harness.api.DomainData
+    ```
 
-    The factory is called as::
+    A study names a domain as `"name"` (`domain=None`) or `"name/sub"`. `domains` lists the
+    sub-domains (`["amazon", "dslr"]`), or states their rule with `harness.api.OpenDomains`
+    (`OpenDomains(r"\\d+", examples=("0", "90"))` for `rotated-digits/90`); a study naming
+    another is refused before any data is built. A study-level alias binds a dataset to options
+    (`[datasets.office31] plugin = "folder", root = "~/data/office31"`).
 
-        factory(domain: str | None, *, image_size: int, seed: int, **options)
-            -> harness.api.DomainData
+    The factory must be deterministic for a given `(domain, image_size, seed, options)`: the same
+    images in the same splits every time. `DomainData.from_arrays` makes seeded splits and a
+    fingerprint from one labelled pool; images are uint8 `(N, 3, image_size, image_size)`, labels
+    `(N,)` class indices or `(N, H, W)` masks with 255 (`IGNORE_INDEX`) for void pixels. A file
+    that cannot be read raises `harness.api.DatasetError` naming the file.
 
-    and must be deterministic for a given ``(domain, image_size, seed, options)``: the same
-    images in the same splits every time. ``DomainData`` carries uint8 image tensors
-    ``(N, 3, image_size, image_size)`` and int64 labels per split, the class names, the task and a
-    fingerprint of the data (``harness.api.fingerprint_tensors`` computes one). A file that cannot be
-    read must raise ``harness.api.DatasetError`` naming the file.
+    `DomainData.meta` keys the harness reads (others are kept for the plugin's own use):
 
-    Example::
+    - `hflip` (default `True`): whether a horizontal flip preserves the labels. Training flips
+      only when both the source and the target allow it (digits say `False`).
 
-        @hookimpl
-        def register_datasets(register):
-            register("noise", build_noise, description="random images, for smoke tests")
+    Augmentation policies (`augment.policy`): `none`; `light` rotates up to 10 degrees, shifts
+    10 %, zooms 0.9-1.1, flips, and jitters brightness and contrast; `strong` rotates up to 20
+    degrees and adds shear, colour, grayscale, invert, noise, blur and cutout. A dataset whose
+    labels depend on orientation beyond that (a rotated-digits angle) should say so in its
+    description: rotation cannot be switched off per dataset.
 
-        def build_noise(domain, *, image_size, seed, n=300):
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8)
-            y = torch.randint(0, 2, (n,), generator=g)
-            return harness.api.DomainData.from_arrays("noise", x, y, class_names=["a", "b"], seed=seed)
+    Example:
+
+    ```python
+    @hookimpl
+    def register_datasets(register):
+        register("noise", build_noise, description="random images, for smoke tests")
+
+    def build_noise(domain, *, image_size, seed, n=300):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8)
+        y = torch.randint(0, 2, (n,), generator=g)
+        return harness.api.DomainData.from_arrays("noise", x, y, class_names=["a", "b"], seed=seed)
+    ```
     """
 
 
@@ -153,64 +261,85 @@ def register_datasets(register: Register) -> None:
 def register_strategies(register: Register) -> None:
     """Register adaptation strategies: how a trial trains from source and target data.
 
-    ``register(name, factory, description="")``
+    `register(name, factory, description="", tasks=("classification", "segmentation"))`; the
+    factory is called with the study's `strategy_options` and returns a `harness.api.Strategy`.
+    `tasks` is declared with `register` only (a `tasks` class attribute is an error). Example:
 
-    The factory is called with the options of the study's ``[[methods]]`` entry
-    (``strategy_options = {shots = 5}``) and returns a ``harness.api.Strategy``. A strategy declares
+    ```python
+    class EntropyMin(harness.api.Strategy):
+        uses_source = True  # receives labelled source batches
+        uses_target = True  # receives target batches
+        target_labels = "none"  # "none" | "few" | "all": the engine enforces it
+        fixed = {}  # pinned hyperparameters, e.g. {"freeze_depth": "all"}
+        cache_features = True  # False if a step changes the backbone (AdaBN's statistics)
 
-    - which data a step receives (``uses_source``: labelled source batches;
-      ``uses_target``: target batches),
-    - ``target_labels``: ``"none"``, ``"few"`` or ``"all"``. The engine enforces it: a strategy
-      that declares ``"none"`` receives target batches with ``y = None``. Selecting such a
-      method with target labels is reported as *oracle* on every leaderboard.
-    - ``fixed``: hyperparameters it pins (``{"freeze_depth": "all"}`` for a linear probe),
-    - ``search_space(trial)``: its own hyperparameters, named ``strategy.<name>``,
-    - ``setup(model, num_classes, params)``: extra trainable modules (a domain discriminator),
-    - ``training_step(model, batch, ctx)``: the loss of one step.
+        def search_space(self, trial):  # names start with "strategy."
+            return {"strategy.weight": trial.suggest_float("strategy.weight", 0.01, 1, log=True)}
 
-    Example::
+        def training_step(self, model, batch, ctx):  # the loss of one step
+            (xs, ys), (xt, _) = batch.source, batch.target
+            p = model(xt).softmax(1)
+            ent = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
+            ctx.log("target_entropy", ent)
+            return F.cross_entropy(model(xs), ys) + ctx.params["strategy.weight"] * ent
 
-        class EntropyMin(harness.api.Strategy):
-            uses_source, uses_target, target_labels = True, True, "none"
+        # optional: setup(model, num_classes, params, feature_dim) -> extra module or None,
+        # param_groups(extra, lr, weight_decay), adapt(model, target_images)
 
-            def search_space(self, trial):
-                return {"strategy.weight": trial.suggest_float("strategy.weight", 0.01, 1, log=True)}
+    @hookimpl
+    def register_strategies(register):
+        register("entropy-min", EntropyMin, tasks=("classification",))
+    ```
 
-            def training_step(self, model, batch, ctx):
-                xs, ys = batch.source
-                xt, _ = batch.target
-                p = model(xt).softmax(1)
-                ent = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
-                return F.cross_entropy(model(xs), ys) + ctx.params["strategy.weight"] * ent
+    `target_labels = "none"` hands the step target batches with `y = None`; selecting such a
+    method with target labels is reported as *oracle* on every leaderboard.
 
-        @hookimpl
-        def register_strategies(register):
-            register("entropy-min", EntropyMin)
+    **setup** runs once per trial, after the model is on its device and frozen to the trial's
+    depth, with the global generators seeded by the trial's seed. `model` is a
+    `harness.api.TransferModel`; `feature_dim` its `feature_dim`: `backbone.num_features` for
+    classification, the head's `deepest_channels` for segmentation (`None` without). The module
+    it returns is moved to the device, reaches `training_step` as `ctx.extra`, and is optimized
+    by AdamW in the groups `param_groups(extra, lr, weight_decay)` gives (default: one group at
+    the head's `lr` times `extra.lr_scale` if set, the trial's weight decay).
+
+    **training_step** receives `batch.source = (images, labels)` and `batch.target = (images,
+    labels or None)`, normalized and augmented, and runs, `ctx.extra` included, under the trial's
+    autocast (bf16 on most GPUs). `model(x)` gives logits, `model.features(x)` pooled features
+    (classification), `model.head(f)` logits from them; `ctx.progress` runs from 0 to 1 over the
+    trial; `ctx.log(name, value)` values are averaged per epoch into `TrainResult.diagnostics`.
+    The model and `ctx.extra` are put in training mode at the start of every epoch (frozen
+    stages stay in eval mode); scoring switches the model to eval mode and back.
+
+    **adapt** gets unaugmented, normalized target training batches without labels, under
+    `torch.no_grad()` and autocast, the model in training mode (AdaBN re-estimates statistics).
+
+    With the whole backbone frozen and augmentation `"none"`, the engine serves the backbone's
+    features from a cache (see `Strategy.cache_features`).
     """
 
 
 @hookspec
 def register_commands(register: Register) -> None:
-    """Register subcommands of the ``harness`` command line.
+    """Register subcommands of the `harness` command line.
 
-    ``register(name, function, description="")``
+    `register(name, function, description="")`; `function` is a plain function whose parameters
+    are declared the way typer reads them (type hints, `typer.Option` defaults); it becomes
+    `harness <name>`. Raise `harness.api.HarnessError` for a user error: it is printed as one
+    line with exit status 2. A name that a built-in command already uses is refused.
 
-    ``function`` is a plain function whose parameters are declared the way typer reads them
-    (type hints, ``typer.Option`` defaults); it becomes ``harness <name>``. Raise
-    ``harness.errors.HarnessError`` for a user error: it is printed as one line with exit status 2.
-    A name that a built-in command already uses is refused.
+    Example:
 
-    Example::
+    ```python
+    import typer
 
-        import typer
+    @hookimpl
+    def register_commands(register):
+        register("hello", hello, description="say hello")
 
-        @hookimpl
-        def register_commands(register):
-            register("hello", hello, description="say hello")
-
-        def hello(name: str = typer.Option("world", help="who to greet")) -> None:
-            \"\"\"Say hello. Example: harness hello --name you\"\"\"
-            print(f"hello {name}")
+    def hello(name: str = typer.Option("world", help="who to greet")) -> None:
+        \"\"\"Say hello. Example: harness hello --name you\"\"\"
+        print(f"hello {name}")
+    ```
     """
 
 

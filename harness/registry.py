@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
-import re
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,9 +31,12 @@ KINDS = {
 ENV_PLUGINS = "HARNESS_PLUGINS"
 #: when "1", a plugin that fails to load raises instead of being reported
 ENV_STRICT = "HARNESS_STRICT_PLUGINS"
+#: the harness's own subcommands: a plugin command of the same name is not added
+BUILTIN_COMMANDS = frozenset(
+    {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "index"}
+)
 
 _DUPLICATE_HINT = f"uninstall one of the two distributions, or limit plugins with {ENV_PLUGINS}"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class Entry:
     dist: str
     description: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this entry serves: its ``tasks=`` or the kind's default."""
+        return tuple(self.meta.get("tasks", hookspecs.DEFAULT_TASKS.get(self.kind, ())))
 
 
 @dataclass
@@ -141,10 +148,11 @@ class Registry:
         description: str = "",
         **meta: Any,
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"invalid {kind} name {name!r}: use lowercase letters, digits, - _ .")
+        if not isinstance(name, str) or not hookspecs.NAME_PATTERN.match(name):
+            raise ValueError(f"invalid {kind} name {name!r}: use {hookspecs.NAME_RULE}")
         if not callable(factory):
             raise TypeError(f"{kind} {name!r}: factory {factory!r} is not callable")
+        meta = _checked_meta(kind, name, meta)
         existing = self.entries[kind].get(name)
         if existing is not None:
             message = (
@@ -196,6 +204,48 @@ class Registry:
     @property
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.error]
+
+
+def _checked_meta(kind: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """``tasks`` and ``domains`` as the hookspecs define them, or a ``TypeError`` saying why not."""
+    if "tasks" in meta:
+        if kind not in hookspecs.DEFAULT_TASKS:
+            raise TypeError(f"{kind} {name!r}: tasks= applies to heads, datasets and strategies")
+        tasks = meta["tasks"]
+        if isinstance(tasks, str) or not tasks or not set(tasks) <= set(hookspecs.TASKS):
+            raise TypeError(
+                f"{kind} {name!r}: tasks must be a non-empty sequence of {hookspecs.TASKS}, "
+                f"got {tasks!r}"
+            )
+        meta = {**meta, "tasks": tuple(tasks)}
+    domains = meta.get("domains")
+    if domains is not None:
+        if kind != "dataset":
+            raise TypeError(f"{kind} {name!r}: domains= applies to datasets only")
+        if not isinstance(domains, hookspecs.OpenDomains):
+            if isinstance(domains, str) or not all(isinstance(d, str) for d in domains):
+                raise TypeError(
+                    f"dataset {name!r}: domains must be a list of names or OpenDomains, "
+                    f"got {domains!r}"
+                )
+            meta = {**meta, "domains": list(domains)}
+    return meta
+
+
+def check_domain(entry: Entry, sub: str | None, name: str | None = None) -> None:
+    """Refuse a sub-domain the dataset ``entry`` does not declare (``domains=`` in its
+    registration; none declared accepts any). ``name`` is how the study calls the dataset."""
+    declared = entry.meta.get("domains")
+    if not declared or not sub or sub in declared:
+        return
+    name = name or entry.name
+    if isinstance(declared, hookspecs.OpenDomains):
+        rule = f"{declared.help}, " if declared.help else ""
+        message = f"unknown domain of {name!r} {sub!r} ({rule}e.g. {', '.join(declared.examples)})"
+    else:
+        message = unknown_message(f"domain of {name!r}", sub, list(declared))
+        message += f" (it serves {', '.join(declared)})"
+    raise UnknownPluginError(message)
 
 
 def unknown_message(kind: str, name: str, known: list[str]) -> str:

@@ -59,12 +59,6 @@ class Budget(_Strict):
     timeout_s: float | None = Field(None, gt=0)
 
 
-class FloatRange(_Strict):
-    low: float
-    high: float
-    log: bool = True
-
-
 class SearchSpace(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     #: "asha" (successive halving: with m = a sixth of the epochs, at least 2, a trial is judged

@@ -12,8 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from harness import hookimpl
-from harness.api import Backbone
-from harness.errors import PluginContractError
+from harness.api import Backbone, PluginContractError
 
 #: harness name -> smp architecture name
 ARCHITECTURES = {
@@ -27,6 +26,8 @@ ARCHITECTURES = {
     "pspnet": "pspnet",
     "upernet": "upernet",
 }
+#: the decoder that pretrains a backbone on a segmentation source (``source_pretraining`` meta)
+SOURCE_PRETRAINING_DECODER = "fpn"
 
 
 @hookimpl
@@ -39,6 +40,8 @@ def register_heads(register):
             tasks=("segmentation",),
             # PAN pools its deepest map further: below 128 px there is nothing left to pool
             min_image_size=128 if arch == "pan" else 32,
+            # the decoder that weights = "source" pretrains a backbone with on segmentation
+            **({"source_pretraining": True} if name == SOURCE_PRETRAINING_DECODER else {}),
         )
 
 
@@ -51,7 +54,8 @@ def _factory(arch: str):
 
 
 class SmpHead(nn.Module):
-    """An smp model whose timm encoder is replaced by a feature view of the harness backbone."""
+    """An smp model whose timm encoder is replaced by a feature view of the harness backbone: a
+    ``harness.api.ImageHead`` and ``FeatureMapHead``."""
 
     takes_images = True  # forward(x) gets images, not pooled features
 

@@ -126,7 +126,7 @@ class L2SP(FineTune):
     def search_space(self, trial):
         return {"strategy.alpha": trial.suggest_float("strategy.alpha", 1e-4, 1.0, log=True)}
 
-    def setup(self, model, num_classes, params):
+    def setup(self, model, num_classes, params, feature_dim):
         return _StartingPoint(model)
 
     def training_step(self, model, batch: Batch, ctx: StepContext):

@@ -21,7 +21,6 @@ question this harness has not studied.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,139 +29,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, Batch, StepContext, Strategy
-from harness.errors import PluginContractError
+from harness.api import (
+    IGNORE_INDEX,
+    TASKS,
+    Batch,
+    FeatureMapHead,
+    PluginContractError,
+    StepContext,
+    Strategy,
+    reverse_gradient,
+)
+from harness_plugins.uda_losses import (  # noqa: F401 - ramp is part of this module's surface
+    SCHEDULES,
+    adversarial_coefficient,
+    class_confusion_loss,
+    coral_loss,
+    entropy,
+    low_frequency_swap,
+    mmd_loss,
+    ramp,
+    sample_locations,
+)
 
 # ------------------------------------------------------------------------------ building blocks
-
-
-class _ReverseGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, coeff: float) -> Tensor:  # noqa: D102
-        ctx.coeff = coeff
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        return -ctx.coeff * grad, None
-
-
-def reverse_grad(x: Tensor, coeff: float) -> Tensor:
-    """Identity forward; multiplies the gradient by ``-coeff`` on the way back."""
-    return _ReverseGrad.apply(x, coeff)
-
-
-def ramp(progress: float, gamma: float = 10.0) -> float:
-    """The DANN schedule ``2 / (1 + exp(-gamma * progress)) - 1``: 0 at the start of training,
-    rising smoothly towards 1, the faster the larger ``gamma`` (10 in Ganin et al., 2016)."""
-    return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
-
-
-#: adversarial weight schedules: ``ramp`` (DANN's) or ``constant`` (the full weight from step one)
-SCHEDULES = ("ramp", "constant")
-
-
-def adversarial_coefficient(params: dict[str, Any], progress: float) -> float:
-    """The gradient-reversal coefficient at ``progress`` (0..1) of training: ``strategy.weight``
-    times the schedule named by ``strategy.schedule`` (``ramp`` with ``strategy.gamma``)."""
-    weight = float(params.get("strategy.weight", 1.0))
-    schedule = params.get("strategy.schedule", "ramp")
-    if schedule == "constant":
-        return weight
-    if schedule == "ramp":
-        return weight * ramp(progress, float(params.get("strategy.gamma", 10.0)))
-    raise ValueError(f"strategy.schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def deepest_feature_map(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-pixel logits ``(B, K, H, W)`` and the backbone's deepest feature map ``(B, C, h, w)``
     of a segmentation model, from one forward pass (the head's ``forward_with_features``)."""
-    forward = getattr(model.head, "forward_with_features", None)
-    if forward is None:
+    if not isinstance(model.head, FeatureMapHead):
         raise PluginContractError(
-            f"segmentation head {type(model.head).__name__} has no forward_with_features(x) -> "
-            "(logits, deepest feature map): the feature-level strategies (dann, coral, mmd) need it"
+            f"segmentation head {type(model.head).__name__} is no harness.api.FeatureMapHead "
+            "(forward_with_features(x) -> (logits, deepest feature map), deepest_channels): "
+            "the feature-level strategies (dann, coral, mmd) need it"
         )
-    return forward(x)
-
-
-def sample_locations(fmap: Tensor, per_image: int) -> Tensor:
-    """Feature vectors ``(B, k, C)`` at ``k = min(per_image, h * w)`` distinct random locations of
-    each image's map ``(B, C, h, w)`` (all of them, in order, when there are no more than that)."""
-    b, c, h, w = fmap.shape
-    flat = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
-    if h * w <= per_image:
-        return flat
-    idx = torch.rand(b, h * w, device=fmap.device).argsort(1)[:, :per_image]
-    return torch.gather(flat, 1, idx[..., None].expand(-1, -1, c))
-
-
-def entropy(logits: Tensor, dim: int = 1) -> Tensor:
-    """Shannon entropy (nats) of softmax(logits) along ``dim``, per element of the other dims."""
-    logp = F.log_softmax(logits.float(), dim=dim)
-    return -(logp.exp() * logp).sum(dim)
-
-
-def coral_loss(fs: Tensor, ft: Tensor) -> Tensor:
-    """Squared Frobenius distance of the feature covariances, over 4 d^2 (Deep CORAL)."""
-    fs, ft = fs.float(), ft.float()
-    d = fs.shape[1]
-
-    def cov(f: Tensor) -> Tensor:
-        f = f - f.mean(0, keepdim=True)
-        return f.T @ f / max(1, f.shape[0] - 1)
-
-    return (cov(fs) - cov(ft)).pow(2).sum() / (4 * d * d)
-
-
-def mmd_loss(
-    fs: Tensor, ft: Tensor, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-) -> Tensor:
-    """Biased squared MMD with a sum of Gaussian kernels whose bandwidths are multiples of the
-    mean pairwise squared distance (measured on the batch, not differentiated)."""
-    f = torch.cat([fs, ft]).float()
-    d2 = torch.cdist(f, f).pow(2)
-    base = d2.detach().sum() / max(1, f.shape[0] * (f.shape[0] - 1))
-    k = sum(torch.exp(-d2 / (base * s + 1e-8)) for s in scales)
-    n = fs.shape[0]
-    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
-
-
-def class_confusion_loss(logits: Tensor, temperature: float) -> Tensor:
-    """Minimum class confusion: off-diagonal mass of the entropy-weighted class correlation of
-    target predictions, normalized per class."""
-    p = F.softmax(logits.float() / temperature, dim=1)
-    h = -(p * torch.log(p + 1e-8)).sum(1).detach()
-    w = 1.0 + torch.exp(-h)
-    w = w * p.shape[0] / w.sum()
-    corr = (p * w[:, None]).T @ p
-    corr = corr / corr.sum(1, keepdim=True).clamp_min(1e-8)
-    c = p.shape[1]
-    return (corr.sum() - corr.trace()) / c
-
-
-def low_frequency_swap(source: Tensor, target: Tensor, beta: float) -> Tensor:
-    """Fourier domain adaptation: give ``source`` images (B, C, H, W) the amplitude spectrum of
-    ``target`` images in the centred square of half-width ``floor(beta * min(H, W))`` around the
-    zero frequency, keeping the source phase everywhere."""
-    h, w = source.shape[-2:]
-    half = int(math.floor(beta * min(h, w)))
-    fs = torch.fft.fftshift(torch.fft.fft2(source.float()), dim=(-2, -1))
-    if half < 1:
-        return source.float().clone()
-    ft = torch.fft.fftshift(torch.fft.fft2(target.float()), dim=(-2, -1))
-    amp, phase = fs.abs(), fs.angle()
-    cy, cx = h // 2, w // 2
-    window = (
-        slice(None),
-        slice(None),
-        slice(cy - half, cy + half + 1),
-        slice(cx - half, cx + half + 1),
-    )
-    amp = amp.clone()
-    amp[window] = ft.abs()[window]
-    mixed = torch.fft.ifftshift(torch.polar(amp, phase), dim=(-2, -1))
-    return torch.fft.ifft2(mixed).real
+    return model.head.forward_with_features(x)
 
 
 def _source_ce(logits: Tensor, y: Tensor) -> Tensor:
@@ -192,7 +93,7 @@ class _Unsupervised(Strategy):
         class probabilities rather than features and would need a different discriminator."""
         (xs, _), (xt, _) = batch.source, batch.target
         n = xs.shape[0]
-        if getattr(model, "task", "classification") == "segmentation":
+        if model.task == "segmentation":
             logits, fmap = deepest_feature_map(model, torch.cat([xs, xt]))
             rows = sample_locations(fmap, self.locations_per_image)
             return logits[:n], logits[n:], rows[:n].flatten(0, 1), rows[n:].flatten(0, 1)
@@ -213,7 +114,7 @@ class _Discriminator(nn.Module):
             nn.Dropout(0.5),
             nn.Linear(hidden, 1),
         )
-        #: read by the engine: the discriminator's learning rate is the head's times this
+        #: the discriminator's learning rate is the head's times this (``harness.api.LRScaled``)
         self.lr_scale = lr_scale
 
     def forward(self, f: Tensor) -> Tensor:
@@ -265,25 +166,22 @@ class DANN(_Unsupervised):
             space["strategy.gamma"] = trial.suggest_float("strategy.gamma", 2.0, 30.0, log=True)
         return space
 
-    def setup(self, model, num_classes, params):
-        if getattr(model, "task", "classification") == "segmentation":
-            channels = getattr(model.head, "deepest_channels", None)
-            if channels is None:
-                raise PluginContractError(
-                    f"segmentation head {type(model.head).__name__} has no deepest_channels: dann "
-                    "needs the channel count of the deepest feature map it discriminates"
-                )
-        else:
-            channels = model.spec.num_features
+    def setup(self, model, num_classes, params, feature_dim):
+        if feature_dim is None:
+            raise PluginContractError(
+                f"segmentation head {type(model.head).__name__} has no deepest_channels: dann "
+                "needs the channel count of the deepest feature map it discriminates "
+                "(a harness.api.FeatureMapHead)"
+            )
         return _Discriminator(
-            int(channels),
+            feature_dim,
             int(params.get("strategy.disc_hidden", 256)),
             float(params.get("strategy.disc_lr_scale", 1.0)),
         )
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, _, fs, ft = self.joint(model, batch)
-        f = reverse_grad(torch.cat([fs, ft]), adversarial_coefficient(ctx.params, ctx.progress))
+        f = reverse_gradient(torch.cat([fs, ft]), adversarial_coefficient(ctx.params, ctx.progress))
         domain = torch.cat([torch.ones(fs.shape[0]), torch.zeros(ft.shape[0])]).to(f.device)
         adv = F.binary_cross_entropy_with_logits(ctx.extra(f), domain)
         return _source_ce(ls, batch.source[1]) + adv
@@ -292,7 +190,6 @@ class DANN(_Unsupervised):
 class MCC(_Unsupervised):
     """Minimum class confusion on target predictions."""
 
-    tasks = ("classification",)
     description = "minimum class confusion on target predictions"
 
     def search_space(self, trial) -> dict[str, Any]:
@@ -307,36 +204,42 @@ class MCC(_Unsupervised):
         return _source_ce(ls, batch.source[1]) + float(ctx.params.get("strategy.weight", 1.0)) * mcc
 
 
-class CORAL(_Unsupervised):
-    """Deep CORAL: align the covariance of source and target features (segmentation: of the
-    sampled locations of the deepest feature map)."""
+class _FeatureAlignment(_Unsupervised):
+    """Source cross-entropy plus ``strategy.weight`` times a discrepancy between the source and
+    target features of one joint pass (segmentation: the sampled locations of the deepest
+    feature map); the weight is searched on a log scale over ``weight_range``."""
+
+    weight_range: tuple[float, float]
+
+    @staticmethod
+    def discrepancy(fs: Tensor, ft: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def search_space(self, trial) -> dict[str, Any]:
+        low, high = self.weight_range
+        return {"strategy.weight": trial.suggest_float("strategy.weight", low, high, log=True)}
+
+    def training_step(self, model, batch: Batch, ctx: StepContext):
+        ls, _, fs, ft = self.joint(model, batch)
+        return _source_ce(ls, batch.source[1]) + float(
+            ctx.params.get("strategy.weight", 1.0)
+        ) * self.discrepancy(fs, ft)
+
+
+class CORAL(_FeatureAlignment):
+    """Deep CORAL: align the covariance of source and target features."""
 
     description = "align source and target feature covariances (Deep CORAL)"
-
-    def search_space(self, trial) -> dict[str, Any]:
-        return {"strategy.weight": trial.suggest_float("strategy.weight", 0.1, 100.0, log=True)}
-
-    def training_step(self, model, batch: Batch, ctx: StepContext):
-        ls, _, fs, ft = self.joint(model, batch)
-        return _source_ce(ls, batch.source[1]) + float(
-            ctx.params.get("strategy.weight", 1.0)
-        ) * coral_loss(fs, ft)
+    weight_range = (0.1, 100.0)
+    discrepancy = staticmethod(coral_loss)
 
 
-class MMD(_Unsupervised):
-    """Align source and target features under a multi-bandwidth Gaussian-kernel MMD
-    (segmentation: the sampled locations of the deepest feature map)."""
+class MMD(_FeatureAlignment):
+    """Align source and target features under a multi-bandwidth Gaussian-kernel MMD."""
 
     description = "align source and target features by kernel MMD"
-
-    def search_space(self, trial) -> dict[str, Any]:
-        return {"strategy.weight": trial.suggest_float("strategy.weight", 0.05, 5.0, log=True)}
-
-    def training_step(self, model, batch: Batch, ctx: StepContext):
-        ls, _, fs, ft = self.joint(model, batch)
-        return _source_ce(ls, batch.source[1]) + float(
-            ctx.params.get("strategy.weight", 1.0)
-        ) * mmd_loss(fs, ft)
+    weight_range = (0.05, 5.0)
+    discrepancy = staticmethod(mmd_loss)
 
 
 class AdaBN(Strategy):
@@ -483,7 +386,12 @@ STRATEGIES = {
 }
 
 
+#: mcc is classification-only (see the module docstring); every other strategy serves both
+CLASSIFICATION_ONLY = ("mcc",)
+
+
 @hookimpl
 def register_strategies(register):
     for name, cls in STRATEGIES.items():
-        register(name, cls, description=cls.description, tasks=cls.tasks)
+        tasks = ("classification",) if name in CLASSIFICATION_ONLY else TASKS
+        register(name, cls, description=cls.description, tasks=tasks)

@@ -108,6 +108,39 @@ def test_check_plugin_command(tmp_path):
     assert bad.returncode == 2 and "'strategies'" in bad.stderr
 
 
+COLLIDER = """from harness import hookimpl
+from harness_plugins.heads import build_linear
+
+
+@hookimpl
+def register_heads(register):
+    register("linear", build_linear, description="a second linear head")
+"""
+
+
+def test_check_plugin_fails_a_plugin_whose_name_an_installed_one_registers(tmp_path):
+    """``collider`` loads before the built-in ``heads`` and keeps the name ``linear``: the
+    registry reports the duplicate on the built-in's row, and check-plugin must fail the
+    plugin it checks, naming both plugins and distributions."""
+    site = tmp_path / "site"
+    info = site / "collider_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: collider-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[harness]\ncollider = collider_mod\n")
+    (site / "collider_mod.py").write_text(COLLIDER)
+    paths = (str(site), os.environ.get("PYTHONPATH"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env["HARNESS_PLUGINS"] += ",collider"
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "check-plugin", "collider"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "head:linear: 1 failed" in result.stdout, result.stdout
+    for words in ("head.unique_name", "'collider' (collider-plugin)", "'heads' (transfer-harness)"):
+        assert words in result.stdout, result.stdout
+
+
 def test_ls_shows_study_states(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     write_study(tmp_path / "benchmarks", "fresh")
@@ -127,7 +160,8 @@ def test_ls_shows_study_states(tmp_path):
 def test_every_command_help_has_an_example():
     import typer
 
-    from harness.cli import BUILTIN_COMMANDS, app
+    from harness.cli import app
+    from harness.registry import BUILTIN_COMMANDS
 
     group = typer.main.get_command(app)
     assert set(group.commands) == BUILTIN_COMMANDS
@@ -138,7 +172,7 @@ def test_every_command_help_has_an_example():
 def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, monkeypatch):
     import optuna
 
-    import harness.publish.report
+    import harness.publish.html
     from harness.cli import _write_board
     from harness.study import load_study
 
@@ -150,7 +184,7 @@ def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("matplotlib exploded")
 
-    monkeypatch.setattr(harness.publish.report, "write_report", broken)
+    monkeypatch.setattr(harness.publish.html, "write_report", broken)
     _write_board(spec, url, tmp_path / "out", quiet=True, report=True)
     assert (tmp_path / "out" / "leaderboard.json").is_file()
     assert not (tmp_path / "out" / "index.html").exists()

@@ -37,6 +37,7 @@ from harness.api import (
 from harness.registry import Entry, PluginInfo, Registry, get_registry
 from harness.testing import (
     CheckResult,
+    ContractCheck,
     PluginCheckError,
     assert_passes,
     check_backbone,
@@ -44,8 +45,10 @@ from harness.testing import (
     check_dataset,
     check_entry,
     check_head,
+    check_names,
     check_plugin,
     check_strategy,
+    parametrize_with_checks,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,9 +90,13 @@ def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
 @pytest.mark.parametrize("key", _builtin_ids())
 def test_every_builtin_entry_passes(key: str) -> None:
     kind, name = key.split(":", 1)
-    results = check_entry(get_registry().get(kind, name), **_kwargs(key))
+    entry = get_registry().get(kind, name)
+    results = check_entry(entry, **_kwargs(key))
     assert results and all(isinstance(r, CheckResult) for r in results)
     assert_passes(results)
+    if not any(r.detail.startswith("skipped: ") for r in results):
+        # what parametrize_with_checks lists before running is what runs
+        assert [r.name for r in results] == check_names(entry, **_kwargs(key))
 
 
 def test_a_builtin_strategy_passes_on_segmentation() -> None:
@@ -468,7 +475,7 @@ def test_check_plugin_limits_huge_backbone_plugins_and_reports_load_errors(
     assert list(results) == ["backbone:test_tiny", "command:tiny-info"]
     assert_passes(results)  # the description documents the command
     # a kind the kit does not know (yet) is listed as unchecked, not failed
-    monkeypatch.setattr("harness.testing.CHECKED_KINDS", ("backbone",))
+    monkeypatch.setattr("harness.testing.plugin.CHECKED_KINDS", ("backbone",))
     unchecked = check_plugin(registry, "many", options={"backbone": {"image_size": 16}})
     assert [(r.name, r.passed) for r in unchecked["command:tiny-info"]] == [
         ("command.unchecked", True)
@@ -495,3 +502,165 @@ def test_tasks_registered_as_a_string_fail() -> None:
     data = Entry("dataset", "good", good_dataset, "p", "d", meta={"tasks": "classification"})
     results = _by_name(check_dataset(data, image_size=16))
     assert not results["dataset.task"].passed and "a tuple" in results["dataset.task"].detail
+
+
+# =========================================================================================== name collisions
+
+
+def _commands_plugin(module: str, *names: str) -> types.ModuleType:
+    plugin = types.ModuleType(module)
+
+    @hookimpl
+    def register_commands(register: Any) -> None:
+        for name in names:
+            register(name, command_without_docs, description="print a number")
+
+    plugin.register_commands = register_commands  # type: ignore[attr-defined]
+    return plugin
+
+
+def test_a_plugin_whose_entry_name_another_plugin_claims_fails_the_check() -> None:
+    registry = Registry()
+    registry.add_plugin(_commands_plugin("a"), PluginInfo("first", "first-dist", "1", "a"))
+    registry.add_plugin(
+        _commands_plugin("b", "dup-info", "own-info"),
+        PluginInfo("second", "second-dist", "1", "b"),
+    )
+    registry.add_plugin(
+        _commands_plugin("c", "dup-info"), PluginInfo("third", "third-dist", "1", "c")
+    )
+    # the registry keeps the entry of the plugin that loaded first, and reports the duplicate on
+    # the other plugin's row: the check of the first must fail too, naming both
+    results = check_plugin(registry, "second")
+    first = results["command:dup-info"][0]
+    assert (first.name, first.passed) == ("command.unique_name", False)
+    for word in ("registered twice", "'second' (second-dist)", "'third' (third-dist)", "rename"):
+        assert word in first.detail, first.detail
+    assert [r.name for r in results["command:own-info"]] == check_names(
+        registry.get("command", "own-info")
+    )
+    with pytest.raises(PluginCheckError, match="command:dup-info/command.unique_name"):
+        assert_passes(results)
+    loser = check_plugin(registry, "third")
+    assert list(loser) == ["plugin:third"]
+    assert "'second' (second-dist)" in loser["plugin:third"][0].detail
+    assert_passes(check_plugin(registry, "first"))  # no entries, no collision
+
+
+def _fake_distribution(site: Path, dist: str, entry_point: str, module: str, source: str) -> None:
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[harness]\n{entry_point} = {module}\n")
+    (site / f"{module}.py").write_text(source)
+
+
+def test_a_plugin_whose_entry_point_name_another_distribution_declares_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = (
+        "from harness import hookimpl\n"
+        "@hookimpl\n"
+        "def register_commands(register):\n"
+        "    register({name!r}, lambda: None, description='does nothing')\n"
+    )
+    _fake_distribution(tmp_path, "twin-one", "twin", "twin_one", source.format(name="one-info"))
+    _fake_distribution(tmp_path, "twin-two", "twin", "twin_two", source.format(name="two-info"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry()
+    registry.load_entry_points(only=["twin"])
+    results = check_plugin(registry, "twin")
+    problem = results["plugin:twin"]
+    assert [(r.name, r.passed) for r in problem] == [("plugin.unique_name", False)]
+    assert "twin-one" in problem[0].detail and "twin-two" in problem[0].detail
+
+
+# =========================================================================================== parametrize
+
+
+def dataset_needs_root(domain: str | None, *, image_size: int, seed: int, root: str) -> DomainData:
+    raise AssertionError("never built without a root")
+
+
+PARAMETRIZED = [
+    Entry("strategy", "unprefixed", UnprefixedSearchSpace, "tests", "tests"),
+    Entry("command", "no-docs", command_without_docs, "tests", "tests"),
+    Entry("dataset", "rooted", dataset_needs_root, "tests", "tests"),
+]
+
+
+def _outcome(check: ContractCheck) -> str:
+    try:
+        check()
+    except pytest.skip.Exception:
+        return "skipped"
+    except PluginCheckError:
+        return "failed"
+    return "passed"
+
+
+def test_parametrize_with_checks_gives_one_test_per_check() -> None:
+    reason = "names its parameter 'lr'"
+    mark = parametrize_with_checks(
+        PARAMETRIZED, expected_failures={"strategy.search_space": reason}
+    )
+    assert mark.args[0] == "check"
+    params = {p.id: p for p in mark.args[1]}
+    assert list(params) == [
+        *(f"strategy:unprefixed/strategy.{n}" for n in ("factory", "declarations")),
+        *(f"strategy:unprefixed/strategy.{n}" for n in ("search_space", "unknown_option")),
+        *(f"strategy:unprefixed/strategy.{n}" for n in ("trains", "target_labels")),
+        *(f"command:no-docs/command.{n}" for n in ("name", "help", "docs")),
+        *(f"dataset:rooted/dataset.{n}" for n in ("factory", "contract", "image_size", "task")),
+        *(f"dataset:rooted/dataset.{n}" for n in ("class_names", "disjoint_splits")),
+        *(f"dataset:rooted/dataset.{n}" for n in ("deterministic", "fingerprint")),
+    ]
+    xfail = params["strategy:unprefixed/strategy.search_space"].marks
+    assert [(m.name, m.kwargs["reason"], m.kwargs["strict"]) for m in xfail] == [
+        ("xfail", reason, True)
+    ]
+    assert all(not p.marks for key, p in params.items() if not key.endswith("search_space"))
+    outcomes = {key: _outcome(p.values[0]) for key, p in params.items()}
+    assert outcomes["strategy:unprefixed/strategy.search_space"] == "failed"  # hence xfail
+    # not run because search_space failed: skipped, naming it
+    assert outcomes["strategy:unprefixed/strategy.trains"] == "skipped"
+    assert outcomes["command:no-docs/command.docs"] == "failed"
+    assert outcomes["command:no-docs/command.help"] == "passed"
+    # a factory that needs options nobody gave: every check skipped, saying which
+    assert {v for k, v in outcomes.items() if k.startswith("dataset:")} == {"skipped"}
+    with pytest.raises(PluginCheckError, match="command:no-docs/command.docs: no description"):
+        params["command:no-docs/command.docs"].values[0]()
+
+
+def test_parametrize_with_checks_refuses_unknown_expected_failures() -> None:
+    with pytest.raises(ValueError, match="unknown check 'strategy.search_spac'.*did you mean"):
+        parametrize_with_checks(PARAMETRIZED, expected_failures={"strategy.search_spac": "typo"})
+    with pytest.raises(TypeError, match="name the plugin"):
+        parametrize_with_checks(Registry())
+
+
+def test_parametrize_with_checks_over_a_plugin_reports_a_name_collision() -> None:
+    registry = Registry()
+    registry.add_plugin(_commands_plugin("b", "dup-info"), PluginInfo("mine", "my-dist", "1", "b"))
+    registry.add_plugin(_commands_plugin("c", "dup-info"), PluginInfo("other", "o-dist", "1", "c"))
+    params = {p.id: p for p in parametrize_with_checks(registry, "mine").args[1]}
+    assert list(params) == [
+        "command:dup-info/command.unique_name",
+        "command:dup-info/command.name",
+        "command:dup-info/command.help",
+        "command:dup-info/command.docs",
+    ]
+    with pytest.raises(PluginCheckError, match="'other' \\(o-dist\\)"):
+        params["command:dup-info/command.unique_name"].values[0]()
+    params["command:dup-info/command.docs"].values[0]()  # the description documents it
+    other = {p.id: p for p in parametrize_with_checks(registry, "other").args[1]}
+    assert list(other) == ["plugin:other/plugin.load"]
+    assert _outcome(other["plugin:other/plugin.load"].values[0]) == "failed"
+
+
+@parametrize_with_checks(
+    PARAMETRIZED[:1],
+    expected_failures={"strategy:unprefixed/strategy.search_space": "names its parameter 'lr'"},
+)
+def test_parametrize_with_checks_as_a_plugin_author_uses_it(check: ContractCheck) -> None:
+    check()

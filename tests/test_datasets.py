@@ -12,6 +12,7 @@ from PIL import Image
 
 from harness.api import DatasetError, DomainData, stratified_split
 from harness_plugins import datasets as ds
+from harness_plugins.photos import bundled_photos
 
 N_DIGITS = 1797
 
@@ -159,7 +160,7 @@ def test_digits_m_photo_seed(digits_m16: DomainData) -> None:
 
 
 def test_digits_m_uses_several_real_photos() -> None:
-    photos = ds._photos()
+    photos = bundled_photos()
     assert len(photos) >= 5
     for p in photos:
         assert p.dtype == torch.uint8 and p.shape[0] == 3 and min(p.shape[1:]) >= 200

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import api
 from harness.api import Batch, DomainData, Strategy
 from harness.errors import NonFiniteLossError
 from harness.training.engine import (
@@ -17,6 +20,7 @@ from harness.training.engine import (
     resolve_device,
     resolve_freeze_depth,
 )
+from harness.training.inputs import model_input
 from harness_plugins.heads import build_linear
 from harness_plugins.timm_backbones import build_timm_backbone
 
@@ -158,8 +162,8 @@ def test_non_finite_loss_fails_the_run():
 
 def test_extra_modules_from_setup_are_trained():
     class WithExtra(Strategy):
-        def setup(self, m, num_classes, params):
-            return nn.Linear(m.spec.num_features, 1)
+        def setup(self, m, num_classes, params, feature_dim):
+            return nn.Linear(feature_dim, 1)
 
         def training_step(self, m, batch, ctx):
             x, y = batch.source
@@ -169,6 +173,64 @@ def test_extra_modules_from_setup_are_trained():
     w = t.extra.weight.detach().clone()
     t.fit()
     assert not torch.equal(w, t.extra.weight)
+
+
+def test_setup_is_told_the_feature_width_and_its_module_says_how_it_is_optimized():
+    seen = {}
+
+    class Discriminating(Strategy):
+        def setup(self, m, num_classes, params, feature_dim):
+            seen["model"], seen["width"] = m, feature_dim
+            return nn.Sequential(nn.Linear(feature_dim, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+
+        def param_groups(self, extra, lr, weight_decay):
+            return [
+                {"params": list(extra[0].parameters()), "lr": lr * 3, "weight_decay": 0.5},
+                {"params": [], "lr": lr},  # dropped: nothing to optimize
+                {"params": list(extra[1:].parameters()), "lr": lr, "weight_decay": 0.0},
+            ]
+
+        def training_step(self, m, batch, ctx):
+            x, y = batch.source
+            return F.cross_entropy(m(x), y) + ctx.extra(m.features(x)).pow(2).mean()
+
+    m = model()
+    t = Trainer(m, Discriminating(), domain("s"), domain("t"), config(weight_decay=0.01))
+    assert isinstance(seen["model"], api.TransferModel) and seen["width"] == m.spec.num_features
+    groups = t.optimizer.param_groups[-2:]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(3e-2, 0.5), (1e-2, 0.0)]
+    assert t.optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_a_strategy_logs_diagnostics_that_the_result_averages_per_epoch():
+    steps: list[list[int]] = [[], []]
+
+    class Logging(Recorder):
+        def training_step(self, m, batch, ctx):
+            steps[ctx.epoch].append(ctx.step)
+            ctx.log("step", ctx.step)  # a number
+            ctx.log("ones", torch.ones(()))  # a tensor, kept on its device until the epoch ends
+            if ctx.epoch == 1:
+                ctx.log("late", 2.0)
+            return super().training_step(m, batch, ctx)
+
+    result = Trainer(model(), Logging(), domain("s"), domain("t"), config(epochs=2)).fit()
+    assert result.diagnostics["step"] == [sum(e) / len(e) for e in steps]
+    assert result.diagnostics["ones"] == [1.0, 1.0]
+    assert math.isnan(result.diagnostics["late"][0]) and result.diagnostics["late"][1] == 2.0
+    with pytest.raises(ValueError, match="name"):
+        api.StepContext({}, 0, 1, 0, 1, 3).log("", 1.0)
+
+
+def test_every_model_input_is_the_one_preprocessing_step():
+    m = model()
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = m.normalize(x.float() / 255.0).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model_input(x, m, channels_last=True), expected)
+    assert model_input(x, m, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    t = Trainer(m, Recorder(), domain("s"), domain("t"), config())
+    prepared, _ = t._prepare(x, None, torch.Generator())
+    assert torch.equal(prepared, model_input(x, m, channels_last=False))
 
 
 def test_metrics_known_answers():

@@ -38,7 +38,7 @@ def test_l2_sp_penalizes_distance_to_the_starting_weights_not_to_zero():
     torch.manual_seed(0)
     model, b = tiny_model(), target_batch()
     strategy = L2SP()
-    start = strategy.setup(model, 3, {})
+    start = strategy.setup(model, 3, {}, model.feature_dim)
     c = ctx({"strategy.alpha": 1.0}, extra=start)
     ce = float(F.cross_entropy(model(b.target[0]), b.target[1]))
     assert float(strategy.training_step(model, b, c)) == pytest.approx(

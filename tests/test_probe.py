@@ -116,6 +116,7 @@ def test_step_timer_times_only_the_steps_after_warm_up():
 
 
 def test_runner_probes_auto_once_per_backbone_and_records_it(tmp_path, monkeypatch):
+    from harness.search.space import train_config
     from harness.study import load_study
     from tests.conftest import write_study
     from tests.test_search import make_runner
@@ -129,8 +130,8 @@ def test_runner_probes_auto_once_per_backbone_and_records_it(tmp_path, monkeypat
     monkeypatch.setattr(probe, "candidates", lambda device: probe.ALL)
     runner = make_runner(tmp_path, spec)
     rm = runner.methods[0]
-    assert runner.precision_for(rm).describe() == "bf16-autocast+channels_last"
-    assert runner.precision_for(rm) is runner.precision_for(rm) and len(measured) == 4
-    cfg = runner.train_config({"head.lr": 1e-3, "optimizer.weight_decay": 0, "backbone.freeze_depth": 0,
-                               "augment.policy": "none"}, 0, 4, runner.precision_for(rm))  # fmt: skip
+    assert runner.models.precision_for(rm).describe() == "bf16-autocast+channels_last"
+    assert runner.models.precision_for(rm) is runner.models.precision_for(rm) and len(measured) == 4
+    cfg = train_config(spec, {"head.lr": 1e-3, "optimizer.weight_decay": 0, "backbone.freeze_depth": 0,
+                              "augment.policy": "none"}, 0, runner.device, runner.models.precision_for(rm))  # fmt: skip
     assert cfg.precision == Precision(True, True)

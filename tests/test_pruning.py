@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from harness.search import Runner, asha_min_resource, describe_pruner
+from harness.search import asha_min_resource, describe_pruner, make_pruner
 from harness.study import SearchSpace
 
 
@@ -27,10 +27,9 @@ def _run(study: optuna.Study, curve: list[float]) -> tuple[bool, int]:
 
 
 def _pruner(epochs: int, trials: int = 20) -> optuna.pruners.BasePruner:
-    runner = Runner.__new__(Runner)  # _pruner reads the study spec only
     budget = type("B", (), {"max_epochs": epochs, "trials": trials})()
-    runner.spec = type("Spec", (), {"search": SearchSpace(), "budget": budget})()
-    return runner._pruner()
+    # make_pruner reads the study's search space and budget only
+    return make_pruner(type("Spec", (), {"search": SearchSpace(), "budget": budget})())
 
 
 def test_successive_halving_keeps_the_top_third_at_each_rung():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import inspect
 import tomllib
 import types
@@ -162,7 +163,8 @@ def test_environment_variable_limits_plugins(monkeypatch):
 def test_builtin_plugins_are_declared_in_the_entry_point_group():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     declared = pyproject["project"]["entry-points"]["harness"]
-    modules = {p.stem for p in (REPO / "plugins").glob("*.py") if p.stem != "__init__"}
+    # every module that implements a hook; helpers (images, photos, shapes, ...) register nothing
+    modules = {p.stem for p in (REPO / "plugins").glob("*.py") if "@hookimpl" in p.read_text()}
     assert {v.split(".")[-1] for v in declared.values()} == modules
     installed = {ep.name: ep.value for ep in md.entry_points(group="harness")}
     for name, value in declared.items():
@@ -197,15 +199,93 @@ def test_every_builtin_registers_something():
     assert "test_resnet" in reg.names("backbone") and "resnet18" in reg.names("backbone")
 
 
-def test_every_hook_is_documented_in_the_plugin_guide():
+def test_the_plugin_guide_carries_every_hook_docstring_verbatim():
+    """docs/plugins.md's hook reference is generated from hookspecs.py: they cannot drift."""
+    spec = importlib.util.spec_from_file_location("hook_reference", REPO / "docs/hook_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
     guide = (REPO / "docs" / "plugins.md").read_text()
+    assert reference.render(guide) == guide, "run: python docs/hook_reference.py"
     for name in hookspecs.hook_names():
-        assert f"def {name}(register)" in guide, f"{name} missing from docs/plugins.md"
-        doc = inspect.getdoc(getattr(hookspecs, name))
-        register_line = next(line for line in doc.splitlines() if line.startswith("``register("))
-        assert register_line.strip("`") in guide, f"signature of {name} differs in docs/plugins.md"
-        factory = [line.strip() for line in doc.splitlines() if line.strip().startswith("factory(")]
-        for line in factory:
-            assert line.split(" ->")[0].rstrip() in guide, (
-                f"factory signature of {name} differs in docs/plugins.md"
-            )
+        assert inspect.getdoc(getattr(hookspecs, name)) in guide, name
+
+
+def test_the_plugin_surface_is_importable_from_harness_api():
+    import harness.api as api
+    from harness import errors
+
+    for name in api.__all__:
+        assert hasattr(api, name), name
+    assert api.hookimpl is hookimpl and api.Register is hookspecs.Register
+    for error in ("DatasetError", "WeightsError", "PluginContractError", "NonFiniteLossError"):
+        assert getattr(api, error) is getattr(errors, error)
+
+
+def test_tasks_are_declared_with_register_only():
+    from harness.api import Strategy
+
+    reg = Registry()
+    reg.add_plugin(*plugin("a", register_heads=registers(["h"])))
+    reg.add_plugin(*plugin("b", register_strategies=registers(["s"])))
+    assert reg.get("head", "h").tasks == ("classification",)  # the kind's default
+    assert reg.get("strategy", "s").tasks == hookspecs.TASKS
+
+    def seg_head(register):
+        register("seg", lambda **k: None, tasks=["segmentation"])
+
+    reg.add_plugin(*plugin("c", register_heads=seg_head))
+    assert reg.get("head", "seg").tasks == ("segmentation",)
+    for bad in ("classification", (), ("detection",)):
+
+        def hook(register, bad=bad):
+            register("bad", lambda **k: None, tasks=bad)
+
+        reg.add_plugin(*plugin(f"bad-{len(reg.plugins)}", register_heads=hook))
+        assert "tasks must be" in reg.plugins[f"bad-{len(reg.plugins) - 1}"].error
+
+    with pytest.raises(TypeError, match="register"):
+
+        class WithTasks(Strategy):  # noqa: F841 - defining it is the error
+            tasks = ("classification",)
+
+
+def test_open_domains_validate_a_parametric_sub_domain():
+    from harness.api import OpenDomains
+    from harness.registry import check_domain
+
+    rotations = OpenDomains(r"\d+", examples=("0", "90"), help="an angle in degrees")
+    assert "270" in rotations and "left" not in rotations and list(rotations) == ["0", "90"]
+    by_rule = OpenDomains(lambda s: s.isdigit() and int(s) < 360, examples=("0",))
+    assert "359" in by_rule and "360" not in by_rule
+    with pytest.raises(ValueError, match="examples"):
+        OpenDomains(r"\d+", examples=("left",))
+
+    def datasets(register):
+        register("rotated", lambda *a, **k: None, domains=rotations)
+        register("office", lambda *a, **k: None, domains=("amazon", "dslr"))
+
+    reg = Registry()
+    reg.add_plugin(*plugin("d", register_datasets=datasets))
+    rotated, office = reg.get("dataset", "rotated"), reg.get("dataset", "office")
+    check_domain(rotated, "90")
+    check_domain(rotated, None)
+    check_domain(office, "dslr")
+    with pytest.raises(UnknownPluginError, match="an angle in degrees, e.g. 0, 90"):
+        check_domain(rotated, "left")
+    with pytest.raises(UnknownPluginError, match="did you mean 'amazon'.*it serves amazon, dslr"):
+        check_domain(office, "amazn")
+
+    def bad(register):
+        register("h", lambda **k: None, domains=["a"])
+
+    reg.add_plugin(*plugin("e", register_heads=bad))
+    assert "domains= applies to datasets only" in reg.plugins["e"].error
+
+
+def test_the_naming_rule_is_stated_once():
+    assert hookspecs.NAME_PATTERN.match("rotated-digits_2.v1")
+    assert not hookspecs.NAME_PATTERN.match("Rotated") and not hookspecs.NAME_PATTERN.match("a/b")
+    readme = (REPO / "tests" / "example_plugin" / "README.md").read_text()
+    assert (
+        "NAME_RULE" in readme and "NAME_RULE" in (REPO / "docs" / "hook_reference.py").read_text()
+    )

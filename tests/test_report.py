@@ -3,6 +3,7 @@ from a real (tiny) Optuna storage; plus the browser check and Optuna's public AP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,17 +24,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
-from harness.publish import leaderboard, report
+from harness.publish import index, leaderboard, plots
+from harness.publish.bundle import export_bundle
+from harness.publish.html import write_report
+from harness.publish.results import read_results
 from harness.registry import Registry
-from harness.search import (
-    FINALS_SUFFIX,
-    Runner,
-    RunOptions,
-    default_storage,
-    journal_storage,
-    optuna_study_name,
-    trial_params,
-)
+from harness.search import RunOptions, build_driver
+from harness.store.backends import default_storage, journal_storage
+from harness.store.schema import FINALS_SUFFIX, optuna_study_name, trial_params
 from harness.study import load_study
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -87,19 +85,23 @@ def published(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster on a busy machine
     try:
-        runner = Runner(spec, registry, RunOptions(results_dir=results_dir, log=lambda m: None))
-        runner.run()
+        driver = build_driver(
+            spec, registry, RunOptions(results_dir=results_dir, log=lambda m: None)
+        )
+        driver.run()
     finally:
         torch.set_num_threads(threads)
-    url = runner.storage_url
-    board, trials, provenance = leaderboard.collect(spec, url)
+    url = driver.storage_url
+    results = read_results(spec, url)  # one read of the storage for everything published
+    board, trials, provenance = leaderboard.tables(results)
     leaderboard.write(results_dir, spec, board, trials, provenance)
-    bundle = report.export_bundle(results_dir, spec, board, url)
-    index = report.write_report(results_dir, spec, board, trials, provenance, url)
-    readme = report.write_results_index(tmp / "results")
+    bundle = export_bundle(results_dir, results, board)
+    page = write_report(results_dir, results, board, trials, provenance)
+    readme = index.write_results_index(tmp / "results")
     return types.SimpleNamespace(
-        tmp=tmp, spec=spec, url=url, results_dir=results_dir, board=board, trials=trials,
-        provenance=provenance, bundle=bundle, index=index, readme=readme, study_file=path,
+        tmp=tmp, spec=spec, url=url, results_dir=results_dir, results=results, board=board,
+        trials=trials, provenance=provenance, bundle=bundle, index=page, readme=readme,
+        study_file=path,
     )  # fmt: skip
 
 
@@ -173,10 +175,9 @@ def test_text_from_the_study_and_storage_is_escaped(published, tmp_path):
     spec = published.spec.model_copy(update={"description": "<script>alert(1)</script>"})
     board = published.board.copy()
     board.loc[0, "method"] = '<img src=x onerror="alert(1)">'
-    index = report.write_report(
-        tmp_path, spec, board, published.trials, published.provenance, published.url
-    )
-    text = index.read_text(encoding="utf-8")
+    results = dataclasses.replace(published.results, spec=spec)
+    page = write_report(tmp_path, results, board, published.trials, published.provenance)
+    text = page.read_text(encoding="utf-8")
     assert "<script>" not in text and "<img src=x" not in text
     assert "&lt;script&gt;" in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
 
@@ -193,31 +194,55 @@ def test_report_notes_plots_it_cannot_draw(published, tmp_path):
     study.add_trial(create_trial(state=TrialState.PRUNED, params={"head.lr": 1e-3},
                                  distributions={"head.lr": FloatDistribution(1e-4, 1e-2, log=True)},
                                  intermediate_values={0: 0.2}))  # fmt: skip
-    board, trials, provenance = leaderboard.collect(spec, url)
+    results = read_results(spec, url)
+    board, trials, provenance = leaderboard.tables(results)
     assert set(board["status"]) == {"no completed trial", "not started"}
-    index = report.write_report(tmp_path, spec, board, trials, provenance, url)
-    text = index.read_text(encoding="utf-8")
+    page = write_report(tmp_path, results, board, trials, provenance)
+    text = page.read_text(encoding="utf-8")
     assert "no completed trial yet" in text and "not started" in text
     assert "no row has a test score yet" in text
     assert "data:image/png" not in text and not list((tmp_path / "plots").glob("*.png"))
 
 
-def test_importances_need_two_completed_trials_and_two_varying_params():
-    def study_with(*params: dict) -> optuna.Study:
-        study = optuna.create_study(direction="maximize")
-        dists = {"a": FloatDistribution(0.1, 1.0), "b": FloatDistribution(0.1, 1.0)}
-        for i, p in enumerate(params):
-            study.add_trial(
-                create_trial(value=0.1 * i, params=p, distributions={k: dists[k] for k in p})
-            )
-        return study
+def test_one_read_of_the_storage_makes_every_published_file(published, tmp_path):
+    """Everything is published from what read_results read: with the storage gone afterwards, the
+    plots and the bundle come out the same, and nothing opened the storage again."""
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(published.results_dir / "optuna.journal", store / "optuna.journal")
+    results = read_results(published.spec, journal_storage(store))
+    board, trials, provenance = leaderboard.tables(results)
+    shutil.rmtree(store)
+    out = tmp_path / "out"
+    leaderboard.write(out, published.spec, board, trials, provenance)
+    export_bundle(out, results, board)
+    write_report(out, results, board, trials, provenance)
+    assert not store.exists()  # opening a journal storage would have made its folder again
+    pngs = sorted(p.name for p in (published.results_dir / "plots").glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in (out / "plots").glob("*.png"))
+    for name in pngs:
+        assert (out / "plots" / name).read_bytes() == (
+            published.results_dir / "plots" / name
+        ).read_bytes()
+    for name in ("best_params.json", "resolved_study.json", "report.toml"):
+        assert (out / "bundle" / name).read_bytes() == (published.bundle / name).read_bytes()
+    assert (out / "trials.csv").read_bytes() == (published.results_dir / "trials.csv").read_bytes()
 
-    assert "at least 2 completed trials (1 so far)" in report.importance_note(
-        study_with({"a": 0.2, "b": 0.3})
+
+def test_importances_need_two_completed_trials_and_two_varying_params():
+    def trials_with(*params: dict) -> list[optuna.trial.FrozenTrial]:
+        dists = {"a": FloatDistribution(0.1, 1.0), "b": FloatDistribution(0.1, 1.0)}
+        return [
+            create_trial(value=0.1 * i, params=p, distributions={k: dists[k] for k in p})
+            for i, p in enumerate(params)
+        ]
+
+    assert "at least 2 completed trials (1 so far)" in plots.importance_note(
+        trials_with({"a": 0.2, "b": 0.3})
     )
-    note = report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.3}))
+    note = plots.importance_note(trials_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.3}))
     assert "more than one" in note and "(only a)" in note
-    assert report.importance_note(study_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.4})) is None
+    assert plots.importance_note(trials_with({"a": 0.2, "b": 0.3}, {"a": 0.5, "b": 0.4})) is None
 
 
 def test_bundle_has_study_resolved_spec_best_params_and_rerun_script(published):
@@ -314,7 +339,7 @@ def test_results_index_lists_every_published_study(published, tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "leaderboard.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
-    text = report.write_results_index(tmp_path).read_text()
+    text = index.write_results_index(tmp_path).read_text()
     assert (
         "| second |" in text
         and "| broken | (unreadable leaderboard.json" in text
@@ -382,7 +407,7 @@ def test_index_html_renders_in_headless_chromium(published, tmp_path):
         colours = rgb.getcolors(maxcolors=1 << 24)
         assert len(colours) > 1, "blank screenshot"
         # the leaderboard bar chart is in view: its bars are matplotlib's first colour
-        r0, g0, b0 = (int(report.BAR_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
+        r0, g0, b0 = (int(plots.BAR_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
         bar = sum(
             n
             for n, (r, g, b) in colours
@@ -413,14 +438,14 @@ def test_results_index_lists_a_pair_once_per_result_and_names_the_selecting_rule
         },  # oracle: never a headline
         {**row, "method": "second", "rank": 2, "selection": "im"},
     ]
-    assert report._headline(records) == (
+    assert index._headline(records) == (
         "a->b: m, acc 50.0 ± 1.0 (selected by im, target-val); a->b: other, acc 50.0 ± 1.0 (selected by im)"
     )
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "leaderboard.json").write_text(
         json.dumps({"description": "d", "rows": records})
     )
-    text = report.write_results_index(tmp_path).read_text()
+    text = index.write_results_index(tmp_path).read_text()
     assert (
         text.count("a->b: m,") == 1
         and "label-free validator scoring unlabelled target validation images" in text

@@ -13,10 +13,10 @@ from conftest import write_study
 from safetensors.torch import save_file
 from test_search import make_runner
 
-import harness.search
 import harness.training.engine
 import harness.training.features as feat
 from harness.errors import StudySpecError
+from harness.search import ModelFactory
 from harness.study import load_study
 from harness.training.engine import seed_everything
 from harness.training.reset import BackboneReset
@@ -175,7 +175,7 @@ def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(
     spec = load_study(str(write_study(tmp_path / "benchmarks", trials=3, weights=weights)))
     runner = make_runner(tmp_path / "reused", spec)
     reused = _trial_values(runner)
-    (reset,) = runner._resets.values()
+    (reset,) = runner.models.resets.values()
     assert reset.refused is None and reset.reuses >= 3 * 3 + 3 * 2
 
     class Fresh(BackboneReset):
@@ -183,8 +183,8 @@ def test_a_search_with_reset_backbones_gives_what_building_every_one_gives(
             with harness.training.engine.generators_kept():
                 return self._build()
 
-    monkeypatch.setattr(harness.search, "BackboneReset", Fresh)
-    assert _trial_values(make_runner(tmp_path / "built", spec)) == reused
+    built = make_runner(tmp_path / "built", spec, models=lambda ctx: ModelFactory(ctx, reset=Fresh))
+    assert _trial_values(built) == reused
 
 
 def test_reuse_backbone_false_builds_every_backbone_and_is_recorded(tmp_path, weights):
@@ -195,7 +195,7 @@ def test_reuse_backbone_false_builds_every_backbone_and_is_recorded(tmp_path, we
     spec = load_study(str(path))
     runner = make_runner(tmp_path, spec)
     study = runner.search(0, runner.methods[1])
-    assert not runner.__dict__.get("_resets")
+    assert not runner.models.resets
     assert study.user_attrs["config"]["reuse_backbone"] is False
     # resuming the study with the other setting is refused: its trials were made the other way
     again = make_runner(tmp_path, load_study(str(path), overrides={"reuse_backbone": True}))

@@ -9,14 +9,13 @@ import torch.nn.functional as F
 from conftest import BUILTIN_PLUGINS, write_study
 from optuna.trial import TrialState
 
-import harness.search
-import harness.training.engine
 from harness import hookimpl
 from harness.api import Strategy
 from harness.errors import StudySpecError
-from harness.publish import leaderboard
+from harness.publish import leaderboard, markdown
 from harness.registry import PluginInfo, Registry
-from harness.search import FINALS_SUFFIX, Runner, RunOptions, optuna_study_name, trial_params
+from harness.search import DomainCache, Driver, RunOptions, Scorer, build_driver
+from harness.store.schema import FINALS_SUFFIX, optuna_study_name, trial_params
 from harness.study import load_study
 
 
@@ -37,12 +36,54 @@ def registry_with(*strategies: tuple[str, type]) -> Registry:
     return reg
 
 
-def make_runner(tmp_path, spec, registry=None) -> Runner:
-    return Runner(
-        spec,
-        registry or registry_with(),
-        RunOptions(results_dir=tmp_path / "results" / spec.name, log=lambda m: None),
-    )
+def make_runner(tmp_path, spec, registry=None, log=None, **collaborators) -> Driver:
+    """A driver of ``spec`` under ``tmp_path/results``; ``collaborators`` replace the default
+    model factory, domain cache or scorer (factories called with the run's context)."""
+    options = RunOptions(results_dir=tmp_path / "results" / spec.name, log=log or (lambda m: None))
+    return build_driver(spec, registry or registry_with(), options, **collaborators)
+
+
+class _Poison:
+    """Stands in for the target test split outside the final runs: any use is counted and fails."""
+
+    def __init__(self, reads: dict[str, int]) -> None:
+        object.__setattr__(self, "reads", reads)
+
+    def __getattr__(self, name):
+        self.reads["outside"] += 1
+        raise AssertionError(f"the target test split was read outside a final run (.{name})")
+
+    def __len__(self):
+        self.reads["outside"] += 1
+        raise AssertionError("the target test split was read outside a final run (len)")
+
+
+def guarded_runner(tmp_path, spec, registry=None) -> tuple[Driver, dict[str, int]]:
+    """A driver whose targets hold a :class:`_Poison` in place of their test split: only the
+    scorer's ``evaluate_test`` (the final runs) puts the real one back, for its one read.
+    Returns the driver and its read counts: ``finals`` (evaluate_test) and ``outside`` (any
+    other use of the split, which also fails what used it)."""
+    reads = {"finals": 0, "outside": 0}
+    real: dict[int, object] = {}
+
+    class Guarded(DomainCache):
+        def domain(self, i, side):
+            data = super().domain(i, side)
+            if side == "target" and id(data) not in real:
+                real[id(data)] = data.test
+                data.test = _Poison(reads)
+            return data
+
+    class TestReads(Scorer):
+        def evaluate_test(self, trainer, target):
+            poison, target.test = target.test, real[id(target)]
+            try:
+                reads["finals"] += 1
+                return super().evaluate_test(trainer, target)
+            finally:
+                target.test = poison
+
+    return make_runner(tmp_path, spec, registry, domains=Guarded, scorer=TestReads), reads
 
 
 @pytest.fixture(scope="module")
@@ -51,35 +92,9 @@ def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "benchmarks").mkdir()
     spec = load_study(str(write_study(tmp / "benchmarks", trials=2)))
-    calls = {"test_reads": 0, "test_reads_outside_finals": 0}
-    in_final = {"on": False}
-    real_eval = Runner.evaluate_test
-    real_predict = harness.training.engine.predict
-
-    def evaluate_test(self, trainer, target):
-        in_final["on"] = True
-        try:
-            return real_eval(self, trainer, target)
-        finally:
-            in_final["on"] = False
-
-    def predict(model, split, *a, **k):
-        if split is runner.pair_data(0)[1].test:
-            calls["test_reads"] += 1
-            if not in_final["on"]:
-                calls["test_reads_outside_finals"] += 1
-        return real_predict(model, split, *a, **k)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Runner, "evaluate_test", evaluate_test)
-    mp.setattr(harness.training.engine, "predict", predict)
-    mp.setattr(harness.search, "predict", predict)
-    runner = make_runner(tmp, spec)
-    try:
-        runner.run()
-    finally:
-        mp.undo()
-    return tmp, spec, runner, calls
+    runner, reads = guarded_runner(tmp, spec)
+    runner.run()
+    return tmp, spec, runner, reads
 
 
 def test_one_optuna_study_per_pair_and_method_with_budget(finished):
@@ -105,9 +120,9 @@ def test_one_optuna_study_per_pair_and_method_with_budget(finished):
 
 
 def test_test_split_is_read_only_by_the_final_runs(finished):
-    _, spec, _, calls = finished
-    assert calls["test_reads_outside_finals"] == 0
-    assert calls["test_reads"] == spec.final_seeds * len(spec.methods)
+    _, spec, _, reads = finished
+    assert reads["outside"] == 0
+    assert reads["finals"] + reads["outside"] == spec.final_seeds * len(spec.methods)
 
 
 def test_linear_probe_searches_no_backbone_learning_rate(finished):
@@ -218,6 +233,25 @@ def test_failed_trials_are_recorded_with_reason_and_search_goes_on(tmp_path):
         )
         reasons[m.strategy] = {t.user_attrs.get("fail_reason") for t in study.get_trials()}
     assert reasons == {"nan-loss": {"nonfinite"}, "explodes": {"error"}}
+    # provenance: a third-party plugin with its version, a built-in exactly as published before
+    config = study.user_attrs["config"]
+    assert config["plugins"]["strategy"] == "testing (tests 0)"
+    assert config["plugins"]["source"] == "datasets (transfer-harness)"
+
+
+def test_plugin_labels_give_third_party_versions_and_leave_built_ins_alone():
+    import dataclasses
+
+    from harness.search.resolve import plugin_label
+    from harness.versions import package_version
+
+    reg = registry_with(("nan-loss", NanLoss))
+    assert plugin_label(reg.get("strategy", "finetune"), reg) == "strategies (transfer-harness)"
+    assert plugin_label(reg.get("strategy", "nan-loss"), reg) == "testing (tests 0)"
+    installed = dataclasses.replace(reg.get("strategy", "nan-loss"), dist="pluggy")
+    assert plugin_label(installed) == f"testing (pluggy {package_version('pluggy')})"
+    unknown = dataclasses.replace(installed, dist="not-installed-anywhere")
+    assert plugin_label(unknown) == "testing (not-installed-anywhere)"
 
 
 def test_oracle_selection_is_flagged(tmp_path):
@@ -227,7 +261,7 @@ def test_oracle_selection_is_flagged(tmp_path):
     runner.run()
     board, _, prov = leaderboard.collect(spec, runner.storage_url)
     assert board.loc[0, "oracle"] and board.loc[0, "selection"] == "target-val"
-    md = leaderboard.to_markdown(spec, board, prov)
+    md = markdown.to_markdown(spec, board, prov)
     assert "target-val **oracle**" in md
 
 
@@ -263,7 +297,7 @@ def test_few_shot_methods_selected_on_target_labels_are_oracle(tmp_path):
 
 
 def test_interrupted_trials_do_not_use_up_the_budget():
-    from harness.search import count_budget
+    from harness.store.schema import count_budget
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(optuna.trial.create_trial(value=0.5))

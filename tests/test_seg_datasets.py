@@ -11,6 +11,7 @@ from PIL import Image
 
 from harness.api import IGNORE_INDEX, DatasetError, DomainData
 from harness_plugins import seg_datasets as sd
+from harness_plugins import shapes
 
 S = 32
 N = 40
@@ -98,7 +99,7 @@ def test_shapes_contract(which: str, request: pytest.FixtureRequest) -> None:
 
 
 def test_shapes_deterministic_and_seeded(synthetic: DomainData, photo: DomainData) -> None:
-    sd._render_scenes.cache_clear()
+    shapes.render_scenes.cache_clear()
     _assert_same(synthetic, sd.build_seg_synthetic(None, image_size=S, seed=0, n=N))
     _assert_same(photo, sd.build_seg_photo(None, image_size=S, seed=0, n=N))
     other = sd.build_seg_synthetic(None, image_size=S, seed=1, n=N)

@@ -7,7 +7,7 @@ from test_search import registry_with
 
 from harness.errors import StudySpecError
 from harness.publish import leaderboard
-from harness.search import Runner, RunOptions
+from harness.search import RunOptions, build_driver
 from harness.study import load_study
 
 SEG_STUDY = """
@@ -63,7 +63,7 @@ def test_segmentation_study_end_to_end(tmp_path):
     path = tmp_path / "seg.toml"
     path.write_text(SEG_STUDY)
     spec = load_study(str(path))
-    runner = Runner(
+    runner = build_driver(
         spec, registry_with(), RunOptions(results_dir=tmp_path / "results", log=lambda m: None)
     )
     runner.run()
@@ -89,7 +89,7 @@ def test_head_and_task_mismatch_is_refused_before_training(tmp_path):
         StudySpecError,
         match=r"methods\[1\].head: head 'linear' supports classification, not segmentation",
     ):
-        Runner(
+        build_driver(
             load_study(str(path)),
             registry_with(),
             RunOptions(results_dir=tmp_path / "r", log=lambda m: None),
@@ -100,7 +100,7 @@ def test_head_and_task_mismatch_is_refused_before_training(tmp_path):
         )
     )
     with pytest.raises(StudySpecError, match="head 'unet' supports segmentation"):
-        Runner(
+        build_driver(
             load_study(str(path)),
             registry_with(),
             RunOptions(results_dir=tmp_path / "r", log=lambda m: None),
@@ -117,7 +117,7 @@ def test_backbone_that_cannot_feed_a_decoder_fails_before_training(tmp_path):
             'backbone = "test_vit"\nweights = "none"\nhead = "fpn"',
         )
     )
-    runner = Runner(
+    runner = build_driver(
         load_study(str(path)),
         registry_with(),
         RunOptions(results_dir=tmp_path / "r", log=lambda m: None),

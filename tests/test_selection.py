@@ -8,11 +8,12 @@ import optuna
 import pytest
 from conftest import write_study
 from optuna.trial import TrialState
-from test_search import make_runner
+from test_search import guarded_runner, make_runner
 
 from harness.errors import StudySpecError
 from harness.publish import leaderboard
-from harness.search import Runner, optuna_study_name
+from harness.publish.agreement import POOLED
+from harness.store.schema import optuna_study_name
 from harness.study import load_study
 
 UDA_STUDY = """
@@ -46,41 +47,12 @@ pruner = "none"
 """
 
 
-class _Poison:
-    """Stands in for the target test split outside the final runs: any use fails the trial."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"the target test split was read outside a final run (.{name})")
-
-    def __len__(self):
-        raise AssertionError("the target test split was read outside a final run (len)")
-
-
 @pytest.fixture(scope="module")
 def uda_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("selection")
     spec = load_study(str(write_study(tmp, "uda", body=UDA_STUDY)))
-    runner = make_runner(tmp, spec)
-    target = runner.pair_data(0)[1]
-    real_test = target.test
-    target.test = _Poison()
-    reads = []
-    real_eval = Runner.evaluate_test
-
-    def evaluate_test(self, trainer, target_data):
-        target_data.test = real_test
-        try:
-            reads.append(1)
-            return real_eval(self, trainer, target_data)
-        finally:
-            target_data.test = _Poison()
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Runner, "evaluate_test", evaluate_test)
-    try:
-        runner.run()
-    finally:
-        mp.undo()
+    runner, reads = guarded_runner(tmp, spec)
+    runner.run()
     return spec, runner, reads
 
 
@@ -100,7 +72,7 @@ def test_search_and_selection_never_read_the_test_split(uda_run):
         ]
     # one read per final run; rules that pick the same trial share its runs
     finals = sum(1 for s in studies(spec, runner) for k in s.user_attrs if k.startswith("final:"))
-    assert len(reads) == finals >= 2
+    assert reads["finals"] == finals >= 2 and reads["outside"] == 0
 
 
 def test_every_trial_records_every_rule_and_the_first_rule_drives_the_search(uda_run):
@@ -141,7 +113,7 @@ def test_validator_agreement_is_reported_in_json_and_markdown(uda_run, tmp_path)
     spec, runner, _ = uda_run
     board, trials, prov = leaderboard.collect(spec, runner.storage_url)
     agreement = prov["validator_agreement"]
-    assert [a["method"] for a in agreement] == [leaderboard.POOLED, *(m.key for m in spec.methods)]
+    assert [a["method"] for a in agreement] == [POOLED, *(m.key for m in spec.methods)]
     for a in agreement:
         assert a["trials"] == (6 if a["scope"] == "pooled" else 3) and set(a) >= {
             "entropy",
@@ -190,7 +162,7 @@ def test_validator_agreement_pools_the_pair_and_says_when_too_few_trials(tmp_pat
     pooled, one, two = prov["validator_agreement"]
 
     assert (pooled["method"], pooled["scope"], pooled["trials"]) == (
-        leaderboard.POOLED,
+        POOLED,
         "pooled",
         5,
     )
@@ -224,15 +196,10 @@ def test_validator_agreement_pools_the_pair_and_says_when_too_few_trials(tmp_pat
     header, body = rows[0], rows[2:]
     assert header[:3] == ["pair", "method", "trials"] and header[-1] == "note"
     cell = {(r[1], h): v for r in body for h, v in zip(header, r, strict=True)}
-    assert [r[1] for r in body] == [leaderboard.POOLED, spec.methods[0].key, spec.methods[1].key]
-    assert (
-        cell[(leaderboard.POOLED, "trials")] == "5" and cell[(leaderboard.POOLED, "im")] == "+1.00"
-    )
-    assert (
-        cell[(leaderboard.POOLED, "snd")] == "-1.00"
-        and cell[(leaderboard.POOLED, "entropy")] == "- (tied)"
-    )
-    assert cell[(leaderboard.POOLED, "bnm")] == "- (n=0)"
+    assert [r[1] for r in body] == [POOLED, spec.methods[0].key, spec.methods[1].key]
+    assert cell[(POOLED, "trials")] == "5" and cell[(POOLED, "im")] == "+1.00"
+    assert cell[(POOLED, "snd")] == "-1.00" and cell[(POOLED, "entropy")] == "- (tied)"
+    assert cell[(POOLED, "bnm")] == "- (n=0)"
     assert cell[(spec.methods[1].key, "trials")] == "2" and cell[(spec.methods[1].key, "im")] == "-"
     assert "too few completed trials" in cell[(spec.methods[1].key, "note")]
     json_prov = json.loads((tmp_path / "out" / "leaderboard.json").read_text())["provenance"]
@@ -268,12 +235,14 @@ def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
 def test_all_scores_in_one_go_equal_each_rule_scored_alone(uda_run):
     """all_scores shares forward passes between rules; every value must be what the rule gives alone."""
     spec, runner, _ = uda_run
-    source, target = runner.pair_data(0)
+    source, target = runner.domains.pair_data(0)
     rm = runner.methods[0]
-    model = runner.build_model(rm, "none", target.num_classes).to(runner.device)
-    together = runner.all_scores(model, source, target, runner.precision)
+    model = runner.models.build_model(rm, "none", target.num_classes).to(runner.device)
+    together = runner.scorer.all_scores(model, source, target, runner.precision)
     assert set(together) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
     for rule, value in together.items():
         assert value == pytest.approx(
-            runner.rule_score(rule, model, source, target, runner.precision), rel=1e-5, abs=1e-6
+            runner.scorer.rule_score(rule, model, source, target, runner.precision),
+            rel=1e-5,
+            abs=1e-6,
         )

@@ -172,6 +172,15 @@ def test_harness_plugins_kind_strategy(plugin_site: Path, tmp_path: Path) -> Non
         assert name in listed, proc.stdout
 
 
+@pytest.mark.slow
+def test_check_plugin_passes_the_installed_plugin(plugin_site: Path, tmp_path: Path) -> None:
+    proc = _harness(["check-plugin", ENTRY_POINT], _env(plugin_site), tmp_path, 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for key in ("backbone:example-lenet", "dataset:example-shapes", "strategy:example-entropy"):
+        assert f"{key}: ok" in proc.stdout, proc.stdout
+    assert f"plugin {ENTRY_POINT!r} passes every check" in proc.stderr
+
+
 # --------------------------------------------------------------------------------------- factories
 
 
@@ -348,7 +357,7 @@ def test_study_with_the_example_plugin_runs_end_to_end(plugin_site: Path, tmp_pa
     assert 1e-3 <= entropy["best_params"]["strategy.entropy_weight"] <= 1.0
 
     plugins = board["provenance"]["plugins"]
-    assert f"{ENTRY_POINT} ({DIST})" in plugins
+    assert f"{ENTRY_POINT} ({DIST} 0.1.0)" in plugins  # a third-party plugin with its version
     assert any("transfer-harness" in p for p in plugins)  # the built-in head and strategy
     # weights = "source": the harness pretrained the plugin's backbone and handed it back as a file
     assert list((cache / "source-weights").glob("example-lenet-*.safetensors"))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.api import IGNORE_INDEX, Backbone, Batch, StepContext
+from harness.api import IGNORE_INDEX, Backbone, Batch, StepContext, reverse_gradient
 from harness.training.engine import Precision, TrainConfig, Trainer, TransferModel
 from harness_plugins import uda
 
@@ -69,7 +69,7 @@ def grads(module: nn.Module) -> list[torch.Tensor]:
 
 def test_reverse_grad_is_identity_forward_and_negated_scaled_backward():
     x = torch.randn(4, 3, requires_grad=True)
-    y = uda.reverse_grad(x, 0.5)
+    y = reverse_gradient(x, 0.5)
     assert torch.equal(y, x)
     y.sum().backward()
     assert torch.allclose(x.grad, torch.full_like(x, -0.5))
@@ -79,7 +79,9 @@ def test_dann_discriminator_learns_and_backbone_receives_its_gradient_reversed()
     torch.manual_seed(0)
     model, strategy, b = tiny_model(), uda.DANN(), batch()
     params = {"strategy.weight": 2.0, "strategy.disc_hidden": 16, "strategy.disc_lr_scale": 3.0}
-    disc = strategy.setup(model, 3, params).eval()  # eval: no dropout, so passes are comparable
+    disc = strategy.setup(
+        model, 3, params, model.feature_dim
+    ).eval()  # eval: no dropout, so passes are comparable
     assert disc.lr_scale == 3.0
     c = ctx(params, progress=0.5, extra=disc)
     coeff = 2.0 * uda.ramp(0.5)
@@ -176,7 +178,7 @@ def test_dann_schedule_and_gamma_are_searched_and_used():
         torch.manual_seed(0)
         model, strategy, b = tiny_model(), uda.DANN(), batch()
         params = {"strategy.weight": 1.0, "strategy.schedule": schedule, "strategy.disc_hidden": 16}
-        disc = strategy.setup(model, 3, params).eval()
+        disc = strategy.setup(model, 3, params, model.feature_dim).eval()
         strategy.training_step(model, b, ctx(params, progress=0.0, extra=disc)).backward()
         return grads(model.backbone)
 
@@ -214,7 +216,7 @@ def seg_batch(n: int = 3, size: int = 64, seed: int = 0) -> Batch:
 def test_dann_on_segmentation_discriminates_every_location_of_the_deepest_map_with_reversed_gradients():
     model, strategy, b = seg_model().eval(), uda.DANN(), seg_batch()  # eval: passes are comparable
     params = {"strategy.weight": 1.5, "strategy.schedule": "constant", "strategy.disc_hidden": 16}
-    disc = strategy.setup(model, 3, params).eval()
+    disc = strategy.setup(model, 3, params, model.feature_dim).eval()
     assert disc.net[0].in_features == model.head.deepest_channels == 96
     seen = []
     disc.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape))
@@ -602,6 +604,26 @@ def test_feature_level_strategies_name_what_a_segmentation_head_lacks():
         target=(torch.rand(2, 3, 8, 8), None),
     )
     with pytest.raises(PluginContractError, match="deepest_channels"):
-        uda.DANN().setup(model, 4, {})
+        uda.DANN().setup(model, 4, {}, model.feature_dim)
     with pytest.raises(PluginContractError, match="forward_with_features"):
         uda.CORAL().training_step(model, b, ctx({}, num_classes=4))
+
+
+@pytest.mark.parametrize(
+    ("cls", "distance", "low", "high"),
+    [(uda.CORAL, uda.coral_loss, 0.1, 100.0), (uda.MMD, uda.mmd_loss, 0.05, 5.0)],
+)
+def test_feature_alignment_is_source_ce_plus_weighted_discrepancy(cls, distance, low, high):
+    import optuna
+
+    torch.manual_seed(0)
+    model, b = tiny_model(), batch()
+    loss = cls().training_step(model, b, ctx({"strategy.weight": 0.3}))
+    (xs, ys), (xt, _) = b.source, b.target
+    f = model.features(torch.cat([xs, xt]))
+    expected = F.cross_entropy(model.head(f)[:6], ys) + 0.3 * distance(f[:6], f[6:])
+    assert torch.equal(loss, expected)
+    trial = optuna.create_study().ask()
+    cls().search_space(trial)
+    dist = trial.distributions["strategy.weight"]
+    assert (dist.low, dist.high, dist.log) == (low, high, True)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import harness.training.engine
 from harness.api import DomainData
-from harness.errors import WeightsError
+from harness.errors import PluginContractError, WeightsError
 from harness.registry import get_registry
 from harness.training.engine import Precision
 from harness.training.weights import SourceRecipe, source_pretrained
@@ -133,3 +133,13 @@ def test_reused_weights_are_read_once_per_file_version_and_models_do_not_share_t
     again = api.load_weights_file(path, reuse=True)
     assert again is not first
     assert all(torch.equal(again[k], changed[k]) for k in changed)
+
+
+def test_the_segmentation_pretraining_decoder_is_declared_by_its_plugin():
+    from harness.registry import Registry
+    from harness.training.weights import source_pretraining_head
+
+    assert source_pretraining_head(get_registry(), "classification") is None
+    assert source_pretraining_head(get_registry(), "segmentation").name == "fpn"
+    with pytest.raises(PluginContractError, match="source_pretraining=True; found none"):
+        source_pretraining_head(Registry(), "segmentation")

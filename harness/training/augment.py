@@ -327,7 +327,6 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
     """Brightness, contrast, saturation, hue, grayscale and invert as one affine map per image."""
     n, c = x.shape[:2]
     dev = x.device
-    ones = torch.ones(n, device=dev)
     bright = _factor(n, policy.brightness, generator, dev)
     contrast = _factor(n, policy.contrast, generator, dev)
     mixes = c == 3 and bool(policy.saturation or policy.hue or policy.grayscale)
@@ -343,34 +342,7 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
         offset = (1 - contrast) * bright * mean
     gain = contrast * bright
 
-    matrix = None
-    if mixes:
-        # Saturation scales (I, Q) and hue rotates them; both keep grey (Y, 0, 0) fixed, so the
-        # contrast offset, which is grey, passes through unchanged.
-        to_yiq = _constant(_RGB_TO_YIQ, dev, torch.float32)
-        from_yiq = _constant(_YIQ_TO_RGB, dev, torch.float32)
-        sat = _factor(n, policy.saturation, generator, dev)
-        zero = torch.zeros(n, device=dev)
-        turn = (
-            _uniform(n, -policy.hue, policy.hue, generator, dev) * (2 * math.pi)
-            if policy.hue
-            else zero
-        )
-        cos, sin = sat * torch.cos(turn), sat * torch.sin(turn)
-        yiq = torch.stack(
-            [
-                torch.stack([ones, zero, zero], -1),
-                torch.stack([zero, cos, -sin], -1),
-                torch.stack([zero, sin, cos], -1),
-            ],
-            dim=-2,
-        )
-        matrix = from_yiq @ yiq @ to_yiq
-        if policy.grayscale:
-            gray = _coin(n, policy.grayscale, generator, dev).view(-1, 1, 1)
-            to_gray = _constant(_RGB_TO_YIQ[0], dev, torch.float32).expand(3, 3)
-            matrix = torch.where(gray, to_gray @ matrix, matrix)
-        matrix = matrix * gain.view(-1, 1, 1)
+    matrix = _mixing_matrix(n, policy, gain, generator, dev) if mixes else None
     if policy.invert:
         invert = _coin(n, policy.invert, generator, dev)
         sign = 1.0 - 2.0 * invert.float()
@@ -386,6 +358,39 @@ def _colour(x: Tensor, policy: Policy, generator: torch.Generator | None) -> Ten
     flat = x.reshape(n, c, -1)
     out = torch.baddbmm(offset.to(x.dtype).view(-1, 1, 1), matrix.to(x.dtype), flat)
     return out.view_as(x)
+
+
+def _mixing_matrix(
+    n: int, policy: Policy, gain: Tensor, generator: torch.Generator | None, dev: torch.device
+) -> Tensor:
+    """Per-image 3x3 colour matrices: saturation and hue in YIQ space, then grayscale, times
+    ``gain``."""
+    ones = torch.ones(n, device=dev)
+    # Saturation scales (I, Q) and hue rotates them; both keep grey (Y, 0, 0) fixed, so the
+    # contrast offset, which is grey, passes through unchanged.
+    to_yiq = _constant(_RGB_TO_YIQ, dev, torch.float32)
+    from_yiq = _constant(_YIQ_TO_RGB, dev, torch.float32)
+    sat = _factor(n, policy.saturation, generator, dev)
+    zero = torch.zeros(n, device=dev)
+    turn = (
+        _uniform(n, -policy.hue, policy.hue, generator, dev) * (2 * math.pi) if policy.hue else zero
+    )
+    cos, sin = sat * torch.cos(turn), sat * torch.sin(turn)
+    yiq = torch.stack(
+        [
+            torch.stack([ones, zero, zero], -1),
+            torch.stack([zero, cos, -sin], -1),
+            torch.stack([zero, sin, cos], -1),
+        ],
+        dim=-2,
+    )
+    matrix = from_yiq @ yiq @ to_yiq
+    if policy.grayscale:
+        gray = _coin(n, policy.grayscale, generator, dev).view(-1, 1, 1)
+        to_gray = _constant(_RGB_TO_YIQ[0], dev, torch.float32).expand(3, 3)
+        matrix = torch.where(gray, to_gray @ matrix, matrix)
+    matrix = matrix * gain.view(-1, 1, 1)
+    return matrix
 
 
 def _blur(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness.training.inputs import model_input
+
 #: bump when the way features are computed changes, so old entries can never be served
 _FORMAT = "features-v1"
 _DEFAULT_MB = 1024
@@ -176,15 +178,9 @@ def compute_features(
     out = []
     try:
         for start in range(0, len(x_uint8), batch_size):
-            x = (
-                x_uint8[start : start + batch_size]
-                .to(device, non_blocking=True)
-                .float()
-                .div_(255.0)
+            x = model_input(
+                x_uint8[start : start + batch_size], model, precision.channels_last, device
             )
-            x = model.normalize(x)
-            if precision.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast(device):
                 out.append(backbone(x))
     finally:

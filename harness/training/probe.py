@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from harness.fileio import atomic_path
-from harness.training.engine import Precision
+from harness.training.device import Precision
 from harness.training.weights import cache_dir
 
 #: explicit choices a study may pin, besides "auto"

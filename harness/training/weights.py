@@ -61,11 +61,38 @@ class _SourceCE(Strategy):
         return nn.functional.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
 
 
+#: the name the source-weights key records for the plain linear layer that pretrains a
+#: classification backbone (the engine builds it itself: it is not a head plugin)
+SOURCE_LINEAR_HEAD = "linear"
+#: the ``register(...)`` meta key of the head that pretrains a backbone on a segmentation source
+SOURCE_PRETRAINING = "source_pretraining"
+
+
+def source_pretraining_head(registry: Any, task: str) -> Any | None:
+    """The head entry that pretrains backbones on a ``task`` source: ``None`` for classification
+    (a linear layer does), else the one head registered with ``source_pretraining=True``."""
+    if task != "segmentation":
+        return None
+    heads = [
+        e
+        for e in (registry.get("head", n) for n in registry.names("head"))
+        if e.meta.get(SOURCE_PRETRAINING) and task in e.tasks
+    ]
+    if len(heads) != 1:
+        found = ", ".join(e.name for e in heads) or "none"
+        raise PluginContractError(
+            f'weights = "source" on {task} needs exactly one head registered with '
+            f"{SOURCE_PRETRAINING}=True; found {found}",
+            hint="load the plugin that provides it (the built-in smp_heads declares fpn)",
+        )
+    return heads[0]
+
+
 def source_weights_key(
     backbone: str,
     source: DomainData,
     recipe: SourceRecipe,
-    head: str = "linear",
+    head: str = SOURCE_LINEAR_HEAD,
     extra: dict[str, Any] | None = None,
 ) -> str:
     import importlib.metadata as md
@@ -99,18 +126,17 @@ def source_pretrained(
     log: Any = None,
     head: Any = None,
 ) -> Path:
-    """Path of the cached source-pretrained backbone weights, training them on first use."""
-    from filelock import FileLock
-    from safetensors.torch import save_file
+    """Path of the cached source-pretrained backbone weights, training them on first use.
 
-    from harness.metrics import primary_metric, score
-    from harness.training.engine import TrainConfig, Trainer, TransferModel, seed_everything
+    ``head`` is the entry of the decoder for a segmentation source (``source_pretraining_head``);
+    a classification source is pretrained with a linear layer."""
+    from filelock import FileLock
 
     key = source_weights_key(
         backbone_name,
         source,
         recipe,
-        head.name if head is not None else "linear",
+        head.name if head is not None else SOURCE_LINEAR_HEAD,
         {
             "plugin": f"{entry.plugin} ({entry.dist})",
             "precision": precision.describe(),
@@ -126,39 +152,56 @@ def source_pretrained(
             log(
                 f"pretraining {backbone_name} on source {source.name!r} ({recipe.epochs} epochs, cached as {path.name})"
             )
-        seed_everything(recipe.seed)
-        backbone = build_backbone(entry, backbone_name, "none")
-        if head is None:
-            model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
-        else:
-            decoder = head.factory(
-                backbone=backbone, num_classes=source.num_classes, task=source.task
-            )
-            model = TransferModel(backbone, decoder, source.task)
-        cfg = TrainConfig(
-            epochs=recipe.epochs,
-            batch_size=recipe.batch_size,
-            backbone_lr=recipe.lr,
-            head_lr=recipe.lr,
-            weight_decay=recipe.weight_decay,
-            freeze_depth=0,
-            augment=recipe.augment,
-            seed=recipe.seed,
-            device=device,
-            precision=precision,
-        )
-        trainer = Trainer(model, _SourceCE(), source, source, cfg)
-        trainer.fit()
-        metric = primary_metric(source.task)
-        val = score(source.task, trainer.predict(source.val), source.val.y, source.num_classes)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-        meta = {
-            "backbone": backbone_name,
-            "source": source.name,
-            "source_fingerprint": source.fingerprint,
-            f"source_val_{metric}": f"{val[metric]:.4f}",
-            "recipe": json.dumps(recipe.as_dict()),
-        }
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
+        _pretrain(entry, backbone_name, source, recipe, device, precision, head, path)
         return path
+
+
+def _pretrain(
+    entry: Any,
+    backbone_name: str,
+    source: DomainData,
+    recipe: SourceRecipe,
+    device: torch.device,
+    precision: Any,
+    head: Any,
+    path: Path,
+) -> None:
+    """Train backbone + head on the source with ``recipe`` and save the backbone to ``path``."""
+    from safetensors.torch import save_file
+
+    from harness.metrics import primary_metric, score
+    from harness.training.engine import TrainConfig, Trainer, TransferModel, seed_everything
+
+    seed_everything(recipe.seed)
+    backbone = build_backbone(entry, backbone_name, "none")
+    if head is None:
+        model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
+    else:
+        decoder = head.factory(backbone=backbone, num_classes=source.num_classes, task=source.task)
+        model = TransferModel(backbone, decoder, source.task)
+    cfg = TrainConfig(
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        backbone_lr=recipe.lr,
+        head_lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        freeze_depth=0,
+        augment=recipe.augment,
+        seed=recipe.seed,
+        device=device,
+        precision=precision,
+    )
+    trainer = Trainer(model, _SourceCE(), source, source, cfg)
+    trainer.fit()
+    metric = primary_metric(source.task)
+    val = score(source.task, trainer.predict(source.val), source.val.y, source.num_classes)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    meta = {
+        "backbone": backbone_name,
+        "source": source.name,
+        "source_fingerprint": source.fingerprint,
+        f"source_val_{metric}": f"{val[metric]:.4f}",
+        "recipe": json.dumps(recipe.as_dict()),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from harness.search import make_storage
+from harness.store.backends import make_storage
 
 STUDY = """
 image_size = 16

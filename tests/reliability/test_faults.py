@@ -15,14 +15,15 @@ import torch
 from conftest import write_study
 from optuna.trial import TrialState
 
-# in-process Runner helpers shared with the search tests
+# in-process driver helpers shared with the search tests
 from test_search import make_runner, registry_with  # noqa: E402
 
-import harness.search
-import harness.workers
 from harness.errors import StudySpecError
 from harness.publish import leaderboard
-from harness.search import Runner, RunOptions, count_budget, make_storage, optuna_study_name
+from harness.search import Driver, Objective, RunOptions, Scorer, build_driver
+from harness.store.backends import make_storage
+from harness.store.leases import Looks, reap
+from harness.store.schema import count_budget, optuna_study_name
 from harness.study import load_study
 from harness_plugins.strategies import FineTune
 
@@ -39,7 +40,7 @@ def _spec(tmp_path, strategy: str, trials: int = 2):
     return spec.model_copy(update={"methods": spec.methods[1:2], "final_seeds": 1})
 
 
-def _trials(runner: Runner, spec) -> list[optuna.trial.FrozenTrial]:
+def _trials(runner: Driver, spec) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(
         study_name=optuna_study_name(spec.pairs[0], spec.methods[0]), storage=runner.storage
     ).get_trials()
@@ -70,33 +71,31 @@ class InfiniteMetric(FineTune):
         return super().training_step(model, batch, ctx)
 
 
+class BreakableScorer(Scorer):
+    """Scores infinity while an ``InfiniteMetric`` trial trains: a metric that overflows."""
+
+    def split_score(self, out, split, target):
+        return math.inf if _metric_breaks["on"] else super().split_score(out, split, target)
+
+
 class Plain(FineTune):
     def training_step(self, model, batch, ctx):
         _metric_breaks["on"] = False
         return super().training_step(model, batch, ctx)
 
 
-def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboard(
-    tmp_path, monkeypatch
-):
+def test_non_finite_loss_or_metric_fails_the_trial_and_never_reaches_a_leaderboard(tmp_path):
     spec = _spec(tmp_path, "nan-loss", trials=1)
     spec = spec.model_copy(update={"methods": [
         spec.methods[0], spec.methods[0].model_copy(update={"strategy": "inf-metric"}), spec.methods[0].model_copy(update={"strategy": "plain"}),
     ]})  # fmt: skip
-    real_score = harness.search.score
-
-    def score(task, logits, y, num_classes):
-        out = real_score(task, logits, y, num_classes)
-        return {**out, "accuracy": math.inf} if _metric_breaks["on"] else out
-
-    monkeypatch.setattr(harness.search, "score", score)
     runner = make_runner(
         tmp_path,
         spec,
         registry_with(("nan-loss", NanLoss), ("inf-metric", InfiniteMetric), ("plain", Plain)),
+        scorer=BreakableScorer,
     )
     runner.run()
-    monkeypatch.undo()
     for method, state in zip(
         spec.methods, (TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE), strict=True
     ):
@@ -131,27 +130,25 @@ class OutOfMemoryOnce(FineTune):
         return super().training_step(model, batch, ctx)
 
 
-def test_out_of_memory_fails_the_trial_frees_its_memory_and_the_next_trial_runs(
-    tmp_path, monkeypatch
-):
+def test_out_of_memory_fails_the_trial_frees_its_memory_and_the_next_trial_runs(tmp_path):
     spec = _spec(tmp_path, "oom-once", trials=2)
     OutOfMemoryOnce.models = []
     freed = []
-    real = harness.search._release_memory
 
-    def release(device):
-        real(device)
+    def told(info):  # called once each trial is told and its memory released
         if OutOfMemoryOnce.models:
             freed.append(OutOfMemoryOnce.models[0]() is None)
 
-    monkeypatch.setattr(harness.search, "_release_memory", release)
-    monkeypatch.setattr(Runner, "final_runs", lambda *a: True)  # the search is what this is about
-    runner = make_runner(tmp_path, spec, registry_with(("oom-once", OutOfMemoryOnce)))
-    runner.run()
+    runner = build_driver(
+        spec,
+        registry_with(("oom-once", OutOfMemoryOnce)),
+        RunOptions(results_dir=tmp_path / "results" / spec.name, log=lambda m: None, progress=told),
+    )
+    runner.search(0, runner.methods[0])  # the search is what this is about: no final runs
     trials = _trials(runner, spec)
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"] == "oom"
     assert trials[1].state == TrialState.COMPLETE
-    assert True in freed  # the failed trial's model was collected once the trial was told
+    assert freed[0]  # the failed trial's model was collected once the trial was told
     gc.collect()
     assert OutOfMemoryOnce.models[0]() is None
 
@@ -218,51 +215,41 @@ class ReapedWhileTraining(FineTune):
         return super().training_step(model, batch, ctx)
 
 
+class AllStale(Looks):
+    """How another process that judges every running trial's holder gone looks at the leases."""
+
+    def is_stale(self, t, now=None, here=None):
+        return True
+
+
 def test_a_trial_reaped_by_another_process_while_it_runs_is_dropped_and_the_search_goes_on(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
     spec = _spec(tmp_path, "reaped", trials=2)
     logged: list[str] = []
-    runner = Runner(
-        spec,
-        registry_with(("reaped", ReapedWhileTraining)),
-        RunOptions(results_dir=tmp_path / "results" / spec.name, log=logged.append),
-    )
     name = optuna_study_name(spec.pairs[0], spec.methods[0])
+    attempts: list[int] = []
 
     def reap_elsewhere() -> None:
         """What another process does when it judges this one's lease stale: the real reap()."""
         other = optuna.load_study(study_name=name, storage=make_storage(runner.storage_url))
-        with monkeypatch.context() as m:
-            m.setattr(harness.workers, "is_stale", lambda t: True)
-            assert len(harness.workers.reap(other)) == 1
+        assert len(reap(other, looks=AllStale())) == 1
 
-    attempts: list[int] = []
-    real_objective = Runner.objective
-
-    def objective(self, i, rm, weights):
-        inner = real_objective(self, i, rm, weights)
-
-        def run(trial):
+    class Watched(Objective):
+        def __call__(self, trial):
             attempts.append(trial.number)
             if len(attempts) == 1:  # reaped mid-training: report() and set_user_attr() are refused
                 ReapedWhileTraining.during = reap_elsewhere
-            value = inner(trial)
+            value = super().__call__(trial)
             if len(attempts) == 3:  # reaped after its last epoch, between the look and the tell
                 reap_elsewhere()
-                looks = iter([False])
-                monkeypatch.setattr(
-                    Runner,
-                    "_reaped",
-                    staticmethod(lambda s, t, real=Runner._reaped: next(looks, None) or real(s, t)),
-                )
             return value
 
-        return run
-
-    monkeypatch.setattr(Runner, "objective", objective)
+    runner = make_runner(
+        tmp_path, spec, registry_with(("reaped", ReapedWhileTraining)), logged.append,
+        objective=Watched,
+    )  # fmt: skip
     runner.run()
-    monkeypatch.undo()
     trials = _trials(runner, spec)
     assert attempts == [0, 1, 2, 3]  # trial 1 is trial 0's retry, trial 3 trial 2's
     assert [t.state for t in trials] == [

@@ -165,7 +165,7 @@ def test_unreadable_images_stop_the_run_before_training_unless_the_study_skips_t
     text = "\n".join(str(w.message) for w in caught)
     for p in bad:
         assert str(p) in text
-    _, target = runner.pair_data(0)
+    _, target = runner.domains.pair_data(0)
     assert (
         len(target.train) + len(target.val) + len(target.test) == 20
     )  # the good ones, all of them

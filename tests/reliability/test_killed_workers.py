@@ -12,8 +12,8 @@ import pytest
 from optuna.trial import TrialState
 from procs import run, start, trials, user_attrs, wait_for, write
 
-from harness.search import count_budget, journal_storage
-from harness.workers import LEASE
+from harness.store.backends import journal_storage
+from harness.store.schema import LEASE, count_budget
 
 pytestmark = pytest.mark.slow
 

@@ -11,16 +11,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-import harness.workers
-from harness.search import (
-    budget_trials,
-    count_budget,
-    has_room,
-    is_surplus,
-    journal_storage,
-    make_storage,
-)
-from harness.workers import LEASE, claim, host_key, is_stale, lease, reap, release
+from harness.store.backends import journal_storage, make_storage
+from harness.store.leases import Looks, claim, host_key, lease, reap, release
+from harness.store.schema import LEASE, budget_trials, count_budget, has_room, is_surplus
 
 
 @pytest.fixture
@@ -66,10 +59,11 @@ def test_trial_of_a_dead_local_process_is_reaped_at_once_and_queued_again_once(u
     assert count_budget(study) == 0  # lost trials do not use up the budget
 
 
-@pytest.fixture(autouse=True)
-def _fresh_looks(monkeypatch):
-    """Each test starts with a process that has looked at no trial yet."""
-    monkeypatch.setattr(harness.workers, "_SEEN", {})
+class AllStale(Looks):
+    """A reaper that judges every running trial's holder gone."""
+
+    def is_stale(self, t, now=None, here=None):
+        return True
 
 
 def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_grace_period(
@@ -80,6 +74,7 @@ def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_g
     n = _running(study, {"host": "other-machine", "pid": 1, "beat": 1000.0})
     t0 = time.monotonic()
     t = study.get_trials()[n]
+    is_stale = Looks().is_stale  # a process that has looked at no trial yet
     assert not is_stale(t, now=t0)  # the first look starts the clock, whatever the beat says
     assert not is_stale(t, now=t0 + 29)
     assert is_stale(t, now=t0 + 31)
@@ -101,9 +96,10 @@ def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead
     monkeypatch.setenv("HARNESS_GRACE_S", "0.6")
     study = _study(url)
     n = _running(study, {"host": "other-machine", "pid": 1, "beat": time.time() + skew_s})
+    looks = Looks()  # a process that has looked at no trial yet
     alive_until = time.monotonic() + 1.5
     while time.monotonic() < alive_until:  # the holder beats every 0.2 s on its own clock
-        assert reap(study) == []
+        assert reap(study, looks=looks) == []
         beat = study.get_trials()[n].system_attrs[LEASE]["beat"]
         study._storage.set_trial_system_attr(
             study.get_trials()[n]._trial_id,
@@ -114,8 +110,8 @@ def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead
     assert study.get_trials()[n].state == TrialState.RUNNING
     # the holder dies: reaped once its last beat has stood still for the grace period, not before
     died = time.monotonic()
-    assert reap(study) == []
-    while not reap(study):
+    assert reap(study, looks=looks) == []
+    while not reap(study, looks=looks):
         assert time.monotonic() - died < 5, "a dead remote trial was never reaped"
         time.sleep(0.05)
     waited = time.monotonic() - died
@@ -156,14 +152,22 @@ def test_a_unit_of_work_is_claimed_by_one_process(url, monkeypatch):
     release(claims, retry, done=True)
     assert claim(claims, "final:3:10000") is None  # done
     # another process claims the same key between this one's look and its claim: the lower number wins
+    # (this process's reap and first look see the storage as it was before the other's claim)
+    before = claims.get_trials(deepcopy=True)
     template = create_trial(state=TrialState.RUNNING, user_attrs={"key": "final:3:10002"})
     claims._storage.create_new_trial(claims._study_id, template_trial=template)
-    looks = iter([None])
-    real = harness.workers._holder
-    monkeypatch.setattr(
-        harness.workers, "_holder", lambda study, key: next(looks, real(study, key))
-    )
+    stale_reads = iter([before, before])
+    read = claims.get_trials
+
+    def get_trials(deepcopy=True, states=None):
+        snapshot = next(stale_reads, None)
+        if snapshot is None:
+            return read(deepcopy=deepcopy, states=states)
+        return [t for t in snapshot if states is None or t.state in states]
+
+    monkeypatch.setattr(claims, "get_trials", get_trials)
     assert claim(claims, "final:3:10002") is None
+    monkeypatch.undo()
     surplus = [t for t in claims.get_trials() if t.user_attrs.get("fail_reason") == "surplus"]
     assert [t.user_attrs["key"] for t in surplus] == ["final:3:10002"]
 
@@ -202,9 +206,8 @@ def test_the_budget_is_the_study_total_and_places_go_by_trial_number():
 def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_label(
     url, monkeypatch
 ):
-    from harness.publish.leaderboard import _trial_row
+    from harness.publish.rank import trial_row
 
-    monkeypatch.setattr(harness.workers, "is_stale", lambda t: True)
     # its holder beat, or finished it, after the reaper's look and before its writes: left alone
     study, holder = _study(url), _study(url)
     snapshot_of = study.get_trials
@@ -218,14 +221,13 @@ def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_l
     monkeypatch.setattr(
         study, "get_trials", lambda **kw: before if kw.get("states") else snapshot_of(**kw)
     )
-    assert reap(study) == []
+    assert reap(study, looks=AllStale()) == []
     done = snapshot_of()[n]
     assert done.state == TrialState.COMPLETE and "fail_reason" not in done.user_attrs
     assert snapshot_of()[k].state == TrialState.RUNNING
     holder.tell(k, 0.1)
     # finished between the reaper's two writes: it stays complete and is listed without a reason
     monkeypatch.undo()
-    monkeypatch.setattr(harness.workers, "is_stale", lambda t: True)
     m = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
     storage = study._storage
     write_attr = storage.set_trial_user_attr
@@ -235,9 +237,9 @@ def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_l
         holder.tell(m, 0.8)
 
     monkeypatch.setattr(storage, "set_trial_user_attr", label_then_holder_finishes)
-    assert reap(study) == []
+    assert reap(study, looks=AllStale()) == []
     done = study.get_trials()[m]
     assert done.state == TrialState.COMPLETE and done.value == 0.8
     assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]  # not queued again
-    row = _trial_row("a->b", "m", done)
+    row = trial_row("a->b", "m", done)
     assert row["fail_reason"] == "" and row["counted"]

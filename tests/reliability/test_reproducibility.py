@@ -7,7 +7,8 @@ from conftest import write_study
 from test_search import registry_with
 
 from harness.publish import leaderboard
-from harness.search import Runner, RunOptions, optuna_study_name
+from harness.search import RunOptions, build_driver
+from harness.store.schema import optuna_study_name
 from harness.study import load_study
 
 
@@ -19,7 +20,7 @@ def test_same_study_same_seed_same_numbers_whatever_ran_before(tmp_path):
     values = []
     for k, noise in enumerate((1, 999)):
         torch.manual_seed(noise)  # leftover global random state must not leak into a run
-        runner = Runner(
+        runner = build_driver(
             spec, registry_with(), RunOptions(results_dir=tmp_path / f"r{k}", log=lambda m: None)
         )
         runner.run()

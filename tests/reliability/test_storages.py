@@ -18,7 +18,8 @@ import pytest
 from optuna.trial import TrialState
 from procs import STUDY_NAME, run, start, trials, user_attrs, wait_for, write
 
-from harness.search import count_budget, default_storage, embedded_storage, journal_storage
+from harness.store.backends import default_storage, embedded_storage, journal_storage
+from harness.store.schema import count_budget
 
 
 def test_sqlite_is_refused_for_several_workers_with_one_line(tmp_path):
@@ -247,17 +248,17 @@ def test_the_journal_fsyncs_what_finishes_something_and_every_process_sees_every
     the file sees every append at once, synced or not."""
     import optuna
 
-    import harness.search
+    import harness.store.backends
 
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
     url = journal_storage(tmp_path)
     study = optuna.create_study(
-        storage=harness.search.make_storage(url), study_name="s", direction="maximize"
+        storage=harness.store.backends.make_storage(url), study_name="s", direction="maximize"
     )
     other = optuna.load_study(
-        storage=harness.search.make_storage(url), study_name="s"
+        storage=harness.store.backends.make_storage(url), study_name="s"
     )  # another process's view
     synced.clear()
     trial = study.ask()
@@ -286,7 +287,7 @@ def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    import harness.search
+    import harness.store.backends
 
     file_reads = []
     real = JournalFileBackend.read_logs
@@ -295,9 +296,9 @@ def test_the_journal_reads_its_own_appends_from_memory_and_others_from_the_file(
     )
     url = journal_storage(tmp_path)
     a = optuna.create_study(
-        storage=harness.search.make_storage(url), study_name="s", direction="maximize"
+        storage=harness.store.backends.make_storage(url), study_name="s", direction="maximize"
     )
-    b = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")
+    b = optuna.load_study(storage=harness.store.backends.make_storage(url), study_name="s")
     ta = a.ask()
     a.trials  # noqa: B018 - a has read everything
     file_reads.clear()
@@ -338,10 +339,13 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
 
     from optuna.storages.journal import JournalFileBackend
 
-    from harness.search import DurableJournalFile, _FileLock
+    from harness.store.optuna_compat import DurableJournalFile, JournalFlock
 
     path = str(tmp_path / "j.journal")
-    a, b = DurableJournalFile(path, _FileLock(path)), DurableJournalFile(path, _FileLock(path))
+    a, b = (
+        DurableJournalFile(path, JournalFlock(path)),
+        DurableJournalFile(path, JournalFlock(path)),
+    )
     a.append_logs([{"op_code": 0, "n": 0}])
     assert list(a.read_logs(0)) == [{"op_code": 0, "n": 0}]  # a has read everything
     a.append_logs([{"op_code": 5, "n": 1}, {"op_code": 5, "n": 2, "v": float("nan")}])
@@ -375,10 +379,10 @@ def test_the_journal_lock_dies_with_its_process(tmp_path):
 
     import optuna
 
-    import harness.search
+    import harness.store.backends
 
     url = journal_storage(tmp_path)
-    optuna.create_study(storage=harness.search.make_storage(url), study_name="s")
+    optuna.create_study(storage=harness.store.backends.make_storage(url), study_name="s")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
          " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(tmp_path / "optuna.journal.flock")],
@@ -387,7 +391,7 @@ def test_the_journal_lock_dies_with_its_process(tmp_path):
     assert holder.stdout.readline().strip() == b"held"
     import threading
 
-    study = optuna.load_study(storage=harness.search.make_storage(url), study_name="s")
+    study = optuna.load_study(storage=harness.store.backends.make_storage(url), study_name="s")
     writer = threading.Thread(target=study.ask, daemon=True)
     writer.start()
     writer.join(1.0)

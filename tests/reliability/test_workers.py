@@ -11,8 +11,7 @@ import time
 import pytest
 import torch
 
-import harness.workers
-from harness.workers import Preempted, run_workers, thread_share, worker_env
+from harness.search.workers import Preempted, run_workers, thread_share, worker_env
 
 
 def test_thread_share_divides_the_cpus_this_process_may_use(monkeypatch):
@@ -45,7 +44,7 @@ def _gpus(monkeypatch, count: int) -> None:
 
 
 def test_worker_env_sets_the_rank_and_the_thread_share(monkeypatch):
-    monkeypatch.setattr(harness.workers, "usable_cpus", lambda: 12)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     _gpus(monkeypatch, 0)
     env = worker_env(2, 3, "auto")
@@ -93,11 +92,6 @@ time.sleep(120)
 def test_sigterm_is_forwarded_and_a_worker_that_does_not_stop_is_killed(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_STOP_GRACE_S", "1")
     ready = str(tmp_path / "ready")
-    monkeypatch.setattr(
-        harness.workers,
-        "_worker_command",
-        lambda argv, rank: [sys.executable, "-c", _FAKE_WORKER, ready],
-    )
     logged: list[str] = []
     exits: list[tuple[int, int]] = []
     sent: dict[str, float] = {}
@@ -112,7 +106,10 @@ def test_sigterm_is_forwarded_and_a_worker_that_does_not_stop_is_killed(tmp_path
     before = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=preempt, daemon=True).start()
     with pytest.raises(Preempted, match="SIGTERM"):
-        run_workers([], 2, "cpu", lambda rank, code: exits.append((rank, code)), logged.append)
+        run_workers(
+            [], 2, "cpu", lambda rank, code: exits.append((rank, code)), logged.append,
+            command=lambda argv, rank: [sys.executable, "-c", _FAKE_WORKER, ready],
+        )  # fmt: skip
     took = time.monotonic() - sent["at"]
     assert sorted(exits) == [(0, 130), (1, -signal.SIGKILL)]
     assert 1 <= took < 10

@@ -1,4 +1,4 @@
-"""The example plugin: one backbone, one dataset and one strategy, registered through hooks.
+"""The example plugin: a backbone, a dataset, a strategy and a command, registered through hooks.
 
 How the harness finds this module
 ---------------------------------
@@ -19,7 +19,8 @@ that a plain ``harness plugins`` would not need.
 
 What a plugin may import
 ------------------------
-``harness.hookimpl`` (the decorator) and ``harness.api`` (the data types, errors and helpers).
+``harness.api``: the ``hookimpl`` decorator (also ``harness.hookimpl``), the data types, the errors
+and the helpers.
 Nothing else of the harness: the search driver, the engine and the CLI are not part of the
 contract and may change. The full contract, with one example per hook, is ``harness.hookspecs``.
 
@@ -29,10 +30,12 @@ What is registered here
 - dataset ``example-shapes`` with sub-domains ``plain`` and ``noisy`` (:func:`build_shapes`),
   so that a study can pair ``example-shapes/plain -> example-shapes/noisy``;
 - strategy ``example-entropy``: source cross-entropy plus entropy minimisation on the unlabelled
-  target (:class:`EntropyMinimization`).
+  target (:class:`EntropyMinimization`);
+- command ``harness example-shapes-info`` (:func:`shapes_info`).
 
-A plugin may implement any subset of the hooks; this one implements three of the four
-(heads are left to the built-in ``linear`` and ``mlp``).
+A plugin may implement any subset of the hooks; this one implements four of the five
+(``register_heads`` is left out: studies use the built-in ``linear`` and ``mlp`` heads). Names
+follow ``harness.api.NAME_RULE``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness import hookimpl
 from harness.api import (
     Backbone,
     Batch,
@@ -52,6 +54,7 @@ from harness.api import (
     StepContext,
     Strategy,
     WeightsError,
+    hookimpl,
     load_weights_file,
     stages_from_prefixes,
 )
@@ -355,4 +358,5 @@ class EntropyMinimization(Strategy):
             weight *= min(1.0, ctx.progress / self.ramp)
         log_p = model(xt).float().log_softmax(dim=1)
         entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+        ctx.log("target_entropy", entropy)  # a diagnostic: averaged per epoch by the engine
         return loss + weight * entropy

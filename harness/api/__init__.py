@@ -1,0 +1,79 @@
+"""Everything a plugin imports: the hook marker, the types, the errors and the helpers.
+
+The hooks themselves, and what each factory receives and returns, are in ``harness.hookspecs``;
+``docs/plugins.md`` repeats them. Nothing outside ``harness`` and ``harness.api`` is part of the
+plugin contract.
+
+- registration: ``hookimpl``, ``Register``, ``OpenDomains``, ``NAME_RULE``, ``TASKS``
+- datasets: ``DomainData``, ``Split``, ``IGNORE_INDEX``, ``fingerprint_tensors``,
+  ``stratified_split``, ``random_split``
+- backbones and heads: ``Backbone``, ``stages_from_prefixes``, ``load_weights_file``,
+  ``ImageHead``, ``FeatureMapHead``, ``TransferModel``
+- strategies: ``Strategy``, ``Batch``, ``StepContext``, ``LRScaled``, ``reverse_gradient``
+- errors: ``HarnessError`` and the ones a plugin raises (``DatasetError``, ``WeightsError``,
+  ``PluginContractError``, ``NonFiniteLossError``)
+"""
+
+from harness.api.data import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DomainData,
+    Split,
+    Task,
+    fingerprint_tensors,
+    random_split,
+    stratified_split,
+)
+from harness.api.models import (
+    Backbone,
+    FeatureMapHead,
+    ImageHead,
+    TransferModel,
+    load_weights_file,
+    stages_from_prefixes,
+    takes_images,
+)
+from harness.api.strategy import Batch, LRScaled, StepContext, Strategy, reverse_gradient
+from harness.errors import (
+    DatasetError,
+    HarnessError,
+    NonFiniteLossError,
+    PluginContractError,
+    WeightsError,
+)
+from harness.hookspecs import NAME_RULE, TASKS, OpenDomains, Register, hookimpl
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NAME_RULE",
+    "TASKS",
+    "Backbone",
+    "Batch",
+    "DatasetError",
+    "DomainData",
+    "FeatureMapHead",
+    "HarnessError",
+    "ImageHead",
+    "LRScaled",
+    "NonFiniteLossError",
+    "OpenDomains",
+    "PluginContractError",
+    "Register",
+    "Split",
+    "StepContext",
+    "Strategy",
+    "Task",
+    "TransferModel",
+    "WeightsError",
+    "fingerprint_tensors",
+    "hookimpl",
+    "load_weights_file",
+    "random_split",
+    "reverse_gradient",
+    "stages_from_prefixes",
+    "stratified_split",
+    "takes_images",
+]

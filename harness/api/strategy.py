@@ -1,0 +1,150 @@
+"""What a strategy plugin builds on: ``Strategy``, the ``Batch`` and ``StepContext`` of a step,
+and gradient reversal for adversarial strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from harness.api.models import TransferModel
+
+if TYPE_CHECKING:
+    import optuna
+
+
+@dataclass
+class Batch:
+    """What one training step receives. ``target`` labels are ``None`` unless the strategy's
+    ``target_labels`` allows them."""
+
+    source: tuple[Tensor, Tensor] | None = None
+    target: tuple[Tensor, Tensor | None] | None = None
+
+
+@dataclass
+class StepContext:
+    """Where training stands, for schedules: ``progress`` runs from 0 to 1 over the trial.
+
+    ``log(name, value)`` records a diagnostic of this step (a discriminator's accuracy); the
+    engine averages each name over an epoch into ``TrainResult.diagnostics``."""
+
+    params: dict[str, Any]
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    num_classes: int
+    extra: nn.Module | None = None
+    #: name -> the values logged so far (the engine passes one dict per epoch)
+    logged: dict[str, list[Tensor | float]] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+    def log(self, name: str, value: Tensor | float) -> None:
+        """Record ``value`` (a number or a one-element tensor, kept on its device) under ``name``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a diagnostic needs a non-empty name, got {name!r}")
+        value = value.detach().float().reshape(()) if isinstance(value, Tensor) else float(value)
+        self.logged.setdefault(name, []).append(value)
+
+
+@runtime_checkable
+class LRScaled(Protocol):
+    """A strategy module optimized at the head's learning rate times ``lr_scale`` (the default
+    ``Strategy.param_groups`` reads it)."""
+
+    lr_scale: float
+
+
+class Strategy:
+    """Base class of adaptation strategies (see ``hookspecs.register_strategies``)."""
+
+    #: receives labelled source batches
+    uses_source: ClassVar[bool] = True
+    #: receives target batches (images, and labels only as ``target_labels`` allows)
+    uses_target: ClassVar[bool] = False
+    #: which target training labels the strategy reads: "none", "few" or "all"
+    target_labels: ClassVar[Literal["none", "few", "all"]] = "none"
+    #: hyperparameters the strategy pins instead of searching, e.g. {"freeze_depth": "all"}
+    fixed: ClassVar[dict[str, Any]] = {}
+    #: may the engine compute a fully frozen, unaugmented backbone's features once and serve them
+    #: from a cache? ``model(x)``, ``model.features(x)`` and ``model.head(f)`` keep working either
+    #: way (only the exact batch tensors the engine built are served from the cache). Set False if
+    #: the strategy changes the backbone's weights or BatchNorm statistics during training (AdaBN)
+    #: or otherwise needs the backbone to really run on every step.
+    cache_features: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "tasks" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__}.tasks: declare a strategy's tasks once, with "
+                "register(name, factory, tasks=(...)) in register_strategies"
+            )
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"unknown option(s) {sorted(options)}")
+
+    @property
+    def shots(self) -> int | None:
+        """Labelled target images per class, when ``target_labels == "few"``."""
+        return None
+
+    def search_space(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {}
+
+    def setup(
+        self,
+        model: TransferModel,
+        num_classes: int,
+        params: dict[str, Any],
+        feature_dim: int | None,
+    ) -> nn.Module | None:
+        """Build extra trainable modules (a domain discriminator over ``feature_dim`` features);
+        they reach ``training_step`` as ``ctx.extra``. Runs under the trial's seed."""
+        return None
+
+    def param_groups(
+        self, extra: nn.Module, lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups of the module ``setup`` returned, given the head's learning rate
+        and the trial's weight decay. Default: one group at ``lr`` times ``extra.lr_scale``
+        (``LRScaled``; 1 without), with ``weight_decay``."""
+        scale = float(extra.lr_scale) if isinstance(extra, LRScaled) else 1.0
+        return [
+            {"params": list(extra.parameters()), "lr": lr * scale, "weight_decay": weight_decay}
+        ]
+
+    def training_step(self, model: TransferModel, batch: Batch, ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def adapt(self, model: TransferModel, target_images: Iterable[Tensor]) -> None:
+        """Called after every epoch, before the model is scored, for strategies with
+        ``uses_target``: ``target_images`` yields normalized, unaugmented target training batches
+        without labels (AdaBN re-estimates normalization statistics here). Default: nothing."""
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, coeff: float) -> Tensor:  # noqa: D102
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return -ctx.coeff * grad, None
+
+
+def reverse_gradient(x: Tensor, coeff: float = 1.0) -> Tensor:
+    """Gradient reversal (Ganin & Lempitsky, 2015): the identity forward; on the way back the
+    gradient is multiplied by ``-coeff``. Put it between the features and a domain
+    discriminator so that the backbone learns to fool what the discriminator learns."""
+    return _ReverseGradient.apply(x, coeff)

@@ -1,0 +1,125 @@
+"""The index of published studies, read back from each ``<study>/leaderboard.json``:
+``results/README.md`` (one row per study, its headline: the rank-1 row of each pair, and links) and
+the state ``harness ls`` shows (not started, partial or published)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from harness.fileio import write_text
+from harness.metrics import LABELS, METRICS, primary_metric
+from harness.publish.format import pm
+
+
+def write_results_index(results_root: Path) -> Path:
+    """Regenerate ``results_root/README.md``: one row per ``<study>/leaderboard.json``."""
+    results_root = Path(results_root)
+    results_root.mkdir(parents=True, exist_ok=True)
+    rows = [_study_row(f) for f in sorted(results_root.glob("*/leaderboard.json"))]
+    lines = [
+        "# Published results",
+        "",
+        "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair "
+        "among the rows not flagged oracle, its target **test** primary metric in %, mean ± standard "
+        "error over the seeded final runs, and the rule that selected its trial: a labelled "
+        "validation split (`target-val`, `source-val`) or a label-free validator scoring unlabelled "
+        "target validation images (`im`, `snd`, ...); a method picked by several rules with the same "
+        "result is listed once with all of them. Each study's `index.html` is a self-contained "
+        "report with plots; `leaderboard.md` the table and provenance.",
+        "",
+        "This file is generated from each `<study>/leaderboard.json`; do not edit it by hand.",
+        "",
+    ]
+    if rows:
+        lines += [
+            "| study | description | headline (rank 1 per pair) | rows | report |",
+            "|---|---|---|--:|---|",
+            *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows),
+        ]
+    else:
+        lines.append("No study has been published yet.")
+    path = results_root / "README.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _study_row(board_file: Path) -> list[str]:
+    """study, description, headline, row count and links of one ``<study>/leaderboard.json``."""
+    folder = board_file.parent
+    name = folder.name
+    try:
+        data = json.loads(board_file.read_text(encoding="utf-8"))
+        records = data.get("rows") or []
+        description = data.get("description") or ""
+        headline = _headline(records)
+        count = str(len(records))
+    except (OSError, ValueError, AttributeError) as exc:
+        description, headline, count = (
+            f"(unreadable leaderboard.json: {type(exc).__name__})",
+            "-",
+            "-",
+        )
+    links = []
+    if (folder / "index.html").is_file():
+        links.append(f"[index.html]({quote(name)}/index.html)")
+    if (folder / "leaderboard.md").is_file():
+        links.append(f"[leaderboard.md]({quote(name)}/leaderboard.md)")
+    return [name, description, headline, count, " · ".join(links) or "-"]
+
+
+def _headline(records: list[dict[str, Any]]) -> str:
+    metric = next(
+        (
+            primary_metric(task)
+            for task in METRICS
+            if any(f"test_{primary_metric(task)}" in r for r in records)
+        ),
+        None,
+    )
+    if metric is None:
+        return "-"
+    # one entry per (pair, method, score): rules that picked the same result share it
+    entries: dict[tuple[str, str, str], list[str]] = {}
+    for r in records:
+        if r.get("rank") == 1 and not r.get("oracle"):  # oracle rows rank among themselves
+            key = (str(r.get("pair")), str(r.get("label") or r.get("method")), pm(r, metric))
+            rules = entries.setdefault(key, [])
+            if r.get("selection") and r["selection"] not in rules:
+                rules.append(str(r["selection"]))
+    parts = [
+        f"{pair}: {method}, {LABELS[metric]} {score}"
+        + (f" (selected by {', '.join(rules)})" if rules else "")
+        for (pair, method, score), rules in entries.items()
+    ]
+    return "; ".join(parts) or "-"
+
+
+def _md_cell(text: str) -> str:
+    # link cells keep their markdown; everything else is plain text
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def study_state(study_file: Path, folder: Path) -> tuple[str, str, str]:
+    """``harness ls``'s state (not started, partial or published), row count and description of
+    the study ``study_file`` whose results are in ``folder``."""
+    board = folder / "leaderboard.json"
+    state, rows, description = "not started", "-", ""
+    if board.is_file():
+        data = json.loads(board.read_text())
+        statuses = [r.get("status") for r in data.get("rows", [])]
+        rows = str(len(statuses))
+        description = data.get("description", "")
+        state = "published" if statuses and all(s == "final" for s in statuses) else "partial"
+    elif (folder / "optuna.db").is_file() or (folder / "optuna.journal").is_file():
+        state = "partial"
+    if not description:
+        try:
+            description = str(tomllib.loads(study_file.read_text()).get("description", ""))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            description = "(not valid TOML)"
+    return state, rows, description

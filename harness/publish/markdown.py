@@ -1,0 +1,118 @@
+"""``leaderboard.md``: the board per pair, how well the label-free rules ranked the trials, and the
+provenance, as Markdown."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from harness.metrics import LABELS, METRICS
+from harness.publish.agreement import AGREEMENT_RULES, MIN_AGREEMENT_TRIALS, POOLED
+from harness.publish.format import finite, pm, trial_counts, val
+from harness.study import StudySpec
+
+
+def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]) -> str:
+    lines = [f"# Leaderboard: {spec.name}", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    m1, m2 = METRICS[spec.task][:2]
+    lines += [
+        f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard error over "
+        f"{spec.final_seeds} seeded final runs of the trial that the row's selection rule picked "
+        "(standard deviations are in leaderboard.csv/json). Trials were selected on a validation split "
+        "or by a label-free validator on unlabelled target validation images (column *selection*); the "
+        "test split was read only by the final runs. Rows marked **oracle** were selected with target "
+        "labels although the method trains without them; they are ranked among themselves. Column *val*: "
+        "the selecting score of the picked trial, in % for a validation split, the validator's own value "
+        "(higher is better) for a label-free rule.",
+        "",
+    ]
+    for pair, group in board.groupby("pair", sort=False):
+        lines += [f"## {pair}", "", _pair_table(group, m1, m2), ""]
+    lines += _agreement_markdown(provenance.get("validator_agreement") or [])
+    lines += _provenance_markdown(provenance)
+    return "\n".join(lines)
+
+
+def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
+    records = group.to_dict("records")
+    table = pd.DataFrame(
+        {
+            "rank": group.get("rank", pd.Series(dtype="Int64")).astype("string").fillna("-"),
+            "method": group["method"],
+            "strategy": group["strategy"],
+            f"test {LABELS[m1]} %": [pm(r, m1) for r in records],
+            f"test {LABELS[m2]} %": [pm(r, m2) for r in records],
+            "val": [val(r) for r in records],
+            "selection": [
+                (r.get("selection") or "-") + (" **oracle**" if r.get("oracle") else "")
+                for r in records
+            ],
+            "trials (ok/pruned/failed)": [trial_counts(r) for r in records],
+            "status": group["status"],
+        }
+    )
+    return table.to_markdown(index=False)
+
+
+def _provenance_markdown(p: dict[str, Any]) -> list[str]:
+    return [
+        "## Provenance",
+        "",
+        f"- harness {p['harness_version']}; final runs at commit {', '.join(p['final_runs_git_commits']) or 'unknown'}; "
+        f"table written at commit {p['git_commit'] or 'unknown'}; Python {p['python']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in p["packages"].items() if v),
+        f"- device: {', '.join(p['device']) or '-'}"
+        + (f" ({', '.join(p['device_names'])})" if p.get("device_names") else "")
+        + f"; precision: {', '.join(p['precision']) or '-'}",
+        f"- seeds: study {p['seeds']['study']}, final runs {p['seeds']['final']}; sampler {p['sampler']}; pruner {', '.join(p['pruner'])}",
+        f"- data fingerprints: {json.dumps(p['data_fingerprints'], sort_keys=True)}",
+        f"- study file {p['study_file']} (sha256 {p['study_file_sha256']}); trials {json.dumps(p['trial_counts'])}",
+        f"- compute {p['compute_seconds']:.0f} s, wall {p['wall_seconds']:.0f} s; generated {p['generated_at']}",
+        "",
+    ]
+
+
+def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
+    if not agreement:
+        return []
+    table = pd.DataFrame(
+        {
+            "pair": [a["pair"] for a in agreement],
+            "method": [a.get("method", "-") for a in agreement],
+            "trials": [str(a.get("trials", 0)) for a in agreement],
+            **{rule: [_rho_cell(a, rule) for a in agreement] for rule in AGREEMENT_RULES},
+            "note": [a.get("note") or "" for a in agreement],
+        }
+    )
+    return [
+        "## How well label-free rules ranked the trials",
+        "",
+        "Spearman correlation between each rule's score and the target validation accuracy of the "
+        "same completed trials (1 = same order, 0 = unrelated, negative = reversed). Row "
+        f"*{POOLED}* pools every completed trial of every method of the pair; the other rows take "
+        "one method's trials each, and with a handful of trials those are noisy. Column *trials*: "
+        "how many trials each correlation is over (a rule's own count follows its value when it "
+        f"scored fewer); fewer than {MIN_AGREEMENT_TRIALS} give no correlation, and the row says so. "
+        "Computed after the search from scores recorded with every trial; it plays no part in "
+        "selection.",
+        "",
+        table.to_markdown(index=False, disable_numparse=True),  # keep the signed two-decimal format
+        "",
+    ]
+
+
+def _rho_cell(entry: dict[str, Any], rule: str) -> str:
+    value, n = entry.get(rule), (entry.get("n") or {}).get(rule, entry.get("trials", 0))
+    if not finite(value):
+        if entry.get("trials", 0) < MIN_AGREEMENT_TRIALS:
+            return "-"  # the row's note says why
+        return f"- (n={n})" if n < MIN_AGREEMENT_TRIALS else "- (tied)"
+    return _rho(value) + ("" if n == entry.get("trials") else f" (n={n})")
+
+
+def _rho(v: Any) -> str:
+    return f"{v:+.2f}" if finite(v) else "-"

@@ -1,0 +1,174 @@
+"""The provenance of a leaderboard: code, packages, devices, seeds, samplers, data fingerprints,
+plugins, trial counts and compute, gathered from :class:`~harness.publish.results.Results` and the
+study file, so that a reader can tell how every number was made."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from harness import __version__
+from harness.publish.agreement import POOLED, agreement
+from harness.publish.format import shown_storage
+from harness.publish.results import Results
+from harness.store.schema import PRUNER, SAMPLER, final_seeds
+from harness.study import StudySpec
+from harness.versions import git_commit, package_version
+
+PACKAGES = (
+    "torch", "torchvision", "timm", "optuna", "segmentation-models-pytorch", "pluggy",
+    "pandas", "torchmetrics", "numpy", "scikit-learn", "scikit-image",
+)  # fmt: skip
+
+SELECTION_NOTE = (
+    "trials are scored on validation splits and label-free validators only; the target test split "
+    "is read once per final seeded run; target-val accuracy of every trial is recorded to judge the "
+    "validators afterwards and selects only rows whose rule is target-val"
+)
+
+
+def provenance_of(results: Results) -> dict[str, Any]:
+    """The provenance written with the board (``leaderboard.json``, ``.md`` and ``index.html``)."""
+    spec = results.spec
+    runs = _runs(results)
+    return {
+        "study": spec.name,
+        "study_file": spec.path,
+        "study_file_sha256": spec.file_hash,
+        "overrides": spec.overrides,
+        "harness_version": __version__,
+        "git_commit": git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
+        "final_runs_git_commits": sorted(runs["commits"]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: package_version(p) for p in PACKAGES},
+        "device": sorted(runs["devices"]),
+        "device_names": sorted(runs["device_names"]),
+        "precision": sorted(runs["precisions"]),
+        "seeds": _seeds(spec),
+        **_search(results),
+        "selection_rule": spec.selection,
+        "selection_note": SELECTION_NOTE,
+        "validator_agreement": _agreement(results),
+        "data_fingerprints": _fingerprints(results),
+        "plugins": _plugins(results),
+        "budget": spec.budget.model_dump(),
+        "trial_counts": _trial_counts(results),
+        "compute_seconds": round(runs["compute_s"], 1),
+        "wall_seconds": _wall_seconds(results),
+        "storage": shown_storage(results.storage_url),
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _seeds(spec: StudySpec) -> dict[str, Any]:
+    return {
+        "study": spec.seed,
+        "data_split": spec.seed,
+        "trial": "study seed + trial number",
+        "final": final_seeds(spec),
+        # true: a trial's head is initialized from its seed, the backbone reset to the weights;
+        # false: the backbone is built under the seed and the head initialized after it
+        "reuse_backbone": spec.reuse_backbone,
+    }
+
+
+def _search(results: Results) -> dict[str, Any]:
+    """Every sampler and pruner the studies were run with."""
+    samplers, pruners = set(), set()
+    for e in results.entries:
+        if e.study is None:
+            continue
+        if SAMPLER in e.study.attrs:
+            samplers.add(json.dumps(e.study.attrs[SAMPLER], sort_keys=True))
+        if PRUNER in e.study.attrs:
+            pruners.add(e.study.attrs[PRUNER])
+    return {"sampler": [json.loads(s) for s in sorted(samplers)], "pruner": sorted(pruners)}
+
+
+def _runs(results: Results) -> dict[str, Any]:
+    """Compute seconds (trials, then each study's final runs, each final run once however many
+    rules picked it) and the commits, devices and precisions of the final runs."""
+    compute_s = 0.0
+    commits: set[str] = set()
+    devices: set[str] = set()
+    device_names: set[str] = set()
+    precisions: set[str] = set()
+    for e in results.entries:
+        if e.study is None:
+            continue
+        for t in e.study.trials:
+            if t.datetime_start and t.datetime_complete:
+                compute_s += (t.datetime_complete - t.datetime_start).total_seconds()
+        counted: dict[int, set[int]] = {}  # final runs shared by several rules count once
+        for sel in e.study.selections:
+            if sel.best is None:
+                continue
+            for f in sel.finals:
+                if f["seed"] not in counted.setdefault(sel.best.number, set()):
+                    counted[sel.best.number].add(f["seed"])
+                    compute_s += f.get("seconds", 0.0)
+                commits.add(f.get("git_commit") or "unknown")
+                devices.add(f.get("device", "?"))
+                if f.get("device_name"):
+                    device_names.add(f["device_name"])
+                precisions.add(f.get("precision", "?"))
+    return {
+        "compute_s": compute_s,
+        "commits": commits,
+        "devices": devices,
+        "device_names": device_names,
+        "precisions": precisions,
+    }
+
+
+def _agreement(results: Results) -> list[dict[str, Any]]:
+    """Per pair: the pooled entry first (it rests on several times more trials), then each method."""
+    out: list[dict[str, Any]] = []
+    for pair in results.spec.pairs:
+        pooled: list[FrozenTrial] = []  # completed trials of every method of the pair
+        per_method = []
+        for e in results.of_pair(pair):
+            complete = e.study.complete if e.study else []
+            per_method.append(agreement(pair.key, e.method.key, complete))
+            pooled += complete
+        out += [agreement(pair.key, POOLED, pooled), *per_method]
+    return out
+
+
+def _fingerprints(results: Results) -> dict[str, Any]:
+    """The data fingerprints of each pair, as the last started method of the pair recorded them."""
+    return {e.pair.key: e.study.config.get("data", {}) for e in results.entries if e.study}
+
+
+def _plugins(results: Results) -> list[str]:
+    """Every plugin the studies were run with, as "name (distribution)"."""
+    plugins: set[str] = set()
+    for e in results.entries:
+        if e.study is not None:
+            plugins.update((e.study.config.get("plugins") or {}).values())
+    return sorted(plugins)
+
+
+def _trial_counts(results: Results) -> dict[str, int]:
+    counts = {s.name: 0 for s in TrialState}
+    for e in results.entries:
+        for t in e.study.trials if e.study else []:
+            counts[t.state.name] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def _wall_seconds(results: Results) -> float:
+    """From the first trial's start to the last one's end, over every study."""
+    starts, ends = [], []
+    for e in results.entries:
+        for t in e.study.trials if e.study else []:
+            if t.datetime_start and t.datetime_complete:
+                starts.append(t.datetime_start)
+                ends.append(t.datetime_complete)
+    return round((max(ends) - min(starts)).total_seconds(), 1) if starts else 0.0

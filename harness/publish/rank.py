@@ -1,0 +1,162 @@
+"""The board: one row per (pair, method, selection rule), ranked within each pair; and the table of
+every trial. Both are functions of :class:`~harness.publish.results.Results`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.metrics import METRICS, primary_metric
+from harness.publish.format import finite
+from harness.publish.results import Entry, Results, Selection, StoredStudy
+from harness.store.schema import (
+    ERROR,
+    RETRY_OF,
+    counts,
+    fail_reason,
+    trial_params,
+    trial_score,
+    trial_scores,
+)
+from harness.study import StudySpec
+
+
+def board(results: Results) -> pd.DataFrame:
+    """Rows in study-file order (pairs, methods, rules), ranked and ordered within each pair."""
+    spec = results.spec
+    rows: list[dict[str, Any]] = []
+    for entry in results.entries:
+        row = _identity(entry)
+        if entry.study is None:
+            selection = ", ".join(spec.selection_rules)
+            rows.append(
+                {**row, "label": entry.method.key, "selection": selection, "status": "not started"}
+            )
+            continue
+        row.update(_trial_counts(entry.study, entry.study.config))
+        for sel in entry.study.selections:
+            rows.append(_rule_row(spec, row, sel))
+    return _ranked(spec, pd.DataFrame(rows))
+
+
+def _identity(entry: Entry) -> dict[str, Any]:
+    pair, method = entry.pair, entry.method
+    return {
+        "pair": pair.key,
+        "source": pair.source,
+        "target": pair.target,
+        "method": method.key,
+        "backbone": method.backbone,
+        "weights": method.weights,
+        "head": method.head,
+        "strategy": method.strategy,
+    }
+
+
+def _trial_counts(study: StoredStudy, config: dict[str, Any]) -> dict[str, Any]:
+    budgeted = study.budgeted
+    return {
+        "target_labels": config.get("target_labels", ""),
+        "trials_complete": sum(t.state == TrialState.COMPLETE for t in budgeted),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in budgeted),
+        "trials_failed": sum(t.state == TrialState.FAIL for t in budgeted),
+        "trials_not_counted": sum(t.state.is_finished() for t in study.trials) - len(budgeted),
+    }
+
+
+def _rule_row(spec: StudySpec, row: dict[str, Any], sel: Selection) -> dict[str, Any]:
+    """The row of one selection rule: the trial it picked and its final runs' test metrics."""
+    rule_row = {**row, "selection": sel.rule, "oracle": sel.oracle}
+    best, finals = sel.best, sel.finals
+    if best is None:
+        return {**rule_row, "status": "no completed trial"}
+    score = trial_score(best, sel.rule)
+    rule_row.update(
+        status="final"
+        if len(finals) == spec.final_seeds
+        else f"{len(finals)}/{spec.final_seeds} seeds",
+        best_trial=best.number,
+        val_score=score if score is not None else best.value,
+        n_seeds=len(finals),
+        seeds=[f["seed"] for f in finals],
+        best_params=trial_params(best),
+        precision=", ".join(sorted({str(f.get("precision", "?")) for f in finals})),
+    )
+    for metric in METRICS[spec.task]:
+        values = [f["test"][metric] for f in finals if finite(f["test"].get(metric))]
+        mean, std = _mean_std(values)
+        rule_row[f"test_{metric}"] = mean
+        rule_row[f"test_{metric}_std"] = std
+        rule_row[f"test_{metric}_se"] = std / math.sqrt(len(values)) if finite(std) else math.nan
+    per_class = [f["test"]["per_class_iou"] for f in finals if "per_class_iou" in f["test"]]
+    if per_class:
+        frame = pd.DataFrame(per_class, dtype=float)
+        rule_row["test_per_class_iou"] = [
+            None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)
+        ]
+    return rule_row
+
+
+def _ranked(spec: StudySpec, board: pd.DataFrame) -> pd.DataFrame:
+    """Rank rows with all their final seeds within each pair, oracle rows among themselves; then
+    order each pair's rows: honestly selected ones first, then oracle ones, each in rank order."""
+    primary = f"test_{primary_metric(spec.task)}"
+    if primary not in board:
+        return board
+    # only rows with all their final seeds compete; partial rows stay unranked
+    ranked = board[primary].where(board["status"] == "final")
+    group = (
+        [board["pair"], board["oracle"].fillna(False).astype(bool)]
+        if "oracle" in board
+        else board["pair"]
+    )
+    board["rank"] = ranked.groupby(group).rank(ascending=False, method="min").astype("Int64")
+    order = ["pair", "_oracle", "rank"] if "oracle" in board else ["pair", "rank"]
+    board["_oracle"] = board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
+    return (
+        board.sort_values(order, na_position="last", kind="stable")
+        .drop(columns="_oracle")
+        .reset_index(drop=True)
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    s = pd.Series(values, dtype=float)
+    return float(s.mean()), float(s.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def trials_frame(results: Results) -> pd.DataFrame:
+    """Every trial of every started study, one row each (``trials.csv``)."""
+    return pd.DataFrame(
+        [
+            trial_row(e.pair.key, e.method.key, t)
+            for e in results.entries
+            if e.study is not None
+            for t in e.study.trials
+        ]
+    )
+
+
+def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
+    row = {
+        "pair": pair,
+        "method": method,
+        "trial": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "epochs_reported": len(t.intermediate_values),
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        # only a failed trial has a reason (a trial may finish just as another process reaps it)
+        "fail_reason": fail_reason(t) if t.state == TrialState.FAIL else "",
+        "retry_of": t.user_attrs.get(RETRY_OF),
+        "counted": counts(t),
+        "error": t.user_attrs.get(ERROR, ""),
+    }
+    row.update(trial_params(t))
+    row.update({f"score:{k}": v for k, v in trial_scores(t).items()})
+    return row

@@ -1,0 +1,78 @@
+"""Each pair's datasets, built once per run and kept on the device: :class:`DomainCache`."""
+
+from __future__ import annotations
+
+import json
+
+from harness import api
+from harness.errors import HarnessError, PluginContractError
+from harness.search.context import Context
+from harness.search.resolve import DomainRef, resolve_domain
+from harness.study import spec_error
+
+
+class DomainCache:
+    """The study's domains: resolved against the plugins when made (an unknown dataset or
+    sub-domain is the study file's error), built on first use, one copy per distinct dataset."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.spec = ctx, ctx.spec
+        self.refs: dict[tuple[int, str], DomainRef] = {
+            (i, side): resolve_domain(
+                self.spec, ctx.registry, getattr(p, side), f"pairs[{i}].{side}"
+            )
+            for i, p in enumerate(self.spec.pairs)
+            for side in ("source", "target")
+        }
+        self._data: dict[str, api.DomainData] = {}
+
+    def domain(self, i: int, side: str) -> api.DomainData:
+        """Pair ``i``'s ``side`` ("source" or "target"), on the run's device."""
+        ref = self.refs[(i, side)]
+        key = json.dumps(
+            [ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str
+        )
+        if key not in self._data:
+            self._data[key] = self._build(i, side, ref)
+        return self._data[key]
+
+    def _build(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
+        try:
+            data = ref.entry.factory(
+                ref.sub, image_size=self.spec.image_size, seed=self.spec.seed, **ref.options
+            )
+        except TypeError as exc:
+            raise spec_error(
+                self.spec, f"pairs[{i}].{side}", f"dataset {ref.entry.name!r}: {exc}"
+            ) from None
+        except HarnessError as exc:
+            raise spec_error(self.spec, f"pairs[{i}].{side}", exc) from None
+        if not isinstance(data, api.DomainData):
+            raise PluginContractError(
+                f"dataset factory of plugin {ref.entry.plugin!r} ({ref.entry.dist}) returned "
+                f"{type(data).__name__}, not harness.api.DomainData"
+            )
+        data.check(self.spec.image_size)
+        device = self.ctx.device
+        return api.DomainData(
+            name=ref.text,
+            task=data.task,
+            class_names=data.class_names,
+            train=data.train.to(device),
+            val=data.val.to(device),
+            test=data.test.to(device),
+            fingerprint=data.fingerprint,
+            meta=data.meta,
+        )
+
+    def pair_data(self, i: int) -> tuple[api.DomainData, api.DomainData]:
+        """Pair ``i``'s source and target; they must have the same classes."""
+        source, target = self.domain(i, "source"), self.domain(i, "target")
+        if source.class_names != target.class_names:
+            raise spec_error(
+                self.spec,
+                f"pairs[{i}]",
+                f"source {source.name!r} and target {target.name!r} have different classes "
+                f"({len(source.class_names)} vs {len(target.class_names)})",
+            )
+        return source, target

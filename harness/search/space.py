@@ -1,0 +1,96 @@
+"""The search space: what a trial's parameters are (suggested, pinned or fixed by the strategy),
+and the training configuration they make."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import torch
+
+from harness import api
+from harness.errors import PluginContractError
+from harness.store.schema import PARAMS
+from harness.study import StudySpec
+from harness.training.engine import Precision, TrainConfig, resolve_freeze_depth
+
+
+def _suggest_float(trial: optuna.Trial, name: str, space: list[float] | float) -> float:
+    if isinstance(space, list):
+        lo, hi = space
+        return lo if lo == hi else trial.suggest_float(name, lo, hi, log=True)
+    return float(space)
+
+
+def _freeze_depth(
+    spec: StudySpec, trial: optuna.Trial, strategy: api.Strategy, num_stages: int
+) -> int:
+    s = spec.search
+    if "freeze_depth" in strategy.fixed:
+        return resolve_freeze_depth(strategy.fixed["freeze_depth"], num_stages)
+    if s.freeze_depth == "auto":
+        return trial.suggest_int("backbone.freeze_depth", 0, num_stages)
+    if isinstance(s.freeze_depth, list):
+        lo, hi = (min(v, num_stages) for v in s.freeze_depth)
+        return trial.suggest_int("backbone.freeze_depth", lo, hi)
+    return min(int(s.freeze_depth), num_stages)
+
+
+def suggest(
+    spec: StudySpec, trial: optuna.Trial, strategy: api.Strategy, num_stages: int
+) -> dict[str, Any]:
+    """Every parameter of ``trial``, in the order the sampler is asked for them; recorded on the
+    trial in one write (the pinned and fixed ones are not in ``trial.params``)."""
+    s = spec.search
+    params: dict[str, Any] = {}
+    depth = _freeze_depth(spec, trial, strategy, num_stages)
+    params["backbone.freeze_depth"] = depth
+    if depth < num_stages:
+        params["backbone.lr"] = _suggest_float(trial, "backbone.lr", s.backbone_lr)
+        if isinstance(s.layer_decay, list) and s.layer_decay[0] < s.layer_decay[1]:
+            params["backbone.lr_decay"] = trial.suggest_float("backbone.lr_decay", *s.layer_decay)
+        else:
+            decay = s.layer_decay[0] if isinstance(s.layer_decay, list) else s.layer_decay
+            if decay != 1.0:
+                params["backbone.lr_decay"] = float(decay)
+    params["head.lr"] = _suggest_float(trial, "head.lr", s.head_lr)
+    params["optimizer.weight_decay"] = _suggest_float(
+        trial, "optimizer.weight_decay", s.weight_decay
+    )
+    policies = [s.augment] if isinstance(s.augment, str) else s.augment
+    params["augment.policy"] = (
+        policies[0] if len(policies) == 1 else trial.suggest_categorical("augment.policy", policies)
+    )
+    extra = strategy.search_space(trial)
+    bad = [k for k in extra if not k.startswith("strategy.")]
+    if bad:
+        raise PluginContractError(
+            f"strategy search_space returned {bad}; names must start with 'strategy.'"
+        )
+    params.update(extra)
+    trial.set_user_attr(PARAMS, params)
+    return params
+
+
+def train_config(
+    spec: StudySpec,
+    params: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    precision: Precision,
+) -> TrainConfig:
+    """How a trial or final run with ``params`` trains."""
+    return TrainConfig(
+        epochs=spec.budget.max_epochs,
+        batch_size=spec.batch_size,
+        backbone_lr=float(params.get("backbone.lr", 0.0)),
+        head_lr=float(params["head.lr"]),
+        weight_decay=float(params["optimizer.weight_decay"]),
+        freeze_depth=int(params["backbone.freeze_depth"]),
+        augment=str(params["augment.policy"]),
+        seed=seed,
+        device=device,
+        precision=precision,
+        params=params,
+        data_seed=spec.seed,
+    )

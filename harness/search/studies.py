@@ -1,0 +1,105 @@
+"""A (pair, method) study in the storage: the configuration it records, and opening it again only
+when what decides its trials has not changed since they were run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+
+from harness import api
+from harness.errors import StudySpecError
+from harness.metrics import primary_metric
+from harness.search.domains import DomainCache
+from harness.search.resolve import ResolvedMethod, plugin_label
+from harness.search.selection import selection_rule, selection_rules
+from harness.store.schema import CONFIG, STUDY_FILE_HASH, optuna_study_name
+from harness.study import StudySpec
+
+# keys of a study's configuration that must not change between runs sharing a storage
+FROZEN_CONFIG = (
+    "pair", "method", "task", "metric", "direction", "image_size", "batch_size", "max_epochs", "search", "selection",
+    "data", "pretrain", "reuse_backbone",
+)  # fmt: skip
+
+
+def config_of(
+    spec: StudySpec, domains: DomainCache, i: int, rm: ResolvedMethod, strategy: api.Strategy
+) -> dict[str, Any]:
+    """What a study of pair ``i`` and method ``rm`` records as its configuration."""
+    source, target = domains.pair_data(i)
+    rule, oracle = selection_rule(spec, strategy)
+    registry = domains.ctx.registry
+    return {
+        "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(spec, strategy)],
+        "pair": spec.pairs[i].model_dump(),
+        "method": rm.method.model_dump(),
+        "task": spec.task,
+        "metric": primary_metric(spec.task),
+        "direction": "maximize",
+        "image_size": spec.image_size,
+        "batch_size": spec.batch_size,
+        "max_epochs": spec.budget.max_epochs,
+        "search": spec.search.model_dump(),
+        "selection": rule,
+        "oracle": oracle,
+        "pretrain": spec.pretrain.model_dump() if rm.method.weights == "source" else None,
+        # how a trial's model is made, which decides its random initialization
+        "reuse_backbone": spec.reuse_backbone,
+        "data": {"source": source.fingerprint, "target": target.fingerprint},
+        "target_labels": strategy.target_labels,
+        "plugins": {
+            "source": plugin_label(domains.refs[(i, "source")].entry, registry),
+            "target": plugin_label(domains.refs[(i, "target")].entry, registry),
+            "backbone": plugin_label(rm.backbone, registry),
+            "head": plugin_label(rm.head, registry),
+            "strategy": plugin_label(rm.strategy, registry),
+        },
+    }
+
+
+def _describe_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
+    a, b = json.dumps(old.get(key), sort_keys=True), json.dumps(new.get(key), sort_keys=True)
+    if len(a) + len(b) > 240:
+        return f"{key} differs"
+    return f"{key} was {a}, now {b}"
+
+
+def open_study(
+    spec: StudySpec,
+    storage: optuna.storages.BaseStorage,
+    domains: DomainCache,
+    i: int,
+    rm: ResolvedMethod,
+) -> optuna.Study:
+    """The study of pair ``i`` and method ``rm``: created with its configuration, or loaded when
+    the stored configuration agrees on every key of :data:`FROZEN_CONFIG`."""
+    strategy = rm.new_strategy()
+    name = optuna_study_name(spec.pairs[i], rm.method)
+    config = config_of(spec, domains, i, rm, strategy)
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", load_if_exists=True
+    )
+    old = study.user_attrs.get(CONFIG)
+    if old is None and study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        old = {}  # made by something else than the harness, which always maximizes
+    if old is None:
+        study.set_user_attr(CONFIG, config)
+        study.set_user_attr(STUDY_FILE_HASH, spec.file_hash)
+        return study
+    # a key the stored configuration lacks was not recorded by the harness that began the study
+    changed = [
+        k for k in FROZEN_CONFIG
+        if k in old and json.dumps(old.get(k), sort_keys=True) != json.dumps(config.get(k), sort_keys=True)
+    ]  # fmt: skip
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        changed.insert(0, "direction")
+        old = {**old, "direction": study.direction.name.lower()}
+    if changed:
+        raise StudySpecError(
+            f"{spec.path}: cannot resume {name!r}: {', '.join(changed)} changed since its "
+            f"trials were run ({_describe_change(old, config, changed[0])})",
+            hint="name the study differently, pass another --storage, or delete its results to start over",
+        )
+    return study

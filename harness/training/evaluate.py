@@ -1,0 +1,88 @@
+"""Model outputs over a whole split, in eval mode: for scoring and for label-free validators."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import Split
+from harness.training import features as feat
+from harness.training.device import Precision
+from harness.training.inputs import model_input
+from harness.training.model import TransferModel
+
+
+@torch.no_grad()
+def predict(
+    model: TransferModel,
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    cache: feat.FeatureCache | None = feat.FEATURE_CACHE,
+) -> Tensor:
+    """Outputs for every image of ``split``, in eval mode, on the CPU: float32 logits for
+    classification, predicted labels per pixel for segmentation (logits would not fit).
+
+    With a fully frozen backbone the split's features come from ``cache`` (computed once, keyed by
+    the backbone's weights and buffers, the images and the preprocessing); only the head runs."""
+    was_training = model.training
+    model.eval()
+    out = []
+    frozen = (
+        cache is not None
+        and model.task == "classification"
+        and not model.head_takes_images
+        and isinstance(model.backbone, nn.Module)
+        and not any(p.requires_grad for p in model.backbone.parameters())
+    )
+    if frozen:
+        key = feat.feature_key(model, split.x, precision, device)
+        features = cache.get_or_compute(
+            key, lambda: feat.compute_features(model, split.x, precision, device, batch_size)
+        )
+        for start in range(0, len(features), batch_size):
+            with precision.autocast(device):
+                logits = model.head(features[start : start + batch_size])
+            out.append(logits.float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
+    for start in range(0, len(split), batch_size):
+        x = model_input(split.x[start : start + batch_size], model, precision.channels_last, device)
+        with precision.autocast(device):
+            logits = model(x)
+        out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def unlabelled_logits(
+    model: TransferModel,
+    split: Split,
+    batch_size: int,
+    device: torch.device,
+    precision: Precision,
+    pixels_per_image: int = 64,
+    seed: int = 0,
+) -> Tensor:
+    """Logits of shape (rows, classes) for label-free validators, read from images only: one
+    row per image for classification, ``pixels_per_image`` seeded pixels per image for
+    segmentation (the same pixels for every model, so that trials compare)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(split), batch_size):
+        x = model_input(split.x[start : start + batch_size], model, precision.channels_last, device)
+        with precision.autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        if logits.ndim == 4:
+            b, c, h, w = logits.shape
+            flat = logits.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            idx = torch.randint(0, h * w, (b, pixels_per_image), generator=g).to(flat.device)
+            logits = torch.gather(flat, 1, idx[..., None].expand(-1, -1, c)).reshape(-1, c)
+        out.append(logits.cpu())
+    model.train(was_training)
+    return torch.cat(out)
