@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness.console import console, out, plugins_table, print_board, run_header
 from harness.errors import HarnessError, StudySpecError
 from harness.registry import BUILTIN_COMMANDS
 
@@ -24,8 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Benchmark which backbone, head, adaptation strategy and recipe transfers best between image domains.",
 )
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
 
 StudyOpt = Annotated[
     str,
@@ -129,7 +127,7 @@ def run(
     )
     driver = build_driver(spec, get_registry(), options)
     if lead:
-        log(_run_header(driver))
+        log(run_header(driver))
     try:
         if workers > 1 and lead:
             _run_workers(driver, study, results_dir, set_ or [], quiet, workers, log)
@@ -148,20 +146,6 @@ def _worker_threads() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("HARNESS_NUM_THREADS", torch.get_num_threads())))
-
-
-def _run_header(driver: Any) -> str:
-    spec = driver.spec
-    precision = (
-        "precision auto: probed per backbone"
-        if spec.precision == "auto"
-        else driver.precision.describe()
-    )
-    return (
-        f"study {spec.name}: {len(spec.pairs)} pair(s) x {len(spec.methods)} method(s), "
-        f"{spec.budget.trials} trials each, device {driver.device} ({precision}), "
-        f"storage {_shown_storage(driver.storage_url)}"
-    )
 
 
 def _run_log(quiet: bool, worker_rank: int | None) -> Any:
@@ -232,12 +216,6 @@ def _run_workers(
         raise typer.Exit(bad[0] if bad[0] > 0 else 1)
 
 
-def _shown_storage(url: str) -> str:
-    from harness.publish.format import shown_storage
-
-    return shown_storage(url)
-
-
 @app.command("leaderboard")
 def leaderboard_cmd(
     study: StudyOpt,
@@ -291,37 +269,8 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
                 f"{escape(type(exc).__name__ + ': ' + str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)}"
             )
     if not quiet:
-        _print_board(spec, board)
+        print_board(spec, board)
         console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
-
-
-def _print_board(spec: Any, board: Any) -> None:
-    """The board as one table per pair on the terminal."""
-    from harness.metrics import LABELS, primary_metric
-    from harness.publish.format import pm, trial_counts
-
-    metric = primary_metric(spec.task)
-    for pair, rows in board.groupby("pair", sort=False):
-        table = Table(
-            title=f"{spec.name}: {pair}, target test {LABELS[metric]} % (mean ± standard error over seeds)"
-        )
-        for col in (
-            "rank",
-            "method",
-            f"test {LABELS[metric]} %",
-            "selection",
-            "trials ok/pruned/failed",
-        ):
-            table.add_column(col, overflow="fold")
-        for r in rows.to_dict("records"):
-            table.add_row(
-                str(r.get("rank", "-")),
-                r["method"],
-                pm(r, metric),
-                (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
-                trial_counts(r),
-            )
-        out.print(table)
 
 
 @app.command()
@@ -351,18 +300,7 @@ def plugins(
             e = registry.entries[kind][name]
             out.print(f"{name}\t{e.plugin} ({e.dist})\t{e.description}")
         return
-    table = Table(title="harness plugins")
-    for col in ("plugin", "distribution", "version", "registered", "error"):
-        table.add_column(col, overflow="fold")
-    for info in sorted(registry.plugins.values(), key=lambda p: p.name):
-        parts = []
-        for k, names in info.registered.items():
-            shown = ", ".join(names[:6]) + (
-                f", ... ({len(names)} in all)" if len(names) > 6 else ""
-            )
-            parts.append(f"{k}: {shown}")
-        table.add_row(info.name, info.dist, info.version, "\n".join(parts), info.error or "")
-    out.print(table)
+    out.print(plugins_table(registry))
     if registry.errors:
         console.print(f"[red]{len(registry.errors)} plugin(s) failed to load[/]; the others work")
 

@@ -14,6 +14,7 @@ venv), then check that
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata as md
 import json
 import math
@@ -355,6 +356,16 @@ def test_study_with_the_example_plugin_runs_end_to_end(plugin_site: Path, tmp_pa
         assert row["target_labels"] == "none" and row["oracle"] is False
     entropy = rows["example-entropy"]
     assert 1e-3 <= entropy["best_params"]["strategy.entropy_weight"] <= 1.0
+    # what the strategy logged with ctx.log reaches trials.csv, for its trials only
+    with open(out / "trials.csv", newline="") as f:
+        trials = list(csv.DictReader(f))
+    logged = [
+        float(t["diagnostic:target_entropy"])
+        for t in trials
+        if t["state"] == "COMPLETE" and "entropy" in t["method"]
+    ]
+    assert logged and all(math.isfinite(v) and v >= 0.0 for v in logged)
+    assert all(not t["diagnostic:target_entropy"] for t in trials if "source-only" in t["method"])
 
     plugins = board["provenance"]["plugins"]
     assert f"{ENTRY_POINT} ({DIST} 0.1.0)" in plugins  # a third-party plugin with its version

@@ -17,6 +17,7 @@ from harness.store.schema import (
     RETRY_OF,
     counts,
     fail_reason,
+    trial_diagnostics,
     trial_params,
     trial_score,
     trial_scores,
@@ -159,4 +160,6 @@ def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
     }
     row.update(trial_params(t))
     row.update({f"score:{k}": v for k, v in trial_scores(t).items()})
+    # a strategy's own diagnostics (``ctx.log``), at the last epoch trained
+    row.update({f"diagnostic:{k}": vs[-1] for k, vs in trial_diagnostics(t).items() if vs})
     return row

@@ -13,10 +13,12 @@ from harness.search.context import Context
 from harness.search.resolve import ResolvedMethod
 from harness.training.engine import Precision, TransferModel
 from harness.training.reset import BackboneReset
-from harness.training.weights import SourceRecipe, build_backbone, source_pretrained
-
-#: decoder used to pretrain a backbone on a segmentation source (weights = "source")
-SOURCE_PRETRAIN_SEG_HEAD = "fpn"
+from harness.training.weights import (
+    SourceRecipe,
+    build_backbone,
+    source_pretrained,
+    source_pretraining_head,
+)
 
 
 class ModelFactory:
@@ -39,9 +41,7 @@ class ModelFactory:
         recipe = SourceRecipe(
             p.epochs, p.lr, p.weight_decay, p.augment, self.spec.batch_size, self.spec.seed
         )
-        head = None
-        if source.task == "segmentation":
-            head = self.ctx.registry.get("head", SOURCE_PRETRAIN_SEG_HEAD)
+        head = source_pretraining_head(self.ctx.registry, source.task)
         return str(
             source_pretrained(
                 rm.backbone,

@@ -17,7 +17,14 @@ from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
 from harness.search.selection import Scorer, selection_rule
 from harness.search.space import suggest, train_config
-from harness.store.schema import ERROR, FAIL_REASON, SCORES, TRAIN_LOSS, is_finite_number
+from harness.store.schema import (
+    DIAGNOSTICS,
+    ERROR,
+    FAIL_REASON,
+    SCORES,
+    TRAIN_LOSS,
+    is_finite_number,
+)
 from harness.training.engine import Trainer, TransferModel, seed_everything
 
 
@@ -33,6 +40,11 @@ def failure_reason(exc: BaseException) -> str:
 def finite_or_none(scores: dict[str, float]) -> dict[str, float | None]:
     """Scores as stored: a non-finite one is None (JSON has no NaN)."""
     return {k: v if math.isfinite(v) else None for k, v in scores.items()}
+
+
+def _per_epoch(diagnostics: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    """Diagnostics as stored: a non-finite value (an epoch that logged nothing) is None."""
+    return {k: [v if math.isfinite(v) else None for v in vs] for k, vs in diagnostics.items()}
 
 
 class Objective:
@@ -108,6 +120,8 @@ class Objective:
         # (the epochs it trained are its reported intermediate values: no attribute of their own)
         trial.set_user_attr(SCORES, finite_or_none(scores))
         trial.set_user_attr(TRAIN_LOSS, result.train_loss[-1])
+        if result.diagnostics:  # only strategies that log write it
+            trial.set_user_attr(DIAGNOSTICS, _per_epoch(result.diagnostics))
         if not (is_finite_number(result.history[-1]) and is_finite_number(result.train_loss[-1])):
             raise NonFiniteLossError(
                 f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}"

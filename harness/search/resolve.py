@@ -8,7 +8,7 @@ from typing import Any
 
 from harness import api
 from harness.errors import HarnessError, PluginContractError
-from harness.registry import Entry, Registry, unknown_message
+from harness.registry import Entry, Registry, check_domain
 from harness.study import Method, StudySpec, spec_error
 from harness.versions import package_version
 
@@ -67,28 +67,24 @@ def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> 
             entry, options = registry.get("dataset", name), {}
     except HarnessError as exc:
         raise spec_error(spec, key, exc) from None
-    if spec.task not in entry.meta.get("tasks", ("classification",)):
+    if spec.task not in entry.tasks:
         raise spec_error(spec, key, f"dataset {name!r} does not serve {spec.task}")
-    declared = entry.meta.get("domains")
-    if declared and sub and sub not in declared:
-        raise spec_error(
-            spec,
-            key,
-            unknown_message(f"domain of {name!r}", sub, list(declared))
-            + f" (it serves {', '.join(declared)})",
-        )
+    try:
+        check_domain(entry, sub or None, name)
+    except HarnessError as exc:
+        raise spec_error(spec, key, exc) from None
     return DomainRef(text, entry, sub or None, options)
 
 
 def _check_tasks(spec: StudySpec, i: int, m: Method, entries: dict[str, Entry]) -> None:
-    tasks = entries["head"].meta.get("tasks", ("classification",))
+    tasks = entries["head"].tasks
     if spec.task not in tasks:
         raise spec_error(
             spec,
             f"methods[{i}].head",
             f"head {m.head!r} supports {', '.join(tasks)}, not {spec.task}",
         )
-    strategy_tasks = entries["strategy"].meta.get("tasks", ("classification", "segmentation"))
+    strategy_tasks = entries["strategy"].tasks
     if spec.task not in strategy_tasks:
         raise spec_error(
             spec,

@@ -41,6 +41,8 @@ PARAMS = "params"
 #: every selection rule's score of the trial's final model
 SCORES = "scores"
 TRAIN_LOSS = "train_loss"
+#: what the strategy logged with ``ctx.log``: name -> per-epoch mean (None for an epoch without it)
+DIAGNOSTICS = "diagnostics"
 FAIL_REASON = "fail_reason"
 ERROR = "error"
 #: a trial queued again after its first run was interrupted or lost: the number of that first run
@@ -117,6 +119,10 @@ def trial_score(trial: FrozenTrial, rule: str) -> float | None:
     """A finished trial's score under ``rule`` (validation splits and label-free validators only)."""
     value = trial_scores(trial).get(rule)
     return value if is_finite_number(value) else None
+
+
+def trial_diagnostics(trial: FrozenTrial) -> dict[str, list[float | None]]:
+    return dict(trial.user_attrs.get(DIAGNOSTICS) or {})
 
 
 def fail_reason(trial: FrozenTrial) -> str:
