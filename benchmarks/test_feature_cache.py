@@ -39,7 +39,7 @@ def _data() -> DomainData:
 def _trial(
     reset: BackboneReset, data: DomainData, device, precision, cache: feat.FeatureCache | None
 ) -> float:
-    """One linear-probe trial as the Runner runs it: the backbone reset to the pretrained weights
+    """One linear-probe trial as the search driver runs it: the backbone reset to the pretrained weights
     (``harness.training.reset``) under the trial's seed, a new head, train it, score validation every epoch."""
     seed_everything(0)
     bb = reset()
@@ -69,7 +69,7 @@ def test_linear_probe_with_cached_features(benchmark, name, tmp_path):
     save_file(build_timm_backbone(name, weights="none").module.state_dict(), str(weights))
 
     def new_search() -> BackboneReset:
-        """What a search starts with: the backbone built once (the Runner's preflight), the hash
+        """What a search starts with: the backbone built once (the search driver's preflight), the hash
         of its weights not yet known to the feature cache."""
         reset = BackboneReset(lambda: build_timm_backbone(name, weights=str(weights)))
         reset()

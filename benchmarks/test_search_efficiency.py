@@ -52,21 +52,21 @@ DEFAULT_PRUNER = SearchSpace.model_fields["pruner"].default
 PRUNER = os.environ.get("BENCH_PRUNER", DEFAULT_PRUNER)
 
 
-def _runner(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Driver:
+def _driver(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Driver:
     """The driver with the sampler's seed moved away from the study seed (same data, same weights)."""
     spec = load_study(QUICKSTART, overrides=overrides)
     options = RunOptions(results_dir=tmp, log=lambda m: None, sampler_seed=sampler_seed)
     return build_driver(spec, get_registry(), options)
 
 
-def _search(runner: Driver, strategy: str):
-    rm = next(rm for rm in runner.methods if rm.method.strategy == strategy)
-    source, _ = runner.domains.pair_data(0)
+def _search(driver: Driver, strategy: str):
+    rm = next(rm for rm in driver.methods if rm.method.strategy == strategy)
+    source, _ = driver.domains.pair_data(0)
     # source pretraining is cached on disk: not part of the search
-    runner.models.backbone_weights(rm, source)
-    runner.models.precision_for(rm)
+    driver.models.backbone_weights(rm, source)
+    driver.models.precision_for(rm)
     t0 = time.perf_counter()
-    study = runner.search(0, rm)
+    study = driver.search(0, rm)
     return study, time.perf_counter() - t0
 
 
@@ -77,10 +77,10 @@ def test_pruning_pays(benchmark, tmp_path):
         for seed in SAMPLER_SEEDS:
             out = {}
             for pruner in ("none", PRUNER):
-                runner = _runner(
+                driver = _driver(
                     tmp_path / f"{pruner}-{seed}", {**PRUNING, "search.pruner": pruner}, seed
                 )
-                study, wall = _search(runner, "finetune")
+                study, wall = _search(driver, "finetune")
                 trials = study.get_trials(deepcopy=False)
                 out[pruner] = {
                     "best": max(t.value for t in trials if t.state.name == "COMPLETE"),
@@ -168,18 +168,18 @@ def _timed_searches(
 
     monkeypatch.setattr(harness.search.objective, "Trainer", TimedTrainer)
     monkeypatch.setattr(Driver, "_run_trial", timed_run_trial)
-    runner = _runner(tmp, overrides or {})
+    driver = _driver(tmp, overrides or {})
     if storage is not None:
-        runner.storage_url, runner.storage = storage, make_storage(storage)
-    runner.preflight()  # as `harness run` does once before searching: builds every model once
+        driver.storage_url, driver.storage = storage, make_storage(storage)
+    driver.preflight()  # as `harness run` does once before searching: builds every model once
     out = {}
-    for rm in runner.methods:
+    for rm in driver.methods:
         if only and rm.method.strategy != only:
             continue
         fits.clear()
         starts.clear()
         t0 = time.perf_counter()
-        _search(runner, rm.method.strategy)
+        _search(driver, rm.method.strategy)
         end = time.perf_counter()
         n = len(fits)
         loop = end - starts[0]  # from the first trial's ask to the end: every per-trial cost

@@ -299,8 +299,11 @@ def register_strategies(register: Register) -> None:
     `harness.api.TransferModel`; `feature_dim` its `feature_dim`: `backbone.num_features` for
     classification, the head's `deepest_channels` for segmentation (`None` without). The module
     it returns is moved to the device, reaches `training_step` as `ctx.extra`, and is optimized
-    by AdamW in the groups `param_groups(extra, lr, weight_decay)` gives (default: one group at
-    the head's `lr` times `extra.lr_scale` if set, the trial's weight decay).
+    by the trial's one optimizer, AdamW (the same for backbone and head, so that trials compare
+    recipes, not optimizers), in the groups `param_groups(extra, lr, weight_decay)` gives: each
+    group may set any AdamW group option (`lr`, `weight_decay`, `betas`, `eps`); the default is
+    one group at the head's `lr` times `extra.lr_scale` if set, with the trial's weight decay. A
+    setup written with three parameters (before `feature_dim`) is still called, with a warning.
 
     **training_step** receives `batch.source = (images, labels)` and `batch.target = (images,
     labels or None)`, normalized and augmented, and runs, `ctx.extra` included, under the trial's

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness import hookimpl
-from harness.api import DatasetError, DomainData
-from harness.hookspecs import Register
+from harness.api import DatasetError, DomainData, Register
 from harness_plugins.images import (
     BAD_FILES_HINT,
     IMAGE_EXTENSIONS,

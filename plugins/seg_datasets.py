@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, DatasetError, DomainData
-from harness.hookspecs import Register
+from harness.api import IGNORE_INDEX, DatasetError, DomainData, Register
 from harness_plugins.images import (
     check_options,
     dataset_root,

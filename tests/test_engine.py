@@ -276,3 +276,46 @@ def test_segmentation_batches_move_masks_with_their_images():
     # colours are jittered, so compare the order of the classes rather than exact values
     decoded = torch.stack([pixel[valid][yb[valid] == c].mean() for c in range(4)])
     assert torch.all(decoded[1:] > decoded[:-1])
+
+
+def test_a_strategy_with_the_old_three_parameter_setup_still_trains_with_a_warning():
+    from harness.training.engine import run_setup
+
+    class Old(Strategy):
+        def setup(self, model, num_classes, params):  # written before feature_dim existed
+            return torch.nn.Linear(2, num_classes)
+
+    class New(Strategy):
+        def setup(self, model, num_classes, params, feature_dim):
+            return torch.nn.Linear(feature_dim, num_classes)
+
+    with pytest.warns(FutureWarning, match="feature_dim"):
+        old = run_setup(Old(), None, 3, {}, 7)
+    assert old.out_features == 3
+    assert run_setup(New(), None, 3, {}, 7).in_features == 7
+
+
+def test_param_groups_given_as_generators_are_trained():
+    """A strategy's ``param_groups`` in plain PyTorch style (``module.parameters()``, a generator)
+    must reach the optimizer with every parameter, not as an empty group."""
+
+    class Gen(Strategy):
+        uses_target = False
+
+        def setup(self, model, num_classes, params, feature_dim):
+            return torch.nn.Linear(feature_dim, 2)
+
+        def param_groups(self, extra, lr, weight_decay):
+            return [{"params": extra.parameters(), "lr": lr}]
+
+        def training_step(self, m, batch, ctx):
+            x, y = batch.source
+            return F.cross_entropy(m(x), y)
+
+    source = domain("s")
+    trainer = Trainer(model(), Gen(), source, source, config())
+    extra_ids = {id(p) for p in trainer.extra.parameters()}
+    grouped = [
+        g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} & extra_ids
+    ]
+    assert len(grouped) == 1 and {id(p) for p in grouped[0]["params"]} == extra_ids

@@ -3,6 +3,7 @@ and gradient reversal for adversarial strategies."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -84,9 +85,11 @@ class Strategy:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "tasks" in cls.__dict__:
-            raise TypeError(
-                f"{cls.__name__}.tasks: declare a strategy's tasks once, with "
-                "register(name, factory, tasks=(...)) in register_strategies"
+            warnings.warn(
+                f"{cls.__name__}.tasks is ignored: a strategy's tasks are declared once, with "
+                "register(name, factory, tasks=(...)) in register_strategies",
+                FutureWarning,
+                stacklevel=2,
             )
 
     def __init__(self, **options: Any) -> None:

@@ -102,9 +102,10 @@ class Driver:
         if storage_kind(self.storage_url) == "sqlite":
             lock_sqlite(self.storage_url)  # held again if an earlier run() let it go
         try:
-            if self.options.rank is None:  # a local worker's parent has checked the same study
+            if self.options.rank is None:
                 self.preflight()
-            self._started = True
+            else:  # a local worker: its parent's preflight has checked the same study
+                self._started = True
             pending = [(i, rm) for i in range(len(self.spec.pairs)) for rm in self.methods]
             while pending:
                 waiting = []
@@ -214,9 +215,8 @@ class Driver:
                 state = TrialState.PRUNED
             except Exception as exc:  # noqa: BLE001 - the objective recorded the reason; the search goes on
                 state, error = TrialState.FAIL, exc
-            except (
-                KeyboardInterrupt
-            ) as exc:  # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
+            except KeyboardInterrupt as exc:
+                # Ctrl-C, SIGTERM: mark the trial, queue it again, stop
                 state, interrupted = TrialState.FAIL, exc
         frozen = None
         try:

@@ -39,6 +39,12 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
 
 
+def journal_log_offsets(backend: JournalFileBackend) -> dict[int, int]:
+    """Where each log a journal file backend has read begins in its file, by log number (public:
+    none; an incremental reader's position would belong to the journal API)."""
+    return backend._log_number_offset
+
+
 def halving_settings(pruner: optuna.pruners.SuccessiveHalvingPruner) -> tuple[int, int, int]:
     """(min_resource, reduction_factor, bootstrap_count) of a successive-halving pruner (public:
     read-only properties of the pruner's constructor arguments)."""

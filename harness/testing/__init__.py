@@ -34,8 +34,7 @@ Use it in your plugin's tests (plain pytest; CPU only, a few seconds per entry):
 Or check everything the plugin registers, exactly as the harness loads it (the plugin must be
 installed, e.g. ``pip install -e .``)::
 
-    from harness.registry import Registry
-    from harness.testing import assert_passes, check_plugin
+    from harness.testing import Registry, assert_passes, check_plugin
 
 
     def test_whole_plugin():
@@ -47,8 +46,7 @@ Or get one pytest test per check, as scikit-learn's ``parametrize_with_checks`` 
 checks your plugin is known to fail marked ``xfail`` (strict: an expected failure that passes
 fails the run, so that the map stays true)::
 
-    from harness.registry import Registry
-    from harness.testing import parametrize_with_checks
+    from harness.testing import Registry, parametrize_with_checks
 
     registry = Registry()
     registry.load_entry_points(only=["my_plugin"], strict=True)
@@ -104,6 +102,7 @@ and ``core`` for the results and the runner they share; import from ``harness.te
 
 from __future__ import annotations
 
+from harness.registry import Registry, get_registry
 from harness.testing.backbones import check_backbone
 from harness.testing.commands import check_command
 from harness.testing.core import (
@@ -126,6 +125,8 @@ from harness.testing.plugin import CHECKED_KINDS, check_entry, check_names, chec
 from harness.testing.strategies import check_strategy
 
 __all__ = [
+    "Registry",
+    "get_registry",
     "CHECKED_KINDS",
     "DUPLICATE_TOLERANCE",
     "KNOWN_FIXED",

@@ -276,10 +276,8 @@ def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
     xs, ys = steps(width).view(1, 1, width), steps(height).view(1, height, 1)
     t = theta.reshape(n, 6, 1, 1)
     grid = torch.empty(n, height, width, 2, device=theta.device, dtype=theta.dtype)
-    for k in (
-        0,
-        1,
-    ):  # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
+    # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
+    for k in (0, 1):
         torch.add(t[:, 3 * k] * xs, t[:, 3 * k + 1] * ys, out=grid[..., k]).add_(t[:, 3 * k + 2])
     return grid
 

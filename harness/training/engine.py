@@ -8,14 +8,16 @@ too, as the rest of the harness has always imported them.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from harness.api import Batch, DomainData, Split, StepContext, Strategy
 from harness.errors import NonFiniteLossError
@@ -120,6 +122,28 @@ class _Data:
     target_x: Tensor | None = None
 
 
+def run_setup(
+    strategy: Strategy,
+    model: Any,
+    num_classes: int,
+    params: dict[str, Any],
+    feature_dim: int | None,
+) -> nn.Module | None:
+    """``strategy.setup`` with the feature width; a strategy written before ``setup`` took it (three
+    parameters) is still called as it was, with a warning that says what to change."""
+    try:
+        inspect.signature(strategy.setup).bind(model, num_classes, params, feature_dim)
+    except TypeError:
+        warnings.warn(
+            f"{type(strategy).__name__}.setup(model, num_classes, params) is the old signature: "
+            "add a fourth parameter, feature_dim (the width of the features a head receives)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return strategy.setup(model, num_classes, params)
+    return strategy.setup(model, num_classes, params, feature_dim)
+
+
 class Trainer:
     """Runs one training job: a model, a strategy, source and target data, a recipe."""
 
@@ -147,7 +171,7 @@ class Trainer:
         ):
             model.to(memory_format=torch.channels_last)
         model.freeze(cfg.freeze_depth)
-        self.extra = strategy.setup(model, self.num_classes, cfg.params, model.feature_dim)
+        self.extra = run_setup(strategy, model, self.num_classes, cfg.params, model.feature_dim)
         if self.extra is not None:
             self.extra.to(self.device)
         self.optimizer = self._optimizer()
@@ -199,7 +223,9 @@ class Trainer:
         groups.append({"params": self.model.head_parameters(), "lr": cfg.head_lr})
         if self.extra is not None:
             extra = self.strategy.param_groups(self.extra, cfg.head_lr, cfg.weight_decay)
-            groups += [g for g in extra if list(g["params"])]
+            # a group's params may be a generator (module.parameters()): listed once, here
+            extra = [{**g, "params": list(g["params"])} for g in extra]
+            groups += [g for g in extra if g["params"]]
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
 

@@ -150,7 +150,7 @@ class FeatureCache:
         return value
 
 
-#: the process-wide cache: the Runner runs many trials in one process, and they share it
+#: the process-wide cache: the search driver runs many trials in one process, and they share it
 FEATURE_CACHE = FeatureCache()
 
 

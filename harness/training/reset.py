@@ -19,7 +19,8 @@ A reset must give exactly the backbone a build gives:
   one, or a submodule's attribute was set or changed (``momentum``, a convolution's ``stride``).
 
 The shared module is only safe because trials run one after another in a process and each drops
-its model before the next is built: ``Runner`` uses it for trials, final runs and its preflight.
+its model before the next is built: the search driver's ``harness.search.ModelFactory`` uses it
+for trials, final runs and the preflight.
 A study opts out with ``reuse_backbone = false``: every trial then builds its backbone under its
 seed and draws its head's initialization after it, as the harness did before this module (the
 way to repeat a result made then).

@@ -13,6 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 from harness.store.backends import journal_storage, make_storage
 from harness.store.leases import Looks, claim, host_key, lease, reap, release
+from harness.store.optuna_compat import storage_of, study_id, trial_id
 from harness.store.schema import LEASE, budget_trials, count_budget, has_room, is_surplus
 
 
@@ -30,7 +31,7 @@ def _study(url: str, name: str = "s") -> optuna.Study:
 def _running(study: optuna.Study, lease_info: dict | None, x: float = 0.5) -> int:
     trial = study.ask({"x": FloatDistribution(0, 1)})
     if lease_info is not None:
-        study._storage.set_trial_system_attr(trial._trial_id, LEASE, lease_info)
+        storage_of(study).set_trial_system_attr(trial_id(trial), LEASE, lease_info)
     return trial.number
 
 
@@ -51,8 +52,8 @@ def test_trial_of_a_dead_local_process_is_reaped_at_once_and_queued_again_once(u
     # the retry dies too: failed again, but not queued a third time
     retry = study.ask()
     assert retry.number == queued[0].number and retry.suggest_float("x", 0, 1) == lost.params["x"]
-    study._storage.set_trial_system_attr(
-        retry._trial_id, LEASE, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()}
+    storage_of(study).set_trial_system_attr(
+        trial_id(retry), LEASE, {"host": host_key(), "pid": _dead_pid(), "beat": time.time()}
     )
     assert reap(study) == [retry.number]
     assert not [t for t in study.get_trials() if t.state == TrialState.WAITING]
@@ -79,8 +80,8 @@ def test_a_remote_trial_is_reaped_only_after_its_heartbeat_stood_still_for_the_g
     assert not is_stale(t, now=t0 + 29)
     assert is_stale(t, now=t0 + 31)
     # it beats: the grace period starts again from this look
-    study._storage.set_trial_system_attr(
-        t._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 1010.0}
+    storage_of(study).set_trial_system_attr(
+        trial_id(t), LEASE, {"host": "other-machine", "pid": 1, "beat": 1010.0}
     )
     t = study.get_trials()[n]
     assert (
@@ -101,8 +102,8 @@ def test_clock_skew_between_machines_neither_reaps_a_live_trial_nor_keeps_a_dead
     while time.monotonic() < alive_until:  # the holder beats every 0.2 s on its own clock
         assert reap(study, looks=looks) == []
         beat = study.get_trials()[n].system_attrs[LEASE]["beat"]
-        study._storage.set_trial_system_attr(
-            study.get_trials()[n]._trial_id,
+        storage_of(study).set_trial_system_attr(
+            trial_id(study.get_trials()[n]),
             LEASE,
             {"host": "other-machine", "pid": 1, "beat": beat + 0.2},
         )
@@ -123,11 +124,11 @@ def test_a_live_lease_renews_its_heartbeat_and_is_never_reaped(url, monkeypatch)
     monkeypatch.setenv("HARNESS_HEARTBEAT_S", "0.1")
     study = _study(url)
     trial = study.ask()
-    with lease(study._storage, trial._trial_id):
-        first = study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"]
+    with lease(storage_of(study), trial_id(trial)):
+        first = storage_of(study).get_trial(trial_id(trial)).system_attrs[LEASE]["beat"]
         time.sleep(0.5)
         assert reap(study) == []
-        assert study._storage.get_trial(trial._trial_id).system_attrs[LEASE]["beat"] > first
+        assert storage_of(study).get_trial(trial_id(trial)).system_attrs[LEASE]["beat"] > first
 
 
 def test_two_processes_reaping_at_once_queue_one_retry(url):
@@ -155,7 +156,7 @@ def test_a_unit_of_work_is_claimed_by_one_process(url, monkeypatch):
     # (this process's reap and first look see the storage as it was before the other's claim)
     before = claims.get_trials(deepcopy=True)
     template = create_trial(state=TrialState.RUNNING, user_attrs={"key": "final:3:10002"})
-    claims._storage.create_new_trial(claims._study_id, template_trial=template)
+    storage_of(claims).create_new_trial(study_id(claims), template_trial=template)
     stale_reads = iter([before, before])
     read = claims.get_trials
 
@@ -215,8 +216,8 @@ def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_l
     k = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
     before = snapshot_of(deepcopy=True, states=(TrialState.RUNNING,))
     holder.tell(n, 0.7)
-    holder._storage.set_trial_system_attr(
-        before[1]._trial_id, LEASE, {"host": "other-machine", "pid": 1, "beat": 5.0}
+    storage_of(holder).set_trial_system_attr(
+        trial_id(before[1]), LEASE, {"host": "other-machine", "pid": 1, "beat": 5.0}
     )
     monkeypatch.setattr(
         study, "get_trials", lambda **kw: before if kw.get("states") else snapshot_of(**kw)
@@ -229,7 +230,7 @@ def test_a_trial_that_finishes_while_it_is_reaped_keeps_its_result_and_no_lost_l
     # finished between the reaper's two writes: it stays complete and is listed without a reason
     monkeypatch.undo()
     m = _running(study, {"host": "other-machine", "pid": 1, "beat": 0.0})
-    storage = study._storage
+    storage = storage_of(study)
     write_attr = storage.set_trial_user_attr
 
     def label_then_holder_finishes(trial_id, key, value):

@@ -339,7 +339,7 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
 
     from optuna.storages.journal import JournalFileBackend
 
-    from harness.store.optuna_compat import DurableJournalFile, JournalFlock
+    from harness.store.optuna_compat import DurableJournalFile, JournalFlock, journal_log_offsets
 
     path = str(tmp_path / "j.journal")
     a, b = (
@@ -360,7 +360,7 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
     want = list(fresh.read_logs(0))[1:]
     assert [g["n"] for g in got] == [w["n"] for w in want] == [1, 2, 3]
     assert got[1]["v"] != got[1]["v"]  # NaN, parsed from the line as written
-    assert a._log_number_offset == fresh._log_number_offset
+    assert journal_log_offsets(a) == journal_log_offsets(fresh)
     with open(path, "ab") as f:
         f.write(b": 4}\n")
     a.append_logs(
@@ -369,7 +369,7 @@ def test_own_lines_from_memory_then_others_from_the_file_read_as_the_file_says(t
     assert [g["n"] for g in a.read_logs(4)] == [4, 5]
     again = JournalFileBackend(path)
     assert [w["n"] for w in again.read_logs(0)] == [0, 1, 2, 3, 4, 5]
-    assert a._log_number_offset == again._log_number_offset
+    assert journal_log_offsets(a) == journal_log_offsets(again)
 
 
 def test_the_journal_lock_dies_with_its_process(tmp_path):

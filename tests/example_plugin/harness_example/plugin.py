@@ -51,6 +51,7 @@ from harness.api import (
     Batch,
     DatasetError,
     DomainData,
+    Register,
     StepContext,
     Strategy,
     WeightsError,
@@ -79,7 +80,7 @@ __all__ = [
 
 
 @hookimpl
-def register_backbones(register: Any) -> None:
+def register_backbones(register: Register) -> None:
     """Register the ``example-lenet`` backbone."""
     register(
         "example-lenet",
@@ -89,7 +90,7 @@ def register_backbones(register: Any) -> None:
 
 
 @hookimpl
-def register_datasets(register: Any) -> None:
+def register_datasets(register: Register) -> None:
     """Register the ``example-shapes`` dataset and the sub-domains it serves."""
     register(
         "example-shapes",
@@ -101,13 +102,13 @@ def register_datasets(register: Any) -> None:
 
 
 @hookimpl
-def register_strategies(register: Any) -> None:
+def register_strategies(register: Register) -> None:
     """Register the ``example-entropy`` strategy. The factory is the class itself."""
     register("example-entropy", EntropyMinimization, description=EntropyMinimization.description)
 
 
 @hookimpl
-def register_commands(register: Any) -> None:
+def register_commands(register: Register) -> None:
     """Add ``harness example-shapes-info`` to the command line: a plugin can bring its own tools."""
     register("example-shapes-info", shapes_info, description="describe the example-shapes domains")
 
