@@ -263,7 +263,8 @@ def register_strategies(register: Register) -> None:
 
     `register(name, factory, description="", tasks=("classification", "segmentation"))`; the
     factory is called with the study's `strategy_options` and returns a `harness.api.Strategy`.
-    `tasks` is declared with `register` only (a `tasks` class attribute is an error). Example:
+    `tasks` is declared with `register` only (a `tasks` class attribute is ignored, with a warning).
+    Example:
 
     ```python
     class EntropyMin(harness.api.Strategy):
@@ -293,7 +294,6 @@ def register_strategies(register: Register) -> None:
 
     `target_labels = "none"` hands the step target batches with `y = None`; selecting such a
     method with target labels is reported as *oracle* on every leaderboard.
-
     **setup** runs once per trial, after the model is on its device and frozen to the trial's
     depth, with the global generators seeded by the trial's seed. `model` is a
     `harness.api.TransferModel`; `feature_dim` its `feature_dim`: `backbone.num_features` for
@@ -309,16 +309,15 @@ def register_strategies(register: Register) -> None:
     labels or None)`, normalized and augmented, and runs, `ctx.extra` included, under the trial's
     autocast (bf16 on most GPUs). `model(x)` gives logits, `model.features(x)` pooled features
     (classification), `model.head(f)` logits from them; `ctx.progress` runs from 0 to 1 over the
-    trial; `ctx.log(name, value)` values are averaged per epoch into `TrainResult.diagnostics`.
-    The model and `ctx.extra` are put in training mode at the start of every epoch (frozen
+    trial; `ctx.log(name, value)` values are averaged per epoch, stored with each completed trial
+    and shown in `trials.csv` (`diagnostic:<name>`, the last epoch's). The model and `ctx.extra` are put in training mode at the start of every epoch (frozen
     stages stay in eval mode); scoring switches the model to eval mode and back.
 
     **adapt** gets unaugmented, normalized target training batches without labels, under
     `torch.no_grad()` and autocast, the model in training mode (AdaBN re-estimates statistics).
 
     With the whole backbone frozen and augmentation `"none"`, the engine serves the backbone's
-    features from a cache (see `Strategy.cache_features`).
-    """
+    features from a cache (`Strategy.cache_features`)."""
 
 
 @hookspec

@@ -3,6 +3,7 @@ and gradient reversal for adversarial strategies."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -151,3 +152,25 @@ def reverse_gradient(x: Tensor, coeff: float = 1.0) -> Tensor:
     gradient is multiplied by ``-coeff``. Put it between the features and a domain
     discriminator so that the backbone learns to fool what the discriminator learns."""
     return _ReverseGradient.apply(x, coeff)
+
+
+def run_setup(
+    strategy: Strategy,
+    model: Any,
+    num_classes: int,
+    params: dict[str, Any],
+    feature_dim: int | None,
+) -> nn.Module | None:
+    """``strategy.setup`` with the feature width; a strategy written before ``setup`` took it (three
+    parameters) is still called as it was, with a warning that says what to change."""
+    try:
+        inspect.signature(strategy.setup).bind(model, num_classes, params, feature_dim)
+    except TypeError:
+        warnings.warn(
+            f"{type(strategy).__name__}.setup(model, num_classes, params) is the old signature: "
+            "add a fourth parameter, feature_dim (the width of the features a head receives)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return strategy.setup(model, num_classes, params)
+    return strategy.setup(model, num_classes, params, feature_dim)

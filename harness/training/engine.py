@@ -8,18 +8,17 @@ too, as the rest of the harness has always imported them.
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from harness.api import Batch, DomainData, Split, StepContext, Strategy
+from harness.api.strategy import run_setup
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
 from harness.training import augment as aug
@@ -120,28 +119,6 @@ class _Data:
     target_feats: Tensor | None = None
     source_x: Tensor | None = None
     target_x: Tensor | None = None
-
-
-def run_setup(
-    strategy: Strategy,
-    model: Any,
-    num_classes: int,
-    params: dict[str, Any],
-    feature_dim: int | None,
-) -> nn.Module | None:
-    """``strategy.setup`` with the feature width; a strategy written before ``setup`` took it (three
-    parameters) is still called as it was, with a warning that says what to change."""
-    try:
-        inspect.signature(strategy.setup).bind(model, num_classes, params, feature_dim)
-    except TypeError:
-        warnings.warn(
-            f"{type(strategy).__name__}.setup(model, num_classes, params) is the old signature: "
-            "add a fourth parameter, feature_dim (the width of the features a head receives)",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return strategy.setup(model, num_classes, params)
-    return strategy.setup(model, num_classes, params, feature_dim)
 
 
 class Trainer:
