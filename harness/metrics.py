@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -75,3 +77,8 @@ def segmentation_metrics(
         "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
         "per_class_iou": [float(v) for v in iou],
     }
+
+
+def is_finite_number(x: object) -> bool:
+    """Whether ``x`` is a finite int or float: what a stored score or metric must be."""
+    return isinstance(x, int | float) and math.isfinite(x)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harness.metrics import is_finite_number
+
 #: at most this many rows enter the quadratic SND similarity matrix (a seeded subsample)
 SND_MAX_ROWS = 2048
 SND_TEMPERATURE = 0.05
@@ -87,14 +89,14 @@ def rank_agreement(scores: list[float], truth: list[float]) -> float | None:
     trials (ties get average ranks); ``None`` with fewer than three finite pairs or no spread."""
     import pandas as pd
 
-    pairs = [(s, t) for s, t in zip(scores, truth, strict=True) if _finite(s) and _finite(t)]
+    pairs = [
+        (s, t)
+        for s, t in zip(scores, truth, strict=True)
+        if is_finite_number(s) and is_finite_number(t)
+    ]
     if len(pairs) < 3:
         return None
     frame = pd.DataFrame(pairs, columns=["score", "truth"]).rank()
     if frame["score"].nunique() < 2 or frame["truth"].nunique() < 2:
         return None
     return float(frame["score"].corr(frame["truth"]))
-
-
-def _finite(v: object) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import api
 from harness.errors import NonFiniteLossError
-from harness.metrics import primary_metric
+from harness.metrics import is_finite_number, primary_metric
 from harness.search.context import Context, release_memory
 from harness.search.models import ModelFactory
 from harness.search.objective import failure_reason, finite_or_none
@@ -28,7 +28,6 @@ from harness.store.schema import (
     budget_trials,
     final_key,
     final_seeds,
-    is_finite_number,
     parse_final_key,
     trial_params,
 )

@@ -12,6 +12,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from harness import api
 from harness.errors import NonFiniteLossError
+from harness.metrics import is_finite_number
 from harness.search.context import Context, release_memory
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
@@ -23,7 +24,6 @@ from harness.store.schema import (
     FAIL_REASON,
     SCORES,
     TRAIN_LOSS,
-    is_finite_number,
 )
 from harness.training.engine import Trainer, TransferModel, seed_everything
 

@@ -15,12 +15,12 @@ Layout of one storage:
 
 from __future__ import annotations
 
-import math
 from typing import Any, TypedDict
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.metrics import is_finite_number
 from harness.study import Method, Pair, StudySpec
 
 STUDY_SEP = " | "
@@ -187,7 +187,3 @@ def is_surplus(study: optuna.Study, number: int, budget: int) -> bool:
         if t.number < number and (counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))
     )
     return taken >= budget
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
