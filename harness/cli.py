@@ -29,9 +29,12 @@ StudyOpt = Annotated[
     str,
     typer.Option("--study", "-s", help="study name under benchmarks/ or a path to a .toml file"),
 ]
+_WHERE = "default: results/, beside the study file for one outside benchmarks/"
 ResultsOpt = Annotated[
-    Path, typer.Option("--results-dir", help="where results/<study>/ folders go")
+    Path | None, typer.Option("--results-dir", help=f"where <study>/ goes ({_WHERE})")
 ]
+_INDEX = "regenerate README.md, the index beside <study>/ (default: for benchmarks/ studies)"
+IndexOpt = Annotated[bool | None, typer.Option("--index/--no-index", help=_INDEX)]
 ReportOpt = Annotated[
     bool,
     typer.Option(
@@ -93,10 +96,11 @@ WorkersOpt = Annotated[
 def run(
     study: StudyOpt,
     storage: StorageOpt = None,
-    results_dir: ResultsOpt = Path("results"),
+    results_dir: ResultsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     report: ReportOpt = True,
+    index: IndexOpt = None,
     workers: WorkersOpt = 1,
     worker_rank: Annotated[int | None, typer.Option("--worker-rank", hidden=True)] = None,
 ) -> None:
@@ -107,8 +111,10 @@ def run(
     Running the same command again resumes: completed trials are kept and the budget is topped up.
     Several machines share a study through one database: harness run --study NAME --storage postgresql://...
     """
+    from harness.publish.location import results_root
     from harness.registry import get_registry
     from harness.search import RunOptions, build_driver
+    from harness.search.outcome import check_outcome
     from harness.search.workers import install_preemption_handler
     from harness.study import load_study
 
@@ -119,6 +125,7 @@ def run(
         _worker_threads()
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
+    results_dir = results_root(spec, results_dir)
     target_dir = results_dir / spec.name
     started = time.perf_counter()
     log = _run_log(quiet, worker_rank)
@@ -137,8 +144,10 @@ def run(
         _stopped(driver, target_dir, lead, exc)
         raise
     if lead:
-        _write_board(spec, driver.storage_url, target_dir, quiet=False, report=report)
+        _write_board(spec, driver.storage_url, target_dir, quiet=False, report=report, index=index)
         log(f"done in {time.perf_counter() - started:.0f}s")
+        # every trial of a method failed: exit 1, the leaderboard written
+        check_outcome(spec, driver.storage, target_dir / "trials.csv")
 
 
 def _worker_threads() -> None:
@@ -220,35 +229,42 @@ def _run_workers(
 def leaderboard_cmd(
     study: StudyOpt,
     storage: StorageOpt = None,
-    results_dir: ResultsOpt = Path("results"),
+    results_dir: ResultsOpt = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="the same overrides the run was given")
     ] = None,
     report: ReportOpt = True,
+    index: IndexOpt = None,
 ) -> None:
     """Rebuild results/<study>/ leaderboard files from the storage, without training.
 
     Example: harness leaderboard --study quickstart
     """
+    from harness.publish.location import results_root, run_command
     from harness.store.backends import embedded_storage
     from harness.study import load_study
 
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
-    target_dir = results_dir / spec.name
+    target_dir = results_root(spec, results_dir) / spec.name
     url = storage or embedded_storage(target_dir)
     if storage is None and not any(
         (target_dir / f).is_file() for f in ("optuna.db", "optuna.journal")
     ):
         raise HarnessError(
             f"no results storage for study {spec.name!r} in {target_dir} (optuna.db or optuna.journal)",
-            hint=f"run `harness run --study {spec.name}` first, or pass --storage URL",
+            hint=f"run `{run_command(spec, results_dir)}` first, or pass --storage URL",
         )
-    _write_board(spec, url, target_dir, quiet=False, report=report)
+    _write_board(spec, url, target_dir, quiet=False, report=report, index=index)
 
 
-def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: bool = False) -> None:
+def _write_board(
+    spec: Any, url: str, target_dir: Path, quiet: bool, report: bool = False, index: Any = None
+) -> None:
+    """The leaderboard files; with ``report`` the page, the bundle and (for a study under
+    benchmarks/, or as ``index`` says) the published index."""
     from harness.publish import leaderboard
+    from harness.publish.location import published
     from harness.publish.results import read_results
 
     results = read_results(spec, url)  # the only read of the storage: every file is made from it
@@ -262,7 +278,8 @@ def _write_board(spec: Any, url: str, target_dir: Path, quiet: bool, report: boo
         try:
             paths.append(export_bundle(target_dir, results, board))  # first: the page links it
             paths.append(write_report(target_dir, results, board, trials, provenance))
-            paths.append(write_results_index(target_dir.parent))
+            if published(spec) if index is None else index:
+                paths.append(write_results_index(target_dir.parent))
         except Exception as exc:  # noqa: BLE001 - the leaderboard is written; a page must not undo that
             console.print(
                 f"[yellow]warning:[/] the leaderboard is written but the report is not: "

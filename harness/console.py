@@ -33,7 +33,7 @@ def run_header(driver: Any) -> str:
 def print_board(spec: Any, board: Any) -> None:
     """The board as one table per pair on the terminal."""
     from harness.metrics import LABELS, primary_metric
-    from harness.publish.format import pm, trial_counts
+    from harness.publish.format import pm, rank_cell, trial_counts, truthy
 
     metric = primary_metric(spec.task)
     for pair, rows in board.groupby("pair", sort=False):
@@ -50,10 +50,10 @@ def print_board(spec: Any, board: Any) -> None:
             table.add_column(col, overflow="fold")
         for r in rows.to_dict("records"):
             table.add_row(
-                str(r.get("rank", "-")),
+                rank_cell(r.get("rank")),
                 r["method"],
                 pm(r, metric),
-                (r.get("selection") or "-") + (" (oracle)" if r.get("oracle") else ""),
+                (r.get("selection") or "-") + (" (oracle)" if truthy(r.get("oracle")) else ""),
                 trial_counts(r),
             )
         out.print(table)

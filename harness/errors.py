@@ -41,5 +41,11 @@ class PluginContractError(HarnessError):
     """A plugin factory returned something that does not honour the hook's contract."""
 
 
+class SearchFailedError(HarnessError):
+    """Every trial of a method failed: the leaderboard is written, and the run exits 1."""
+
+    exit_code = 1
+
+
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss (the trial fails with reason 'nonfinite')."""

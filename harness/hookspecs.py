@@ -39,6 +39,8 @@ from typing import Any, Protocol
 
 import pluggy
 
+from harness.options import Declared
+
 PROJECT = "harness"
 ENTRY_POINT_GROUP = "harness"
 
@@ -107,6 +109,18 @@ class Register(Protocol):
       `TASKS`. Declared here and nowhere else (default: `DEFAULT_TASKS` of the kind); a study
       of another task is refused before training.
     - `domains`: datasets only: the sub-domains served, a list of names or `OpenDomains`.
+    - `options`: heads, datasets and strategies: the options a study may pass the factory
+      (`head_options`, a dataset alias's keys, `strategy_options`), each a `harness.api.Option`
+      with its type, range or choices, the factory's default and a line of help; or a function
+      returning them, called when first needed (the smp heads read a library's signature).
+      The harness checks a study's options against them before anything is built: an unknown
+      one is answered with the allowed names and the closest, a bad value with the declared
+      type and range (`hidden must be an int >= 1, got -5`). Without `options`, the factory's
+      signature says which names it takes (a factory taking `**options` then checks its own);
+      the contract kit checks that declared options are parameters of the factory and that
+      every required parameter is declared. Example: `register("mlp", build_mlp, options={
+      "hidden": Option(int, min=1, default=256), "dropout": Option(float, min=0, max=1,
+      default=0.2)})`.
     - `meta`: further documented keys of a kind (`min_image_size` and
       `source_pretraining` for heads), shown by `harness plugins`.
     """
@@ -119,6 +133,7 @@ class Register(Protocol):
         *,
         tasks: Sequence[str] | None = None,
         domains: Sequence[str] | OpenDomains | None = None,
+        options: Declared | None = None,
         **meta: Any,
     ) -> None: ...
 
@@ -180,7 +195,9 @@ def register_heads(register: Register) -> None:
     ```
 
     A classification head maps `(N, backbone.num_features)` to logits `(N, num_classes)`.
-    `options` come from the study's `head_options`; reject unknown ones with a `TypeError`.
+    `options` come from the study's `head_options`, checked against `register(options=...)` (or
+    the factory's signature) before the factory is called; a factory taking `**options` still
+    rejects unknown ones with a `TypeError`.
 
     Capabilities, each a Protocol in `harness.api`:
 
@@ -210,8 +227,8 @@ def register_heads(register: Register) -> None:
 def register_datasets(register: Register) -> None:
     """Register datasets: each serves one or more *domains* with train/val/test splits.
 
-    `register(name, factory, description="", tasks=("classification",), domains=None)`; the
-    factory is called as
+    `register(name, factory, description="", tasks=("classification",), domains=None,
+    options=None)`; the factory is called as
 
     ```python
     factory(domain: str | None, *, image_size: int, seed: int, **options)
@@ -222,7 +239,8 @@ def register_datasets(register: Register) -> None:
     sub-domains (`["amazon", "dslr"]`), or states their rule with `harness.api.OpenDomains`
     (`OpenDomains(r"\\d+", examples=("0", "90"))` for `rotated-digits/90`); a study naming
     another is refused before any data is built. A study-level alias binds a dataset to options
-    (`[datasets.office31] plugin = "folder", root = "~/data/office31"`).
+    (`[datasets.office31] plugin = "folder", root = "~/data/office31"`): they are checked
+    against `options` (or the factory's signature) before any data is built.
 
     The factory must be deterministic for a given `(domain, image_size, seed, options)`: the same
     images in the same splits every time. `DomainData.from_arrays` makes seeded splits and a

@@ -6,7 +6,6 @@ each hook is called per plugin so that every registered entry knows where it cam
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata as md
 import os
 import traceback
@@ -19,6 +18,7 @@ import pluggy
 
 from harness import hookspecs
 from harness.errors import DuplicatePluginError, PluginLoadError, UnknownPluginError
+from harness.options import checked_declaration, close_matches
 
 KINDS = {
     "backbone": "register_backbones",
@@ -207,7 +207,10 @@ class Registry:
 
 
 def _checked_meta(kind: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """``tasks`` and ``domains`` as the hookspecs define them, or a ``TypeError`` saying why not."""
+    """``tasks``, ``domains`` and ``options`` as the hookspecs define them, or a ``TypeError``
+    saying why not."""
+    if meta.get("options") is not None:
+        meta = {**meta, "options": checked_declaration(kind, name, meta["options"])}
     if "tasks" in meta:
         if kind not in hookspecs.DEFAULT_TASKS:
             raise TypeError(f"{kind} {name!r}: tasks= applies to heads, datasets and strategies")
@@ -249,10 +252,7 @@ def check_domain(entry: Entry, sub: str | None, name: str | None = None) -> None
 
 
 def unknown_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    if not close:
-        lowered = name.lower()
-        close = [k for k in known if lowered in k][:3]
+    close = close_matches(name, known)
     suggestion = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown {kind} {name!r}{suggestion}"
 

@@ -6,12 +6,22 @@ Every problem ends as one ``StudySpecError`` naming the file, the key and what i
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.errors import HarnessError, StudySpecError
 
@@ -29,6 +39,17 @@ class _Strict(BaseModel):
 class Pair(_Strict):
     source: str = Field(min_length=1)
     target: str = Field(min_length=1)
+    #: source and target are one domain on purpose (an in-domain reference): allowed, and its rows
+    #: are labelled in-domain; without it such a pair is refused as a mistake
+    in_domain: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # written only when set: the configuration of every study begun before it stays the same
+        data = handler(self)
+        if not self.in_domain:
+            data.pop("in_domain", None)
+        return data
 
     @property
     def key(self) -> str:
@@ -224,6 +245,26 @@ class StudySpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _two_domains(self) -> StudySpec:
+        for i, p in enumerate(self.pairs):
+            if not p.in_domain and self.domain_identity(p.source) == self.domain_identity(p.target):
+                same = repr(p.source) if p.source == p.target else f"{p.source!r} and {p.target!r}"
+                raise ValueError(
+                    f"pairs[{i}]: source and target are the same domain ({same}), not a transfer; "
+                    "set in_domain = true on the pair if that is meant"
+                )
+        return self
+
+    def domain_identity(self, text: str) -> tuple[str, str, str]:
+        """What a pair's ``source`` or ``target`` names: the dataset plugin (through an alias of
+        ``datasets``), its options and the sub-domain; two names with one identity are one domain."""
+        name, _, sub = text.partition("/")
+        alias = self.datasets.get(name)
+        if alias is None:
+            return name, "{}", sub
+        return alias.plugin, json.dumps(alias.options, sort_keys=True, default=str), sub
+
 
 # ------------------------------------------------------------------------------------ loading
 
@@ -254,6 +295,11 @@ def load_study(
     name_or_path: str, overrides: dict[str, Any] | None = None, root: Path | None = None
 ) -> StudySpec:
     path = find_study(name_or_path, root)
+    if not any(c.isalnum() for c in path.stem):  # `..` would name a folder outside the results
+        raise StudySpecError(
+            f"{path}: the study is named after its file, and {path.stem!r} has no letter or "
+            "digit; the name must contain a letter or digit"
+        )
     raw_bytes = path.read_bytes()
     try:
         data = tomllib.loads(raw_bytes.decode("utf-8"))
@@ -328,6 +374,8 @@ def _first_error(path: Path, exc: ValidationError) -> str:
     if kind == "missing":
         return f"{path}: {loc}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check of the whole study: its message names the key
+        return f"{path}: {msg}"
     if kind == "literal_error":
         msg = msg.replace("Input should be", "expected")
     got = err.get("input")

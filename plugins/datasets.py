@@ -2,12 +2,14 @@
 
 ``digits`` and ``digits-m`` share images, labels and order, so for the same seed they split into
 the same indices: a source/target pair with a large, real domain shift and no download.
-``folder`` reads a user's own domains laid out as ``root/<domain>/<class>/<image>``.
+``folder`` reads a user's own domains laid out as ``root/<domain>/<class>/<image>`` (images in
+sub-folders of a class folder are of that class), every file accounted for.
 """
 
 from __future__ import annotations
 
 import functools
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -23,16 +25,19 @@ from harness_plugins.images import (
     IMAGE_EXTENSIONS,
     bad_files_message,
     check_options,
+    check_resize,
     class_files,
     dataset_root,
     decode_in_order,
     domain_folder,
     left_out_message,
+    loose_files_message,
     no_domain,
     read_image,
     require_nonempty_splits,
     split_fractions,
     subfolders,
+    visible_files,
 )
 from harness_plugins.photos import photo_crops
 
@@ -130,23 +135,35 @@ def build_folder(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     skip_bad_files: bool = False,
+    resize: str = "center-crop",
 ) -> DomainData:
-    """One domain of ``root/<domain>/<class>/<image>``, resized and center-cropped to a square.
+    """One domain of ``root/<domain>/<class>/<image>`` as ``image_size`` squares.
 
+    Every file under the domain is accounted for. An image in a class folder, or in any folder
+    below it, is of that class; class names are compared in Unicode NFC form (macOS writes NFD).
+    Files at the domain's top level (in no class folder) and files without an image extension
+    are left out and named, each kind in one warning; hidden files (``.DS_Store``) are skipped.
     An unreadable image stops the run before training, every bad file listed, unless
-    ``skip_bad_files`` is set: then they are listed in a warning and left out. A file in a class
-    folder without an image extension (notes, an image in a format PIL is not asked to read) is
-    left out and named in a warning, so that no file is dropped unseen; hidden files are skipped."""
+    ``skip_bad_files`` is set: then they are listed in a warning and left out.
+
+    Each image is turned upright by its EXIF orientation and converted to RGB
+    (``images.to_rgb``), then ``resize = "center-crop"`` resizes its shorter side and keeps the
+    central square, ``"pad"`` resizes the whole image to fit and pads it to a square; the choice is
+    ``meta["resize"]``."""
     check_options(image_size)
+    check_resize(resize)
     fractions = split_fractions("folder", val_fraction, test_fraction)
     root_path = dataset_root(root, "dataset", FOLDER_LAYOUT)
     available = subfolders(root_path)
     listing = ", ".join(available) if available else "none (root has no sub-folders)"
     domain_dir = domain_folder("folder", root_path, domain, listing)
     class_names, paths, labels, left_out = _folder_images(domain_dir)
+    if loose := visible_files(domain_dir):
+        warnings.warn(loose_files_message(domain_dir, loose), stacklevel=2)
     if left_out:
         warnings.warn(left_out_message(domain_dir, left_out), stacklevel=2)
-    decoded = decode_in_order(functools.partial(read_image, image_size=image_size), paths)
+    read = functools.partial(read_image, image_size=image_size, resize=resize)
+    decoded = decode_in_order(read, paths)
     images, labels = _readable(domain_dir, paths, decoded, labels, skip_bad_files)
 
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -158,16 +175,16 @@ def build_folder(
         class_names=class_names,
         seed=seed,
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path)},
+        meta={"hflip": True, "root": str(root_path), "resize": resize},
     )
     return require_nonempty_splits(data, f"domain folder {domain_dir}", len(y))
 
 
 def _folder_images(domain_dir: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
-    """The class names of a domain folder, its image paths with their labels, and the files left
-    out for want of an image extension; a DatasetError if a class folder holds no image."""
-    class_names = subfolders(domain_dir)
-    if not class_names:
+    """The class names of a domain folder (NFC), its image paths with their labels, and the files
+    left out for want of an image extension; a DatasetError if a class folder holds no image."""
+    folders = _class_folders(domain_dir)
+    if not folders:
         raise DatasetError(
             f"domain folder {domain_dir} has no class folders",
             hint="lay images out as root/<domain>/<class>/<image>",
@@ -175,18 +192,34 @@ def _folder_images(domain_dir: Path) -> tuple[list[str], list[Path], list[int], 
     paths: list[Path] = []
     labels: list[int] = []
     left_out: list[Path] = []
-    for label, cls in enumerate(class_names):
-        files, others = class_files(domain_dir / cls)
+    for label, folder in enumerate(folders.values()):
+        files, others = class_files(domain_dir / folder)
         left_out += others
         if not files:
             raise DatasetError(
-                f"class folder {domain_dir / cls} holds no images "
+                f"class folder {domain_dir / folder} holds no images "
                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})",
                 hint="remove the empty class folder or add images to it",
             )
         paths += files
         labels += [label] * len(files)
-    return class_names, paths, labels, left_out
+    return list(folders), paths, labels, left_out
+
+
+def _class_folders(domain_dir: Path) -> dict[str, str]:
+    """Each class name (the folder's name in Unicode NFC form), sorted, with its folder's name; a
+    DatasetError if two folders are one name written two ways."""
+    folders: dict[str, list[str]] = {}
+    for name in subfolders(domain_dir):
+        folders.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    twice = [names for names in folders.values() if len(names) > 1]
+    if twice:
+        raise DatasetError(
+            f"domain folder {domain_dir}: class folders {', '.join(map(repr, twice[0]))} are one "
+            "name written in two Unicode forms",
+            hint="merge them into one folder",
+        )
+    return {cls: folders[cls][0] for cls in sorted(folders)}
 
 
 def _readable(

@@ -5,17 +5,29 @@ from __future__ import annotations
 from torch import nn
 
 from harness import hookimpl
-from harness.api import Backbone
+from harness.api import Backbone, Option
+
+_DROPOUT = "probability of zeroing a feature in training"
 
 
 @hookimpl
 def register_heads(register):
-    register("linear", build_linear, description="one linear layer", tasks=("classification",))
+    register(
+        "linear",
+        build_linear,
+        description="one linear layer",
+        tasks=("classification",),
+        options={"dropout": Option(float, min=0, max=1, default=0.0, help=_DROPOUT)},
+    )
     register(
         "mlp",
         build_mlp,
         description="hidden layer with BatchNorm, ReLU and dropout",
         tasks=("classification",),
+        options={
+            "hidden": Option(int, min=1, default=256, help="width of the hidden layer"),
+            "dropout": Option(float, min=0, max=1, default=0.2, help=_DROPOUT),
+        },
     )
 
 

@@ -20,6 +20,7 @@ from harness import hookimpl
 from harness.api import IGNORE_INDEX, DatasetError, DomainData, Register
 from harness_plugins.images import (
     check_options,
+    check_resize,
     dataset_root,
     domain_folder,
     no_domain,
@@ -163,14 +164,19 @@ def build_segfolder(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     num_classes: int | None = None,
+    resize: str = "center-crop",
 ) -> DomainData:
     """One domain of ``root/<domain>/images/<name>.<ext>`` + ``root/<domain>/masks/<name>.png``.
+
+    ``resize`` is how an image and its mask become squares (``"center-crop"`` or ``"pad"``, the
+    mask padded with 255), as for ``folder``; it is recorded as ``meta["resize"]``.
 
     Class names come from ``root/<domain>/classes.txt`` or ``root/classes.txt`` (one per line);
     otherwise they are ``"0".."K-1"`` with ``K = num_classes`` or 1 + the largest index found in
     this domain's masks (give ``classes.txt`` or ``num_classes`` so that domains agree).
     """
     check_options(image_size)
+    check_resize(resize)
     fractions = split_fractions("segfolder", val_fraction, test_fraction)
     root_path = dataset_root(root, "segfolder", _SEGFOLDER_LAYOUT)
     available = [d for d in subfolders(root_path) if (root_path / d / "images").is_dir()]
@@ -179,7 +185,9 @@ def build_segfolder(
     images_dir, masks_dir = domain_dir / "images", domain_dir / "masks"
     require_dirs((images_dir, masks_dir), _SEGFOLDER_LAYOUT)
     class_names = _segfolder_class_names(domain_dir, root_path, num_classes)
-    pairs, decoded, problems = decode_stem_pairs(images_dir, masks_dir, "mask", image_size)
+    pairs, decoded, problems = decode_stem_pairs(
+        images_dir, masks_dir, "mask", image_size, resize=resize
+    )
     k = _class_count(class_names, num_classes, decoded)
     for (_, mask_path), d in zip(pairs, decoded, strict=True):
         if d.values is not None and (msg := out_of_range(mask_path, d.values, k)):
@@ -197,7 +205,7 @@ def build_segfolder(
         class_names=class_names or [str(i) for i in range(k)],
         seed=seed,
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path)},
+        meta={"hflip": True, "root": str(root_path), "resize": resize},
         where=domain_dir,
     )
 

@@ -23,9 +23,11 @@ from harness_plugins.images import (
     decode_in_order,
     image_files,
     open_index_image,
-    open_rgb,
+    orientation,
     require_nonempty_splits,
-    resize_center_crop,
+    to_rgb,
+    to_square,
+    upright,
     visible_files,
 )
 
@@ -58,19 +60,24 @@ class DecodedPair:
     problems: list[str] = field(default_factory=list)
 
 
-def decode_pair(pair: tuple[Path, Path], image_size: int) -> DecodedPair:
-    """Decode and resize one pair, recording what is wrong with it instead of raising."""
+def decode_pair(
+    pair: tuple[Path, Path], image_size: int, resize: str = "center-crop"
+) -> DecodedPair:
+    """Decode and resize one pair, recording what is wrong with it instead of raising.
+
+    The image is turned upright by its EXIF orientation and converted to RGB; the mask keeps its
+    class indices exactly and gets the same transpose: its own EXIF orientation if it has one,
+    else its image's when it has the image's stored size (it was drawn on the pixels as stored),
+    else none (it has the upright size: it was drawn on the image as shown)."""
     image_path, mask_path = pair
     out = DecodedPair()
-    image_px: tuple[int, int] | None = None
     try:
-        rgb = open_rgb(image_path)
-        image_px = rgb.size
-        out.image = np.asarray(resize_center_crop(rgb, image_size, Image.Resampling.BILINEAR))
+        stored, method = _open_image(image_path)
     except Exception as exc:  # noqa: BLE001 - any decoding failure makes the file unreadable
         out.problems.append(f"{image_path}: {decode_failure(image_path, exc)}")
+        stored, method = None, None
     try:
-        mode, mask = open_index_image(mask_path)
+        mode, mask, own = open_index_image(mask_path)
     except Exception as exc:  # noqa: BLE001
         out.problems.append(f"{mask_path}: {decode_failure(mask_path, exc)}")
         return out
@@ -79,25 +86,46 @@ def decode_pair(pair: tuple[Path, Path], image_size: int) -> DecodedPair:
             f"{mask_path}: mask must be single-channel class indices (mode L or P), got mode {mode}"
         )
         return out
-    if image_px is not None and mask.size != image_px:
+    if own is None and stored is not None and mask.size == stored.size:
+        own = method
+    mask = upright(mask, own) if own is not None else mask
+    rgb = None if stored is None else to_rgb(upright(stored, method) if method else stored)
+    if rgb is not None and mask.size != rgb.size:
         out.problems.append(
             f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px but its image "
-            f"{image_path.name} is {image_px[0]}x{image_px[1]}"
+            f"{image_path.name} is {rgb.size[0]}x{rgb.size[1]}"
         )
         return out
+    if rgb is not None:
+        out.image = np.asarray(to_square(rgb, image_size, Image.Resampling.BILINEAR, resize))
     out.values = np.unique(np.asarray(mask))
-    resized = resize_center_crop(mask, image_size, Image.Resampling.NEAREST)
+    resized = to_square(mask, image_size, Image.Resampling.NEAREST, resize, IGNORE_INDEX)
     out.mask = np.asarray(resized).astype(np.int64)
     return out
 
 
-def decode_pairs(pairs: Sequence[tuple[Path, Path]], image_size: int) -> list[DecodedPair]:
+def _open_image(path: Path) -> tuple[Image.Image, Image.Transpose | None]:
+    """The image as stored (fully decoded) and the transpose its EXIF orientation asks for."""
+    with Image.open(path) as im:
+        im.load()
+        return im.copy(), orientation(im)
+
+
+def decode_pairs(
+    pairs: Sequence[tuple[Path, Path]], image_size: int, resize: str = "center-crop"
+) -> list[DecodedPair]:
     """Decode pairs with a small thread pool, in order."""
-    return decode_in_order(functools.partial(decode_pair, image_size=image_size), pairs)
+    decode = functools.partial(decode_pair, image_size=image_size, resize=resize)
+    return decode_in_order(decode, pairs)
 
 
 def decode_stem_pairs(
-    images_dir: Path, masks_dir: Path, what: str, image_size: int, max_images: int | None = None
+    images_dir: Path,
+    masks_dir: Path,
+    what: str,
+    image_size: int,
+    max_images: int | None = None,
+    resize: str = "center-crop",
 ) -> tuple[list[tuple[Path, Path]], list[DecodedPair], list[str]]:
     """Pair ``images_dir/<stem>.<ext>`` with ``masks_dir/<stem>.png`` (a mask is called ``what``)
     and decode the pairs: the pairs, their decoding, and every problem found so far."""
@@ -106,7 +134,7 @@ def decode_stem_pairs(
     problems += more
     _, pairs, more = pair_up(images, masks, lambda k: masks_dir / f"{k}.png", max_images)
     problems += more
-    decoded = decode_pairs(pairs, image_size)
+    decoded = decode_pairs(pairs, image_size, resize)
     for d in decoded:
         problems += d.problems
     return pairs, decoded, problems

@@ -7,12 +7,14 @@ what they mean for classification.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
 from harness import hookimpl
-from harness.api import Backbone, PluginContractError
+from harness.api import Backbone, Option, PluginContractError
 
 #: harness name -> smp architecture name
 ARCHITECTURES = {
@@ -28,6 +30,8 @@ ARCHITECTURES = {
 }
 #: the decoder that pretrains a backbone on a segmentation source (``source_pretraining`` meta)
 SOURCE_PRETRAINING_DECODER = "fpn"
+#: smp model arguments the head sets itself: never a study's option
+SET_BY_HEAD = frozenset({"encoder_name", "encoder_weights", "classes"})
 
 
 @hookimpl
@@ -40,9 +44,40 @@ def register_heads(register):
             tasks=("segmentation",),
             # PAN pools its deepest map further: below 128 px there is nothing left to pool
             min_image_size=128 if arch == "pan" else 32,
+            options=functools.partial(smp_options, arch),
             # the decoder that weights = "source" pretrains a backbone with on segmentation
             **({"source_pretraining": True} if name == SOURCE_PRETRAINING_DECODER else {}),
         )
+
+
+@functools.cache
+def smp_options(arch: str) -> dict[str, Option]:
+    """The options of an smp architecture, from its model's signature (smp's own defaults):
+    typed from each default, ``*_dropout`` a probability, counts and depths at least 1, the output
+    stride 8 or 16; a string or ``None`` default accepts any value (smp reads several forms)."""
+    import segmentation_models_pytorch as smp
+
+    sig = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch])
+    return {
+        p.name: _option(p.name, p.default)
+        for p in sig.parameters.values()
+        if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in SET_BY_HEAD
+    }
+
+
+def _option(name: str, default: Any) -> Option:
+    text = f"segmentation-models-pytorch's {name} (default {default!r})"
+    if name == "encoder_output_stride":
+        return Option(int, choices=(8, 16), default=default, help=text)
+    if name.endswith("dropout"):
+        return Option(float, min=0, max=1, default=default, help=text)
+    if isinstance(default, bool):
+        return Option(bool, default=default, help=text)
+    if isinstance(default, int):
+        return Option(int, min=1, default=default, help=text)
+    if isinstance(default, tuple):
+        return Option(list, default=default, help=text)
+    return Option(None, default=default, help=text)
 
 
 def _factory(arch: str):

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, Batch, StepContext, Strategy
+from harness.api import IGNORE_INDEX, Batch, Option, StepContext, Strategy
+
+#: the options of the fine-tuning family (``FineTune.__init__``)
+SHOTS = {
+    "shots": Option(
+        int, min=1, default=None, help="labelled target images per class; all when unset"
+    )
+}
 
 
 class SourceOnly(Strategy):
@@ -137,8 +144,8 @@ class L2SP(FineTune):
 
 @hookimpl
 def register_strategies(register):
-    register("source-only", SourceOnly, description=SourceOnly.description)
-    register("finetune", FineTune, description=FineTune.description)
-    register("linear-probe", LinearProbe, description=LinearProbe.description)
-    register("lp-ft", LPFT, description=LPFT.description)
-    register("l2-sp", L2SP, description=L2SP.description)
+    register("source-only", SourceOnly, description=SourceOnly.description, options={})
+    register("finetune", FineTune, description=FineTune.description, options=SHOTS)
+    register("linear-probe", LinearProbe, description=LinearProbe.description, options=SHOTS)
+    register("lp-ft", LPFT, description=LPFT.description, options=SHOTS)
+    register("l2-sp", L2SP, description=L2SP.description, options=SHOTS)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness import hookimpl
@@ -9,6 +16,14 @@ from harness.api import Backbone, WeightsError, load_weights_file
 
 # Trailing groups of timm's group_matcher (final norms) get ids like 99999: they belong to the last stage.
 _TRAILING_GROUP = 90000
+#: seconds the model hub's host (or the proxy to it) gets to accept a connection
+HUB_PROBE_TIMEOUT_S = 3.0
+_WEIGHTS_HINT = (
+    "on a machine without the model hub, save the weights once where it is "
+    "reachable (timm.create_model(name, pretrained=True) then "
+    "safetensors.torch.save_file(model.state_dict(), 'w.safetensors')) and set "
+    "weights = '/path/to/w.safetensors' in the study"
+)
 
 
 @hookimpl
@@ -26,19 +41,7 @@ def build_timm_backbone(name: str, *, weights: str = "none", in_chans: int = 3) 
     if weights == "none":
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
     elif weights == "imagenet":
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans)
-        except Exception as exc:  # noqa: BLE001 - hub, network and missing-tag failures alike
-            raise WeightsError(
-                f"could not get pretrained weights for {name!r} through timm: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
-                hint=(
-                    "on a machine without the model hub, save the weights once where it is "
-                    "reachable (timm.create_model(name, pretrained=True) then "
-                    "safetensors.torch.save_file(model.state_dict(), 'w.safetensors')) and set "
-                    "weights = '/path/to/w.safetensors' in the study"
-                ),
-            ) from None
+        model = _pretrained(name, in_chans)
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
         _load_local(model, Path(weights).expanduser(), name)
@@ -52,6 +55,69 @@ def build_timm_backbone(name: str, *, weights: str = "none", in_chans: int = 3) 
         feature_info=[dict(f) for f in getattr(model, "feature_info", [])],
         name=name,
     )
+
+
+def _pretrained(name: str, in_chans: int):
+    import timm
+
+    with _offline_unless_hub_reachable() as endpoint:
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans)
+        except Exception as exc:  # noqa: BLE001 - hub, network and missing-tag failures alike
+            detail = (
+                f"the model hub ({endpoint}) cannot be reached and the weights are not in the "
+                "local cache"
+                if endpoint
+                else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
+            raise WeightsError(
+                f"could not get pretrained weights for {name!r} through timm: {detail}",
+                hint=_WEIGHTS_HINT,
+            ) from None
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable() -> Iterator[str | None]:
+    """huggingface_hub retries an unreachable hub for about a minute before it gives up. When a
+    quick connection to the hub's host fails, the download runs in huggingface_hub's offline mode
+    instead: weights in the local cache still load, others fail at once. Yields the unreachable
+    endpoint, or ``None`` when the hub is used as usual."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without huggingface_hub downloads from plain URLs, no retries
+        yield None
+        return
+    if constants.HF_HUB_OFFLINE or _reachable(constants.ENDPOINT):
+        yield None
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield constants.ENDPOINT
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+@functools.cache
+def _reachable(endpoint: str) -> bool:
+    """Whether the host of ``endpoint`` (or the proxy the environment sets for it) accepts a TCP
+    connection within ``HUB_PROBE_TIMEOUT_S``; name resolution is inside the limit too."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or "", parsed.port or 80
+    answered: list[bool] = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            answered.append(True)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(HUB_PROBE_TIMEOUT_S)
+    return bool(answered)
 
 
 def timm_stages(model) -> list[list[str]]:

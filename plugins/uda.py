@@ -34,6 +34,7 @@ from harness.api import (
     TASKS,
     Batch,
     FeatureMapHead,
+    Option,
     PluginContractError,
     StepContext,
     Strategy,
@@ -386,6 +387,19 @@ STRATEGIES = {
 }
 
 
+#: the options each strategy's ``__init__`` takes (the others take none)
+OPTIONS = {
+    "dann": {
+        "schedule": Option(
+            str,
+            choices=(*SCHEDULES, "search"),
+            default="ramp",
+            help="the adversarial weight's schedule, or 'search' to search it",
+        ),
+        "gamma": Option(float, gt=0, default=10.0, help="steepness of the ramp schedule"),
+    }
+}
+
 #: mcc is classification-only (see the module docstring); every other strategy serves both
 CLASSIFICATION_ONLY = ("mcc",)
 
@@ -394,4 +408,4 @@ CLASSIFICATION_ONLY = ("mcc",)
 def register_strategies(register):
     for name, cls in STRATEGIES.items():
         tasks = ("classification",) if name in CLASSIFICATION_ONLY else TASKS
-        register(name, cls, description=cls.description, tasks=tasks)
+        register(name, cls, description=cls.description, tasks=tasks, options=OPTIONS.get(name, {}))

@@ -184,3 +184,44 @@ def test_a_failing_report_does_not_undo_the_leaderboard(tmp_path, capsys):
     assert (tmp_path / "out" / "leaderboard.json").is_file()
     assert not (tmp_path / "out" / "index.html").is_file()
     assert "the leaderboard is written but the report is not" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", "..."])
+def test_a_study_file_named_only_with_dots_is_refused(tmp_path, name):
+    """``...toml`` would be study ``..``: its results would land outside --results-dir."""
+    path = write_study(tmp_path, name)
+    for command in ("run", "validate", "leaderboard"):
+        extra = ["--results-dir", str(tmp_path / "res")] if command != "validate" else []
+        result = harness(command, "--study", str(path), *extra, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and f"{name}.toml" in error[0], result.stderr
+        assert "must contain a letter or digit" in error[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.toml"]  # nothing written
+
+
+def test_results_go_beside_a_study_outside_benchmarks(tmp_path, monkeypatch):
+    from harness.publish.location import published, results_root, run_command
+    from harness.study import load_study
+
+    (tmp_path / "benchmarks").mkdir()
+    write_study(tmp_path / "benchmarks", "quick")
+    (tmp_path / "mine").mkdir()
+    own = write_study(tmp_path / "mine", "quick")  # the same stem as a published study
+    monkeypatch.chdir(tmp_path)
+    spec = load_study("quick")  # the published study: results/ and the index, as always
+    assert published(spec) and results_root(spec, None) == Path("results")
+    assert run_command(spec, None) == "harness run --study quick"
+    mine = load_study(str(own))
+    assert not published(mine) and results_root(mine, None) == Path("mine") / "results"
+    assert results_root(mine, Path("elsewhere")) == Path("elsewhere")
+    assert run_command(mine, Path("out")) == "harness run --study mine/quick.toml --results-dir out"
+
+
+def test_leaderboard_hint_names_a_study_outside_benchmarks_by_its_path(tmp_path):
+    (tmp_path / "mine").mkdir()
+    write_study(tmp_path / "mine", "own")
+    result = harness("leaderboard", "--study", "mine/own.toml", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "harness run --study mine/own.toml" in result.stderr
+    assert str(Path("mine") / "results" / "own") in result.stderr  # where it looked

@@ -105,13 +105,49 @@ def test_a_builtin_strategy_passes_on_segmentation() -> None:
     assert "64 px segmentation" in _by_name(results)["strategy.trains"].detail
 
 
+def _declaring(kind: str, factory: Any, options: dict[str, Any]) -> Entry:
+    return Entry(kind, "declaring", factory, "tests", "tests", meta={"options": options})
+
+
+def test_declared_options_must_match_the_factory() -> None:
+    from harness.api import Option
+
+    def head(*, backbone, num_classes, task, width: int):
+        return nn.Linear(backbone.num_features, num_classes)
+
+    results = _by_name(check_head(_declaring("head", head, {"widht": Option(int)})))
+    failed = results["head.declared_options"]
+    assert not failed.passed
+    assert "widht not parameters of the factory" in failed.detail
+    assert "required parameter(s) width not declared" in failed.detail
+
+    class Shots(Strategy):
+        def __init__(self, shots: int = 1) -> None:
+            super().__init__()
+
+    results = _by_name(check_strategy(_declaring("strategy", Shots, {"shot": Option(int)})))
+    assert "shot not parameters" in results["strategy.declared_options"].detail
+    ok = _by_name(check_strategy(_declaring("strategy", Shots, {"shots": Option(int, default=1)})))
+    assert ok["strategy.declared_options"].passed
+    results = check_entry(_declaring("dataset", dataset_needs_root, {"n": Option(int)}))
+    assert results[0].name == "dataset.declared_options" and not results[0].passed
+
+
 def test_datasets_that_need_a_root_are_skipped_with_a_note() -> None:
     results = check_entry(get_registry().get("dataset", "folder"))
-    assert [(r.name, r.passed) for r in results] == [("dataset.factory", True)]
-    assert "needs options: root" in results[0].detail
+    assert [(r.name, r.passed) for r in results] == [
+        ("dataset.declared_options", True),
+        ("dataset.factory", True),
+    ]
+    assert "needs options: root" in results[1].detail
     cityscapes = check_entry(get_registry().get("dataset", "cityscapes"))  # one per declared domain
-    assert [r.name for r in cityscapes] == ["dataset/train.factory", "dataset/val.factory"]
-    assert all(r.passed and "needs options: root" in r.detail for r in cityscapes)
+    assert [r.name for r in cityscapes] == [
+        "dataset.declared_options",
+        "dataset/train.factory",
+        "dataset/val.factory",
+    ]
+    assert cityscapes[0].passed
+    assert all(r.passed and "needs options: root" in r.detail for r in cityscapes[1:])
 
 
 def test_folder_dataset_is_checked_when_given_a_root(tmp_path: Path) -> None:
@@ -607,10 +643,12 @@ def test_parametrize_with_checks_gives_one_test_per_check() -> None:
     assert mark.args[0] == "check"
     params = {p.id: p for p in mark.args[1]}
     assert list(params) == [
+        "strategy:unprefixed/strategy.declared_options",
         *(f"strategy:unprefixed/strategy.{n}" for n in ("factory", "declarations")),
         *(f"strategy:unprefixed/strategy.{n}" for n in ("search_space", "unknown_option")),
         *(f"strategy:unprefixed/strategy.{n}" for n in ("trains", "target_labels")),
         *(f"command:no-docs/command.{n}" for n in ("name", "help", "docs")),
+        "dataset:rooted/dataset.declared_options",
         *(f"dataset:rooted/dataset.{n}" for n in ("factory", "contract", "image_size", "task")),
         *(f"dataset:rooted/dataset.{n}" for n in ("class_names", "disjoint_splits")),
         *(f"dataset:rooted/dataset.{n}" for n in ("deterministic", "fingerprint")),
@@ -626,7 +664,9 @@ def test_parametrize_with_checks_gives_one_test_per_check() -> None:
     assert outcomes["strategy:unprefixed/strategy.trains"] == "skipped"
     assert outcomes["command:no-docs/command.docs"] == "failed"
     assert outcomes["command:no-docs/command.help"] == "passed"
-    # a factory that needs options nobody gave: every check skipped, saying which
+    # a factory that needs options nobody gave: every check that builds skipped, saying which
+    # (its declared options are checked without building it)
+    assert outcomes.pop("dataset:rooted/dataset.declared_options") == "passed"
     assert {v for k, v in outcomes.items() if k.startswith("dataset:")} == {"skipped"}
     with pytest.raises(PluginCheckError, match="command:no-docs/command.docs: no description"):
         params["command:no-docs/command.docs"].values[0]()

@@ -215,7 +215,7 @@ def test_folder_reads_domain(folder_root: Path) -> None:
     data = ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root))
     data.check(image_size=16)
     assert data.class_names == list(CLASSES)
-    assert data.meta == {"hflip": True, "root": str(folder_root)}
+    assert data.meta == {"hflip": True, "root": str(folder_root), "resize": "center-crop"}
     x, y = _all_images(data), _all_labels(data)
     assert x.dtype == torch.uint8 and x.shape == (15, 3, 16, 16)
     assert sorted(y.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
@@ -345,3 +345,64 @@ def test_folder_too_few_images(tmp_path: Path) -> None:
         Image.new("RGB", (4, 4)).save(tmp_path / "d" / cls / "only.png")
     with pytest.raises(DatasetError, match="split empty"):
         ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path))
+
+
+def _images(folder: Path, n: int, size: tuple[int, int] = (12, 10)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (40 * i, 0, 0)).save(folder / f"{i}.png")
+
+
+def test_folder_accounts_for_every_file(tmp_path: Path) -> None:
+    _images(tmp_path / "d" / "a", 3)
+    _images(tmp_path / "d" / "a" / "2024" / "june", 2)  # deeper: still class a
+    _images(tmp_path / "d" / "b", 5)
+    (tmp_path / "d" / "a" / "2024" / "notes.txt").write_text("x")
+    _images(tmp_path / "d", 1)  # an image loose at the domain's top level
+    (tmp_path / "d" / "readme.md").write_text("x")
+    with pytest.warns(UserWarning) as caught:
+        data = ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path))
+    assert sorted(_all_labels(data).tolist()) == [0] * 5 + [1] * 5
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    no_ext, loose = (m.splitlines() for m in messages)
+    assert loose[0].startswith("2 file(s) in domain folder") and "in no class folder" in loose[0]
+    assert loose[1:] == [f"  {tmp_path / 'd' / '0.png'}", f"  {tmp_path / 'd' / 'readme.md'}"]
+    assert no_ext[1:] == [f"  {tmp_path / 'd' / 'a' / '2024' / 'notes.txt'}"]
+
+
+def test_folder_class_names_compared_in_nfc(tmp_path: Path) -> None:
+    from harness.search.domains import class_difference
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    for domain, name in (("mac", nfd), ("linux", nfc)):
+        _images(tmp_path / domain / name, 5)
+        _images(tmp_path / domain / "fish", 5)
+        _images(tmp_path / domain / "egg", 5)
+    mac = ds.build_folder("mac", image_size=8, seed=0, root=str(tmp_path))
+    linux = ds.build_folder("linux", image_size=8, seed=0, root=str(tmp_path))
+    assert mac.class_names == linux.class_names == [nfc, "egg", "fish"]  # sorted in NFC
+    assert torch.equal(_all_labels(mac), _all_labels(linux))
+    assert (
+        class_difference(["cat", nfc], [nfc, "dog"])
+        == "only in source: 'cat'; only in target: 'dog'"
+    )
+    assert "another order" in class_difference(["a", "b"], ["b", "a"])
+    _images(tmp_path / "mac" / nfc, 5)  # the same name written both ways in one domain
+    with pytest.raises(DatasetError, match="two Unicode forms"):
+        ds.build_folder("mac", image_size=8, seed=0, root=str(tmp_path))
+
+
+def test_folder_resize_pad_keeps_the_whole_image(tmp_path: Path) -> None:
+    arr = np.full((8, 32, 3), 255, dtype=np.uint8)  # a white 32x8 strip
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(arr).save(tmp_path / "d" / cls / f"{i}.png")
+    data = ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path), resize="pad")
+    assert data.meta["resize"] == "pad"
+    x = _all_images(data)
+    assert bool((x[:, :, 3:5] == 255).all())  # the whole strip, 8 x 2 px, in the middle rows
+    assert bool((x[:, :, :3] == 0).all()) and bool((x[:, :, 5:] == 0).all())  # padding
+    with pytest.raises(DatasetError, match="resize must be one of"):
+        ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path), resize="stretch")

@@ -451,3 +451,80 @@ def test_results_index_lists_a_pair_once_per_result_and_names_the_selecting_rule
         and "label-free validator scoring unlabelled target validation images" in text
     )
     assert "trials were selected on validation splits" not in text
+
+
+def test_a_complete_study_is_not_labelled_partial(published):
+    data = json.loads((published.results_dir / "leaderboard.json").read_text())
+    assert "state" not in data and "missing" not in data
+    text = (published.results_dir / "leaderboard.md").read_text()
+    assert text.startswith("# Leaderboard: report\n") and "Partial results" not in text
+    assert "## Unfinished" not in published.readme.read_text()
+
+
+def test_an_unfinished_study_is_labelled_partial_and_listed_apart(published, tmp_path):
+    """A method not started and rows short of their final seeds (as after Ctrl-C): the files say
+    so, rows are unranked and shown as '-', nothing is marked oracle without a row, and the index
+    lists the study apart from the published ones."""
+    text = textwrap.dedent(STUDY).replace("final_seeds = 2", "final_seeds = 3")
+    text = text.replace(
+        "[budget]",
+        '[[methods]]\nbackbone = "test_resnet"\nhead = "linear"\nstrategy = "linear-probe"\n\n[budget]',
+    )
+    (tmp_path / "partial.toml").write_text(text)
+    spec = load_study(str(tmp_path / "partial.toml"))
+    folder = tmp_path / "results" / "partial"
+    folder.mkdir(parents=True)
+    shutil.copy(published.results_dir / "optuna.journal", folder / "optuna.journal")
+    results = read_results(spec, journal_storage(folder))
+    board, trials, provenance = leaderboard.tables(results)
+    leaderboard.write(folder, spec, board, trials, provenance)
+    page = write_report(folder, results, board, trials, provenance).read_text()
+    shutil.copytree(published.results_dir, tmp_path / "results" / "report")  # a published one
+    readme = index.write_results_index(tmp_path / "results").read_text()
+
+    data = json.loads((folder / "leaderboard.json").read_text())
+    new = "digits->digits-m: test_resnet(none)+linear+linear-probe"
+    assert data["state"] == "partial" and data["missing"]["not_started"] == [new]
+    short = data["missing"]["without_final_seeds"]
+    assert len(short) == 2 and {r["status"] for r in short} == {"2/3 seeds"}
+    assert all(r["rank"] is None for r in data["rows"])
+    md = (folder / "leaderboard.md").read_text()
+    assert md.startswith("# Leaderboard: partial (partial)\n") and "**Partial results**" in md
+    row = next(line for line in md.splitlines() if "linear-probe" in line and "|" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "-" and "oracle" not in row and cells[-1] == "not started"
+    assert "<h1>Leaderboard: partial (partial)</h1>" in page and "Partial results" in page
+    published_part, unfinished = readme.split("## Unfinished")
+    assert "| report |" in published_part and "| partial |" not in published_part
+    assert (
+        "| partial |" in unfinished
+        and "1 not started, 2 row(s) without all final seeds" in unfinished
+    )
+    assert index.study_state(tmp_path / "partial.toml", folder)[0] == "partial"
+
+
+def test_a_study_outside_benchmarks_publishes_beside_itself(published, tmp_path, monkeypatch):
+    """Its results go to <its folder>/results/<stem>/, and the published index is left alone
+    (even with a stem a published study has) unless --index asks for it."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    own = tmp_path / "mine"
+    (own / "results" / "report").mkdir(parents=True)
+    shutil.copy(published.study_file, own / "report.toml")
+    shutil.copy(published.results_dir / "optuna.journal", own / "results" / "report")
+    monkeypatch.chdir(published.tmp)  # a checkout: benchmarks/ and the published results/
+    before = {
+        p: p.read_bytes() for p in (published.readme, published.results_dir / "leaderboard.md")
+    }
+    args = ["leaderboard", "--study", str(own / "report.toml"), "--no-report"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (own / "results" / "report" / "leaderboard.json").is_file()
+    assert not (own / "results" / "README.md").exists()
+    assert all(p.read_bytes() == b for p, b in before.items())
+    result = CliRunner().invoke(app, [*args[:3], "--index"])
+    assert result.exit_code == 0, result.output
+    assert "| report |" in (own / "results" / "README.md").read_text()
+    assert all(p.read_bytes() == b for p, b in before.items())

@@ -233,6 +233,17 @@ def test_failed_trials_are_recorded_with_reason_and_search_goes_on(tmp_path):
         )
         reasons[m.strategy] = {t.user_attrs.get("fail_reason") for t in study.get_trials()}
     assert reasons == {"nan-loss": {"nonfinite"}, "explodes": {"error"}}
+    # the run's verdict: exactly the two methods that never trained, each with its reason
+    from harness.search.outcome import failed_studies
+
+    failed = [str(f) for f in failed_studies(spec, runner.storage)]
+    names = [optuna_study_name(spec.pairs[0], m) for m in spec.methods[1:]]
+    assert failed[0].startswith(
+        f"{names[0]}: all 2 trials failed; most common: nonfinite (2 of 2): NonFiniteLossError: "
+    )
+    assert failed[1:] == [
+        f"{names[1]}: all 2 trials failed; most common: error (2 of 2): RuntimeError: boom in step"
+    ]
     # provenance: a third-party plugin with its version, a built-in exactly as published before
     config = study.user_attrs["config"]
     assert config["plugins"]["strategy"] == "testing (tests 0)"

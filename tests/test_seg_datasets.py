@@ -198,7 +198,7 @@ def test_segfolder_reads_domain(seg_root: Path) -> None:
     data.check(image_size=S)
     assert data.class_names == list(CLASSES)
     assert data.task == "segmentation"
-    assert data.meta == {"hflip": True, "root": str(seg_root)}
+    assert data.meta == {"hflip": True, "root": str(seg_root), "resize": "center-crop"}
     x, y = _all_images(data), _all_masks(data)
     assert x.shape == (6, 3, S, S) and y.shape == (6, S, S) and y.dtype == torch.int64
     # nearest resizing: only values that were in the masks, void preserved
@@ -446,3 +446,12 @@ def test_cityscapes_train_ids_variant(tmp_path: Path) -> None:
     assert "2 problem(s)" in msg
     assert f"{bad}: class index 19, 40 out of range" in msg
     assert "aachen_000000_000019_gtFine_labelTrainIds.png: mask without an image" in msg
+
+
+def test_segfolder_resize_pad_pads_masks_with_void(seg_root: Path) -> None:
+    data = sd.build_segfolder("day", image_size=S, seed=0, root=str(seg_root), resize="pad")
+    assert data.meta["resize"] == "pad"
+    y = _all_masks(data)  # 24x20 images at 32 px: 32x27, 2 void rows above, 3 below
+    assert bool((y[:, :2] == IGNORE_INDEX).all()) and bool((y[:, -3:] == IGNORE_INDEX).all())
+    assert not bool((y[:, 2:-3] == IGNORE_INDEX).all())
+    assert bool((_all_images(data)[:, :, :2] == 0).all())

@@ -157,9 +157,10 @@ def test_wrong_types_are_not_silently_converted(study_dir):
 
 def test_set_reaches_list_entries_and_explains_mistakes(study_dir):
     path = write_study(study_dir)
-    spec = load_study(str(path), {"methods[1].head": "mlp", "pairs[0].target": "digits"})
+    sets = {"methods[1].head": "mlp", "pairs[0].source": "digits-m", "pairs[0].target": "digits"}
+    spec = load_study(str(path), sets)
     assert spec.methods[1].head == "mlp" and spec.pairs[0].target == "digits"
-    assert spec.overrides == {"methods[1].head": "mlp", "pairs[0].target": "digits"}
+    assert spec.overrides == sets
     with pytest.raises(
         StudySpecError, match=r"--set pairs.source: pairs is a list; name an entry, e.g. pairs\[0\]"
     ):
@@ -204,3 +205,83 @@ def test_cli_bad_dann_schedule_is_one_line_naming_the_key(study_dir):
         and "methods[2].strategy_options" in first
         and "schedule must be one of" in first
     )
+
+
+def _pair(study_dir, source: str, target: str, extra: str = "", datasets: str = ""):
+    path = write_study(study_dir)
+    text = path.read_text().replace(
+        'source = "digits"\ntarget = "digits-m"', f'source = "{source}"\ntarget = "{target}"{extra}'
+    )
+    path.write_text(text + datasets)
+    return path
+
+
+ALIASES = """
+[datasets.plain]
+plugin = "digits"
+
+[datasets.mnist]
+plugin = "digits"
+
+[datasets.small]
+plugin = "digits"
+n = 100
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "shown"),
+    [
+        ("digits", "digits", "('digits')"),
+        ("digits", "plain", "('digits' and 'plain')"),  # an alias without options is its plugin
+        ("plain", "mnist", "('plain' and 'mnist')"),  # two aliases of one plugin and options
+        ("mine/photo", "mine/photo", "('mine/photo')"),  # a sub-domain compared as well
+    ],
+)
+def test_a_pair_of_one_domain_is_refused_naming_the_pair(study_dir, source, target, shown):
+    path = _pair(study_dir, source, target, datasets=ALIASES)
+    with pytest.raises(StudySpecError) as err:
+        load_study(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: pairs[0]: source and target are the same domain {shown}")
+    assert "in_domain = true" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [("digits", "small"), ("mine/photo", "mine/sketch"), ("plain", "digits-m")],
+)
+def test_pairs_of_two_domains_pass(study_dir, source, target):
+    spec = load_study(str(_pair(study_dir, source, target, datasets=ALIASES)))
+    assert not spec.pairs[0].in_domain
+
+
+def test_an_in_domain_pair_is_allowed_when_said_and_dumped_only_then(study_dir):
+    path = _pair(study_dir, "digits", "digits", extra="\nin_domain = true")
+    spec = load_study(str(path))
+    assert spec.pairs[0].in_domain and spec.pairs[0].key == "digits->digits"
+    assert spec.pairs[0].model_dump() == {
+        "source": "digits",
+        "target": "digits",
+        "in_domain": True,
+    }
+    # the study-file option, or --set, on an existing study: the same key, the same dump as before
+    plain = load_study(str(write_study(study_dir, "plain")))
+    assert plain.pairs[0].key == "digits->digits-m"
+    assert plain.pairs[0].model_dump() == {"source": "digits", "target": "digits-m"}
+    assert plain.model_dump(mode="json")["pairs"] == [{"source": "digits", "target": "digits-m"}]
+    same = load_study(
+        str(write_study(study_dir, "set")),
+        {"pairs[0].target": "digits", "pairs[0].in_domain": True},
+    )
+    assert same.pairs[0].in_domain
+    with pytest.raises(StudySpecError, match="in_domain: Input should be a valid boolean"):
+        load_study(str(path), {"pairs[0].in_domain": "yes"})
+
+
+def test_cli_validate_refuses_a_pair_of_one_domain(study_dir):
+    path = _pair(study_dir, "digits-m", "digits-m")
+    result = _cli("validate", "--study", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    assert f"{path}: pairs[0]: source and target are the same domain" in first

@@ -4,14 +4,14 @@ The hooks themselves, and what each factory receives and returns, are in ``harne
 ``docs/plugins.md`` repeats them. Nothing outside ``harness`` and ``harness.api`` is part of the
 plugin contract.
 
-- registration: ``hookimpl``, ``Register``, ``OpenDomains``, ``NAME_RULE``, ``TASKS``
+- registration: ``hookimpl``, ``Register``, ``OpenDomains``, ``Option``, ``NAME_RULE``, ``TASKS``
 - datasets: ``DomainData``, ``Split``, ``IGNORE_INDEX``, ``fingerprint_tensors``,
   ``stratified_split``, ``random_split``
 - backbones and heads: ``Backbone``, ``stages_from_prefixes``, ``load_weights_file``,
   ``ImageHead``, ``FeatureMapHead``, ``TransferModel``
 - strategies: ``Strategy``, ``Batch``, ``StepContext``, ``LRScaled``, ``reverse_gradient``
 - errors: ``HarnessError`` and the ones a plugin raises (``DatasetError``, ``WeightsError``,
-  ``PluginContractError``, ``NonFiniteLossError``)
+  ``PluginContractError``, ``NonFiniteLossError``), and ``OptionError`` (an option refused)
 """
 
 from harness.api.data import (
@@ -43,6 +43,7 @@ from harness.errors import (
     WeightsError,
 )
 from harness.hookspecs import NAME_RULE, TASKS, OpenDomains, Register, hookimpl
+from harness.options import Option, OptionError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,6 +61,8 @@ __all__ = [
     "LRScaled",
     "NonFiniteLossError",
     "OpenDomains",
+    "Option",
+    "OptionError",
     "PluginContractError",
     "Register",
     "Split",

@@ -26,6 +26,11 @@ def truthy(v: Any) -> bool:
     return bool(v)
 
 
+def rank_cell(v: Any) -> str:
+    """A board row's rank as shown: ``-`` for a row that is not ranked (unfinished or not started)."""
+    return str(int(v)) if finite(v) else "-"
+
+
 def pm(row: dict[str, Any], metric: str) -> str:
     """A row's test ``metric`` in %, mean ± standard error over its final seeds."""
     mean, std = row.get(f"test_{metric}"), row.get(f"test_{metric}_se")

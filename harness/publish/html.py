@@ -19,6 +19,7 @@ from harness.metrics import LABELS, METRICS
 from harness.publish.bundle import BUNDLE
 from harness.publish.format import finite, pct, pm, trial_counts, truthy, val
 from harness.publish.plots import Figure, draw, pairs_of, slug
+from harness.publish.rank import unfinished
 from harness.publish.results import Results
 from harness.study import StudySpec
 
@@ -97,7 +98,7 @@ def _html(
     figures: dict[str, dict[str, Any]],
 ) -> str:
     m1, m2 = (METRICS[spec.task] + (None,))[:2]
-    out = _head(spec, m1, m2)
+    out = _head(spec, m1, m2, unfinished(board))
     out.append(_nav(pairs))
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
@@ -114,9 +115,19 @@ def _html(
     return "\n".join(out)
 
 
-def _head(spec: StudySpec, m1: str, m2: str | None) -> list[str]:
-    """The document head, the title and the lead paragraphs."""
-    title = f"Leaderboard: {spec.name}"
+def _partial_notice(missing: dict[str, Any]) -> str:
+    """The notice of an unfinished study, at the top of the page."""
+    started, short = len(missing["not_started"]), len(missing["without_final_seeds"])
+    return (
+        "<p><strong>Partial results</strong>: this study is unfinished (interrupted, or still "
+        f"running): {started} method(s) not started, {short} row(s) without all their final seeds. "
+        "Only rows with all their final seeds are ranked.</p>"
+    )
+
+
+def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | None) -> list[str]:
+    """The document head, the title and the lead paragraphs (and what an unfinished study lacks)."""
+    title = f"Leaderboard: {spec.name}" + (" (partial)" if missing else "")
     out = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -132,6 +143,8 @@ def _head(spec: StudySpec, m1: str, m2: str | None) -> list[str]:
     ]
     if spec.description:
         out.append(f'<p class="lead">{_e(spec.description.strip())}</p>')
+    if missing:
+        out.append(_partial_notice(missing))
     out.append(
         f"<p>Target <strong>test</strong> {_e(LABELS[m1])}"
         + (f" and {_e(LABELS[m2])}" if m2 else "")

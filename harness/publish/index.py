@@ -19,7 +19,13 @@ def write_results_index(results_root: Path) -> Path:
     """Regenerate ``results_root/README.md``: one row per ``<study>/leaderboard.json``."""
     results_root = Path(results_root)
     results_root.mkdir(parents=True, exist_ok=True)
-    rows = [_study_row(f) for f in sorted(results_root.glob("*/leaderboard.json"))]
+    rows, unfinished = [], []
+    for board_file in sorted(results_root.glob("*/leaderboard.json")):
+        row, missing = _study_row(board_file)
+        if missing is None:
+            rows.append(row)
+        else:  # an interrupted or running study is not published: listed apart
+            unfinished.append([row[0], row[1], missing, row[4]])
     lines = [
         "# Published results",
         "",
@@ -42,21 +48,36 @@ def write_results_index(results_root: Path) -> Path:
         ]
     else:
         lines.append("No study has been published yet.")
+    if unfinished:
+        lines += [
+            "",
+            "## Unfinished",
+            "",
+            "Studies begun but not finished (interrupted, or still running): not published, and "
+            "their rows are not final. Run the same `harness run` command again to finish one.",
+            "",
+            "| study | description | missing | report |",
+            "|---|---|---|---|",
+            *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in unfinished),
+        ]
     path = results_root / "README.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-def _study_row(board_file: Path) -> list[str]:
-    """study, description, headline, row count and links of one ``<study>/leaderboard.json``."""
+def _study_row(board_file: Path) -> tuple[list[str], str | None]:
+    """study, description, headline, row count and links of one ``<study>/leaderboard.json``, and
+    what it lacks when it is unfinished (None when it is complete)."""
     folder = board_file.parent
     name = folder.name
+    missing = None
     try:
         data = json.loads(board_file.read_text(encoding="utf-8"))
         records = data.get("rows") or []
         description = data.get("description") or ""
         headline = _headline(records)
         count = str(len(records))
+        missing = _missing(data)
     except (OSError, ValueError, AttributeError) as exc:
         description, headline, count = (
             f"(unreadable leaderboard.json: {type(exc).__name__})",
@@ -68,7 +89,21 @@ def _study_row(board_file: Path) -> list[str]:
         links.append(f"[index.html]({quote(name)}/index.html)")
     if (folder / "leaderboard.md").is_file():
         links.append(f"[leaderboard.md]({quote(name)}/leaderboard.md)")
-    return [name, description, headline, count, " · ".join(links) or "-"]
+    return [name, description, headline, count, " · ".join(links) or "-"], missing
+
+
+def _missing(data: dict[str, Any]) -> str | None:
+    """What an unfinished study's ``leaderboard.json`` lacks, in words; None when it is complete.
+    A file written before the ``state`` key is judged by its rows' statuses."""
+    statuses = [r.get("status", "final") for r in data.get("rows") or []]
+    if data.get("state") != "partial" and statuses and all(s == "final" for s in statuses):
+        return None
+    missing = data.get("missing") or {}
+    not_started = missing.get("not_started", [None] * statuses.count("not started"))
+    short = sum(s not in ("final", "not started") for s in statuses)
+    parts = [f"{len(not_started)} not started"] if not_started else []
+    parts += [f"{short} row(s) without all final seeds"] if short else []
+    return ", ".join(parts) or "no rows"
 
 
 def _headline(records: list[dict[str, Any]]) -> str:
@@ -111,10 +146,9 @@ def study_state(study_file: Path, folder: Path) -> tuple[str, str, str]:
     state, rows, description = "not started", "-", ""
     if board.is_file():
         data = json.loads(board.read_text())
-        statuses = [r.get("status") for r in data.get("rows", [])]
-        rows = str(len(statuses))
+        rows = str(len(data.get("rows", [])))
         description = data.get("description", "")
-        state = "published" if statuses and all(s == "final" for s in statuses) else "partial"
+        state = "published" if _missing(data) is None else "partial"
     elif (folder / "optuna.db").is_file() or (folder / "optuna.journal").is_file():
         state = "partial"
     if not description:

@@ -64,11 +64,15 @@ def write(
             frame.to_csv(tmp, index=False)
         paths.append(path)
     path = results_dir / "leaderboard.json"
+    missing = rank.unfinished(board)
+    # an unfinished study says so, and what it lacks; a complete one's file has no such keys
+    state = {} if missing is None else {"state": "partial", "missing": missing}
     write_json(
         path,
         {
             "study": spec.name,
             "description": spec.description,
+            **state,
             "rows": records(board),
             "provenance": provenance,
         },

@@ -10,14 +10,18 @@ import pandas as pd
 
 from harness.metrics import LABELS, METRICS
 from harness.publish.agreement import AGREEMENT_RULES, MIN_AGREEMENT_TRIALS, POOLED
-from harness.publish.format import finite, pm, trial_counts, val
+from harness.publish.format import finite, pm, trial_counts, truthy, val
+from harness.publish.rank import unfinished
 from harness.study import StudySpec
 
 
 def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]) -> str:
-    lines = [f"# Leaderboard: {spec.name}", ""]
+    missing = unfinished(board)
+    lines = [f"# Leaderboard: {spec.name}" + (" (partial)" if missing else ""), ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
+    if missing:
+        lines += [_partial_notice(missing), ""]
     m1, m2 = METRICS[spec.task][:2]
     lines += [
         f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard error over "
@@ -31,10 +35,30 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         "",
     ]
     for pair, group in board.groupby("pair", sort=False):
-        lines += [f"## {pair}", "", _pair_table(group, m1, m2), ""]
+        own = " (in-domain)" if "in_domain" in group and group["in_domain"].any() else ""
+        lines += [f"## {pair}{own}", "", _pair_table(group, m1, m2), ""]
     lines += _agreement_markdown(provenance.get("validator_agreement") or [])
     lines += _provenance_markdown(provenance)
     return "\n".join(lines)
+
+
+def _partial_notice(missing: dict[str, Any]) -> str:
+    """The notice of an unfinished study: what it lacks, and that its rows are not final."""
+    parts = []
+    if missing["not_started"]:
+        parts.append(f"not started: {', '.join(missing['not_started'])}")
+    if missing["without_final_seeds"]:
+        rows = [
+            f"{r['method']} ({r['selection']}: {r['status']})"
+            for r in missing["without_final_seeds"]
+        ]
+        parts.append(f"rows without all their final seeds: {', '.join(rows)}")
+    return (
+        "**Partial results**: this study is unfinished (interrupted, or still running); "
+        + "; ".join(parts)
+        + ". Only rows with all their final seeds are ranked. Run the same `harness run` command "
+        "again to finish it."
+    )
 
 
 def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
@@ -48,7 +72,7 @@ def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
             f"test {LABELS[m2]} %": [pm(r, m2) for r in records],
             "val": [val(r) for r in records],
             "selection": [
-                (r.get("selection") or "-") + (" **oracle**" if r.get("oracle") else "")
+                (r.get("selection") or "-") + (" **oracle**" if truthy(r.get("oracle")) else "")
                 for r in records
             ],
             "trials (ok/pruned/failed)": [trial_counts(r) for r in records],

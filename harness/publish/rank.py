@@ -29,8 +29,9 @@ def board(results: Results) -> pd.DataFrame:
     """Rows in study-file order (pairs, methods, rules), ranked and ordered within each pair."""
     spec = results.spec
     rows: list[dict[str, Any]] = []
+    in_domain = any(p.in_domain for p in spec.pairs)  # a column only where some pair is
     for entry in results.entries:
-        row = _identity(entry)
+        row = _identity(entry) | ({"in_domain": entry.pair.in_domain} if in_domain else {})
         if entry.study is None:
             selection = ", ".join(spec.selection_rules)
             rows.append(
@@ -163,3 +164,22 @@ def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
     # a strategy's own diagnostics (``ctx.log``), at the last epoch trained
     row.update({f"diagnostic:{k}": vs[-1] for k, vs in trial_diagnostics(t).items() if vs})
     return row
+
+
+def unfinished(board: pd.DataFrame) -> dict[str, Any] | None:
+    """What an unfinished study lacks: its (pair, method)s not started and its rows without all
+    their final seeds; None when every row is final."""
+    status = board["status"] if "status" in board else pd.Series("not started", index=board.index)
+    if len(board) and (status == "final").all():
+        return None
+    rows = board.assign(status=status).to_dict("records")
+    return {
+        "not_started": [
+            f"{r['pair']}: {r['method']}" for r in rows if r["status"] == "not started"
+        ],
+        "without_final_seeds": [
+            {k: r.get(k) for k in ("pair", "method", "selection", "status")}
+            for r in rows
+            if r["status"] not in ("final", "not started")
+        ],
+    }

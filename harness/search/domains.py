@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from harness import api
 from harness.errors import HarnessError, PluginContractError
@@ -73,6 +74,17 @@ class DomainCache:
                 self.spec,
                 f"pairs[{i}]",
                 f"source {source.name!r} and target {target.name!r} have different classes "
-                f"({len(source.class_names)} vs {len(target.class_names)})",
+                f"({class_difference(source.class_names, target.class_names)})",
             )
         return source, target
+
+
+def class_difference(source: Sequence[str], target: Sequence[str]) -> str:
+    """What differs between two class lists, naming the classes (or the order, if only that)."""
+    only_source = [c for c in source if c not in target]
+    only_target = [c for c in target if c not in source]
+    if not only_source and not only_target:
+        return f"same classes in another order: {list(source)} vs {list(target)}"
+    parts = [f"only in source: {', '.join(map(repr, only_source))}"] if only_source else []
+    parts += [f"only in target: {', '.join(map(repr, only_target))}"] if only_target else []
+    return "; ".join(parts)

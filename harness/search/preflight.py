@@ -1,5 +1,6 @@
-"""Everything that can fail before training, tried once before a search begins: each pair's data,
-each method's weights and head, and a sample batch through every model."""
+"""Everything that can fail before training, tried once before a search begins: the search space
+against each backbone's stages, each pair's data, each method's weights and head, and a sample
+batch through every model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,43 @@ from harness.errors import HarnessError, PluginContractError
 from harness.search.domains import DomainCache
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
-from harness.study import spec_error
+from harness.study import StudySpec, spec_error
 from harness.training.inputs import model_input
+from harness.training.weights import build_backbone
+
+
+def _num_stages(rm: ResolvedMethod) -> int:
+    """The stages of the method's backbone, from a build without weights (nothing downloaded or
+    read) that leaves the random generators as they were."""
+    with torch.random.fork_rng(devices=[]):
+        return len(build_backbone(rm.backbone, rm.method.backbone, "none").stages)
+
+
+def check_search_space(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
+    """Refuse a ``search.freeze_depth`` past the stages of a backbone that searches it (a strategy
+    that fixes its own depth does not), instead of training with fewer frozen stages than asked."""
+    depth = spec.search.freeze_depth
+    if depth == "auto":
+        return
+    top = max(depth) if isinstance(depth, list) else int(depth)
+    stages: dict[tuple[str, str], int] = {}
+    for j, rm in enumerate(methods):
+        if "freeze_depth" in rm.new_strategy().fixed:
+            continue
+        key = (rm.backbone.plugin, rm.method.backbone)
+        if key not in stages:
+            try:
+                stages[key] = _num_stages(rm)
+            except HarnessError as exc:
+                raise spec_error(spec, f"methods[{j}].backbone", exc) from None
+        n = stages[key]
+        if top > n:
+            raise spec_error(
+                spec,
+                "search.freeze_depth",
+                f"{depth} is past {rm.method.backbone}'s {n} stages (0..{n} allowed; "
+                f"methods[{j}] searches it)",
+            )
 
 
 def _sample_batch(models: ModelFactory, rm: ResolvedMethod, domains: DomainCache, i: int) -> None:
@@ -37,6 +73,7 @@ def _sample_batch(models: ModelFactory, rm: ResolvedMethod, domains: DomainCache
 def preflight(methods: list[ResolvedMethod], models: ModelFactory, domains: DomainCache) -> None:
     """Check every (pair, method); a failure is the study file's error, naming the method."""
     spec = models.spec
+    check_search_space(spec, methods)
     for i in range(len(spec.pairs)):
         domains.pair_data(i)
         for j, rm in enumerate(methods):

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.metrics import primary_metric
-from harness.store.schema import FAIL_REASON, FINISHED
+from harness.store.schema import FAIL_REASON, count_budget
 from harness.study import StudySpec, spec_error
 
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -47,7 +47,8 @@ def progress_callback(
 
     def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        n = sum(1 for t in trials if t.state in FINISHED)
+        # what uses up the budget (interrupted, lost and surplus trials do not), never past it
+        n = min(count_budget(trials), spec.budget.trials)
         best = max(
             (t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None),
             default=None,

@@ -8,6 +8,7 @@ from typing import Any
 
 from harness import api
 from harness.errors import HarnessError, PluginContractError
+from harness.options import check_options
 from harness.registry import Entry, Registry, check_domain
 from harness.study import Method, StudySpec, spec_error
 from harness.versions import package_version
@@ -73,6 +74,10 @@ def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> 
         check_domain(entry, sub or None, name)
     except HarnessError as exc:
         raise spec_error(spec, key, exc) from None
+    try:
+        check_options(entry, options, name)
+    except HarnessError as exc:
+        raise spec_error(spec, f"datasets.{name}" if name in spec.datasets else key, exc) from None
     return DomainRef(text, entry, sub or None, options)
 
 
@@ -104,6 +109,11 @@ def resolve_methods(spec: StudySpec, registry: Registry) -> list[ResolvedMethod]
             except HarnessError as exc:
                 raise spec_error(spec, f"methods[{i}].{attr}", exc) from None
         _check_tasks(spec, i, m, entries)
+        for kind, key in (("head", "head_options"), ("strategy", "strategy_options")):
+            try:
+                check_options(entries[kind], getattr(m, key), getattr(m, kind))
+            except HarnessError as exc:
+                raise spec_error(spec, f"methods[{i}].{key}", exc) from None
         rm = ResolvedMethod(m, entries["backbone"], entries["head"], entries["strategy"])
         try:
             strategy = rm.new_strategy()

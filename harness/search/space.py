@@ -9,7 +9,7 @@ import optuna
 import torch
 
 from harness import api
-from harness.errors import PluginContractError
+from harness.errors import PluginContractError, StudySpecError
 from harness.store.schema import PARAMS
 from harness.study import StudySpec
 from harness.training.engine import Precision, TrainConfig, resolve_freeze_depth
@@ -30,10 +30,16 @@ def _freeze_depth(
         return resolve_freeze_depth(strategy.fixed["freeze_depth"], num_stages)
     if s.freeze_depth == "auto":
         return trial.suggest_int("backbone.freeze_depth", 0, num_stages)
+    top = max(s.freeze_depth) if isinstance(s.freeze_depth, list) else int(s.freeze_depth)
+    if top > num_stages:  # the preflight refuses it first; never trained with fewer frozen stages
+        raise StudySpecError(
+            f"search.freeze_depth: {s.freeze_depth} is past the backbone's {num_stages} stages "
+            f"(0..{num_stages} allowed)"
+        )
     if isinstance(s.freeze_depth, list):
-        lo, hi = (min(v, num_stages) for v in s.freeze_depth)
+        lo, hi = s.freeze_depth
         return trial.suggest_int("backbone.freeze_depth", lo, hi)
-    return min(int(s.freeze_depth), num_stages)
+    return int(s.freeze_depth)
 
 
 def suggest(

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.api import IGNORE_INDEX, Backbone
+from harness.options import signature_mismatches
 from harness.testing.core import (
     NUM_CLASSES,
     TASKS,
@@ -48,7 +49,9 @@ def check_head(
     ``num_classes=3`` and the given head ``options``: classification on ``image_size`` px images,
     segmentation on ``seg_image_size`` px ones (or the entry's ``min_image_size`` when larger).
     Checks, named ``head.<task>.<check>``: ``factory``, ``output``, ``backward`` and
-    ``unknown_option``; plus ``head.tasks`` and ``head.backbone`` (the tiny backbone builds).
+    ``unknown_option``; plus ``head.tasks``, ``head.declared_options`` (the options declared with
+    ``register(options=...)`` match the factory's parameters) and ``head.backbone`` (the tiny
+    backbone builds).
     A factory with required options that are not given is skipped with a passed note.
     """
     factory, _, meta = unpack(entry_or_factory, "head")
@@ -58,6 +61,7 @@ def check_head(
     seg_size = max(seg_image_size, int(meta.get("min_image_size") or 0))
     c = Checks("head")
     c.run("tasks", lambda: declared_tasks(raw))
+    c.run("declared_options", lambda: declared_options_match(factory, "head", meta))
     missing = missing_required(factory, 0, {"backbone", "num_classes", "task", *opts})
     if missing:
         c.add("factory", True, skip_message(missing))
@@ -69,6 +73,20 @@ def check_head(
                 size = seg_size if task == "segmentation" else image_size
                 _check_head_task(c, factory, task, backbone, size, opts)
     return c.results
+
+
+def declared_options_match(factory: Callable[..., Any], kind: str, meta: Mapping[str, Any]) -> str:
+    """The options an entry declares are parameters of its factory, and every required parameter
+    is declared (``harness.options.signature_mismatches``)."""
+    problems = signature_mismatches(factory, kind, meta)
+    if problems:
+        raise Fail(
+            "; ".join(problems) + ": register(options=...) must name what the factory takes, "
+            "since the harness refuses any other option of a study"
+        )
+    if meta.get("options") is None:
+        return "none declared: a study's options are checked against the factory's signature"
+    return ""
 
 
 def _builds(backbone: str) -> None:
@@ -184,7 +202,7 @@ def _head_unknown_option(
 def check_names(meta: Mapping[str, Any], tasks: Sequence[str] | None = None) -> list[str]:
     """The names :func:`check_head` reports, without running it (a skipped factory reports fewer)."""
     raw = tasks if tasks is not None else meta.get("tasks", ("classification",))
-    names = ["head.tasks", "head.backbone"]
+    names = ["head.tasks", "head.declared_options", "head.backbone"]
     try:
         declared = _declared(raw)
     except TypeError:  # check_head raises it too: every check of the entry then errors

@@ -14,9 +14,9 @@ from harness.registry import KINDS, Entry, Registry, unknown_message
 from harness.testing import backbones, commands, datasets, heads, strategies
 from harness.testing.backbones import check_backbone
 from harness.testing.commands import check_command
-from harness.testing.core import MAX_BACKBONES, SKIPPED, CheckResult
+from harness.testing.core import MAX_BACKBONES, SKIPPED, CheckResult, Checks
 from harness.testing.datasets import check_dataset
-from harness.testing.heads import check_head
+from harness.testing.heads import check_head, declared_options_match
 from harness.testing.strategies import check_strategy
 
 #: the kinds of entry the kit checks (a kind added to the registry later is reported as unchecked)
@@ -30,17 +30,21 @@ def check_entry(entry: Entry, **kwargs: Any) -> list[CheckResult]:
 
     ``kwargs`` go to that function (``image_size=``, ``options=``, ...). A dataset that declares
     sub-domains (``register(..., domains=[...])``) is checked on each of them unless ``domain=``
-    is given.
+    is given, after ``dataset.declared_options`` (its declared options match its factory).
     """
     if entry.kind == "backbone":
         return check_backbone(entry, **kwargs)
     if entry.kind == "head":
         return check_head(entry, **kwargs)
     if entry.kind == "dataset":
+        c = Checks("dataset")
+        c.run(
+            "declared_options", lambda: declared_options_match(entry.factory, "dataset", entry.meta)
+        )
         domains = entry.meta.get("domains")
         if domains and "domain" not in kwargs:
-            return [r for d in domains for r in check_dataset(entry, d, **kwargs)]
-        return check_dataset(entry, **kwargs)
+            return c.results + [r for d in domains for r in check_dataset(entry, d, **kwargs)]
+        return c.results + check_dataset(entry, **kwargs)
     if entry.kind == "strategy":
         return check_strategy(entry, **kwargs)
     if entry.kind == "command":
@@ -61,9 +65,10 @@ def check_names(entry: Entry, **kwargs: Any) -> list[str]:
         return heads.check_names(entry.meta, kwargs.get("tasks"))
     if entry.kind == "dataset":
         domains = entry.meta.get("domains")
+        first = ["dataset.declared_options"]
         if domains and "domain" not in kwargs:
-            return [n for d in domains for n in datasets.check_names(d)]
-        return datasets.check_names(kwargs.get("domain"))
+            return first + [n for d in domains for n in datasets.check_names(d)]
+        return first + datasets.check_names(kwargs.get("domain"))
     if entry.kind == "strategy":
         return strategies.check_names()
     return commands.check_names()

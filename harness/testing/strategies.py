@@ -29,6 +29,7 @@ from harness.testing.core import (
     skip_message,
     unpack,
 )
+from harness.testing.heads import declared_options_match
 from harness.testing.reference import SEGMENTATION_HEAD, reference, tiny_backbone
 from harness.training.engine import (
     Precision,
@@ -64,15 +65,17 @@ def check_strategy(
     ``backbone`` with a linear head on 32 px images for ``task="classification"``, or with the
     ``segmentation_head`` (``fpn``) on 64 px images for ``task="segmentation"``; both are found by
     name among the registered plugins. Checks, named
-    ``strategy.<check>``: ``factory``, ``declarations``, ``search_space``, ``unknown_option``,
+    ``strategy.<check>``: ``declared_options`` (the options declared with
+    ``register(options=...)`` match the factory's parameters), ``factory``, ``declarations``, ``search_space``, ``unknown_option``,
     ``trains`` and ``target_labels``. A factory with required options that are not given is
     skipped (one passed ``strategy.factory`` result saying ``"skipped: needs options: ..."``).
     """
-    factory, _, _ = unpack(entry_or_factory, "strategy")
+    factory, _, meta = unpack(entry_or_factory, "strategy")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     opts = dict(options or {})
     c = Checks("strategy")
+    c.run("declared_options", lambda: declared_options_match(factory, "strategy", meta))
     missing = missing_required(factory, 0, opts)
     if missing:
         c.add("factory", True, skip_message(missing))
@@ -352,5 +355,5 @@ def _strategy_target_labels(s: Strategy, record: _Recorded) -> str:
 
 def check_names() -> list[str]:
     """The names :func:`check_strategy` reports, without running it (a skipped factory reports
-    ``factory`` only)."""
-    return [f"strategy.{n}" for n in CHECKS]
+    ``declared_options`` and ``factory`` only)."""
+    return ["strategy.declared_options"] + [f"strategy.{n}" for n in CHECKS]

@@ -169,3 +169,21 @@ def test_unreadable_images_stop_the_run_before_training_unless_the_study_skips_t
     assert (
         len(target.train) + len(target.val) + len(target.test) == 20
     )  # the good ones, all of them
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        ({"search.freeze_depth": 99}, "search.freeze_depth: 99 is past test_resnet's 5 stages"),
+        ({"search.freeze_depth": [0, 42]}, "search.freeze_depth: [0, 42] is past test_resnet's"),
+        ({"pairs[0].source": "digits-m"}, "pairs[0]: source and target are the same domain"),
+    ],
+)
+def test_settings_that_would_change_without_a_word_are_refused_before_training(tmp_path, sets, key):
+    from harness.errors import StudySpecError
+
+    path = write_study(tmp_path)
+    with pytest.raises(StudySpecError) as err:
+        make_runner(tmp_path, load_study(str(path), sets)).run()
+    assert str(err.value).startswith(f"{path}: {key}"), str(err.value)
+    assert "\n" not in str(err.value)

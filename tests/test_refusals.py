@@ -1,0 +1,209 @@
+"""What the harness refuses rather than changes without a word: a search setting past a backbone's
+stages, a pair of one domain (unless the study says so, and its rows then say so), and a run in
+which every trial of a method failed (exit 1, which method and why)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import optuna
+import pytest
+import torch
+from conftest import write_study
+from optuna.trial import TrialState, create_trial
+from test_search import Explodes, make_runner, registry_with
+
+from harness.errors import SearchFailedError, StudySpecError
+from harness.publish import leaderboard
+from harness.publish.markdown import to_markdown
+from harness.publish.results import read_results
+from harness.search.outcome import all_failed, check_outcome, failed_studies
+from harness.search.preflight import check_search_space
+from harness.search.resolve import resolve_methods
+from harness.search.space import suggest
+from harness.store.backends import embedded_storage, make_storage
+from harness.store.schema import optuna_study_name
+from harness.study import load_study
+from harness_plugins.strategies import FineTune
+
+# ------------------------------------------------------------------ search settings and stages
+
+
+def _depth_study(tmp_path, depth: str, name: str = "depth"):
+    return load_study(
+        str(write_study(tmp_path, name, extra_top="")), {"search.freeze_depth": depth}
+    )
+
+
+@pytest.mark.parametrize(("depth", "shown"), [(99, "99"), ([0, 42], "[0, 42]"), (6, "6")])
+def test_a_freeze_depth_past_the_backbone_is_refused_before_anything_trains(tmp_path, depth, shown):
+    spec = _depth_study(tmp_path, depth)
+    runner = make_runner(tmp_path, spec)
+    with pytest.raises(StudySpecError) as err:
+        runner.preflight()  # also what run() and the parent of workers call first
+    message = str(err.value)
+    assert message == (
+        f"{spec.path}: search.freeze_depth: {shown} is past test_resnet's 5 stages "
+        "(0..5 allowed; methods[0] searches it)"
+    )
+    assert not runner.started and not runner.models.resets  # no weights, no model, no data
+    assert not optuna.get_all_study_summaries(runner.storage)  # no trial
+
+
+@pytest.mark.parametrize("depth", ["auto", 5, [0, 5], [0, 2], 0])
+def test_freeze_depths_within_the_stages_pass_and_leave_the_generators_alone(tmp_path, depth):
+    spec = _depth_study(tmp_path, depth)
+    methods = resolve_methods(spec, registry_with())
+    state = torch.get_rng_state()
+    check_search_space(spec, methods)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_strategy_that_fixes_its_depth_is_not_checked(tmp_path):
+    spec = _depth_study(tmp_path, 99)
+    spec = spec.model_copy(update={"methods": spec.methods[2:]})  # linear-probe: depth "all"
+    check_search_space(spec, resolve_methods(spec, registry_with()))
+
+
+def test_the_search_space_never_trains_with_fewer_frozen_stages_than_asked(tmp_path):
+    strategy = FineTune()
+    spec = _depth_study(tmp_path, [0, 2])
+    trial = optuna.trial.FixedTrial(
+        {
+            "backbone.freeze_depth": 2,
+            "backbone.lr": 1e-3,
+            "head.lr": 1e-3,
+            "optimizer.weight_decay": 1e-4,
+            "augment.policy": "none",
+        }
+    )
+    assert suggest(spec, trial, strategy, 5)["backbone.freeze_depth"] == 2
+    assert (
+        suggest(_depth_study(tmp_path, 3, "three"), trial, strategy, 5)["backbone.freeze_depth"]
+        == 3
+    )
+    with pytest.raises(StudySpecError, match=r"\[0, 2\] is past the backbone's 1 stages"):
+        suggest(spec, trial, strategy, 1)  # no preflight (a plugin's own loop): still refused
+
+
+# ------------------------------------------------------------------ pairs of one domain
+
+
+def test_an_in_domain_pair_is_labelled_in_the_board_and_its_heading(tmp_path):
+    path = write_study(tmp_path)
+    spec = load_study(
+        str(path), {"pairs[0].target": "digits", "pairs[0].in_domain": True, "final_seeds": 1}
+    )
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(storage=url, study_name="unrelated")
+    board, _, prov = leaderboard.tables(read_results(spec, url))
+    assert list(board["in_domain"]) == [True] * 3
+    assert "## digits->digits (in-domain)\n" in to_markdown(spec, board, prov)
+    # a study without it: no column, the heading as before
+    plain = load_study(str(path))
+    board, _, prov = leaderboard.tables(read_results(plain, url))
+    assert "in_domain" not in board
+    assert "## digits->digits-m\n" in to_markdown(plain, board, prov)
+
+
+# ------------------------------------------------------------------ every trial failed
+
+
+def _trials(*specs: tuple[TrialState, str, str]) -> list:
+    study = optuna.create_study()
+    for state, reason, error in specs:
+        attrs = {"fail_reason": reason, "error": error} if state == TrialState.FAIL else {}
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, value=value, user_attrs=attrs))
+    return study.get_trials()
+
+
+FAIL = TrialState.FAIL
+
+
+def test_all_failed_names_the_most_common_reason_and_one_error():
+    trials = _trials(
+        (FAIL, "oom", "OutOfMemoryError: CUDA out of memory"),
+        (FAIL, "error", "RuntimeError: first\nshape mismatch in layer2"),
+        (FAIL, "interrupted", "KeyboardInterrupt: "),  # not counted: not part of the budget
+        (FAIL, "error", "RuntimeError: second"),
+    )
+    failed = all_failed("a->b | m", trials, budget=3)
+    assert str(failed) == (
+        "a->b | m: all 3 trials failed; most common: error (2 of 3): shape mismatch in layer2"
+    )
+
+
+@pytest.mark.parametrize(
+    "states",
+    [
+        [(FAIL, "error", "E: x"), (TrialState.COMPLETE, "", "")],
+        [(FAIL, "error", "E: x"), (TrialState.PRUNED, "", "")],
+        [(FAIL, "interrupted", "")],  # nothing budgeted
+        [],
+    ],
+)
+def test_a_study_with_a_trained_or_no_budgeted_trial_has_not_all_failed(states):
+    assert all_failed("s", _trials(*states), budget=4) is None
+
+
+def test_only_the_budgeted_trials_are_judged():
+    trials = _trials(
+        (FAIL, "nonfinite", ""), (FAIL, "nonfinite", ""), (TrialState.COMPLETE, "", "")
+    )
+    failed = all_failed("s", trials, budget=2)  # the third came past the budget
+    assert str(failed) == "s: all 2 trials failed; most common: nonfinite (2 of 2)"
+
+
+ALL_FAIL_STUDY = """
+image_size = 16
+batch_size = 64
+final_seeds = 1
+
+[[pairs]]
+source = "digits"
+target = "digits-m"
+
+[[methods]]
+backbone = "test_resnet"
+strategy = "explodes"
+
+[budget]
+trials = 2
+max_epochs = 1
+"""
+
+
+def test_cli_run_whose_every_trial_fails_publishes_then_exits_1(tmp_path, monkeypatch, capsys):
+    from harness import cli, registry
+
+    path = write_study(tmp_path, "explodes", body=ALL_FAIL_STUDY)
+    monkeypatch.setattr(registry, "get_registry", lambda: registry_with(("explodes", Explodes)))
+    monkeypatch.setattr(
+        sys, "argv", ["harness", "run", "--study", str(path), "--results-dir", str(tmp_path / "r")]
+    )
+    sigterm = signal.getsignal(signal.SIGTERM)  # run installs its pre-emption handler
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert line == (
+        "error: digits->digits-m | test_resnet(none)+linear+explodes: all 2 trials failed; "
+        "most common: error (2 of 2): RuntimeError: boom in step"
+    )
+    assert "trials.csv" in err and "Traceback" not in err
+    out = tmp_path / "r" / "explodes"
+    assert (out / "leaderboard.json").is_file() and (out / "trials.csv").is_file()
+    # the same verdict from the storage alone, as a function of the stored trials
+    spec = load_study(str(path))
+    storage = make_storage(embedded_storage(out))
+    assert [f.study for f in failed_studies(spec, storage)] == [
+        optuna_study_name(spec.pairs[0], spec.methods[0])
+    ]
+    with pytest.raises(SearchFailedError):
+        check_outcome(spec, storage, out / "trials.csv")
