@@ -323,21 +323,24 @@ def plugins(
 
 
 @app.command()
-def validate(study: StudyOpt) -> None:
-    """Check a study file and every plugin it names, without training.
+def validate(study: StudyOpt, set_: SetOpt = None) -> None:
+    """Check a study as `harness run` does before training, without training or writing results:
+    every plugin and option, the device, every dataset, every weights file and a sample batch
+    through every model (weights = "source" with random weights: run pretrains them).
 
     Example: harness validate --study quickstart
     """
+    from harness.publish.location import results_root
     from harness.registry import get_registry
-    from harness.search import resolve_domain, resolve_methods
+    from harness.search import RunOptions, build_driver
     from harness.study import load_study
 
-    spec = load_study(study)
-    registry = get_registry()
-    resolve_methods(spec, registry)
-    for i, p in enumerate(spec.pairs):
-        for side in ("source", "target"):
-            resolve_domain(spec, registry, getattr(p, side), f"pairs[{i}].{side}")
+    spec = load_study(study, _parse_sets(set_))
+    _quiet_libraries()
+    options = RunOptions(results_dir=results_root(spec, None) / spec.name, log=_log)
+    driver = build_driver(spec, get_registry(), options, check_only=True)
+    for note in driver.validate():
+        console.print(f"[dim]note:[/] {escape(note)}", soft_wrap=True)
     out.print(f"{spec.path}: ok ({len(spec.pairs)} pair(s), {len(spec.methods)} method(s))")
 
 

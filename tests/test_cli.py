@@ -47,6 +47,7 @@ def test_run_study_end_to_end_then_rebuild_leaderboard(tmp_path):
     csv = pd.read_csv(out / "leaderboard.csv")
     assert list(csv["method"]) == [r["method"] for r in rows]
     assert "digits->digits-m" in (out / "leaderboard.md").read_text()
+    assert "| e2e |" in (tmp_path / "results" / "README.md").read_text()  # a benchmarks/ study
 
     # rerun: nothing to train, same numbers
     again = harness("run", "--study", "e2e", cwd=tmp_path)
@@ -225,3 +226,29 @@ def test_leaderboard_hint_names_a_study_outside_benchmarks_by_its_path(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "harness run --study mine/own.toml" in result.stderr
     assert str(Path("mine") / "results" / "own") in result.stderr  # where it looked
+
+
+def test_progress_counts_only_what_uses_the_budget(tmp_path):
+    """A resumed run: an interrupted trial does not count, and the count never passes the budget."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from harness.search.progress import progress_callback
+    from harness.store.schema import FAIL_REASON
+    from harness.study import load_study
+
+    spec = load_study(str(write_study(tmp_path, "resumed", trials=3)))
+    study = optuna.create_study(direction="maximize")
+    cut = create_trial(state=TrialState.FAIL, user_attrs={FAIL_REASON: "interrupted"})
+    study.add_trial(cut)
+    for value in (0.1, 0.2, 0.3):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=value))
+    lines: list[str] = []
+    records: list[dict] = []
+    last = study.trials[-1]
+    progress_callback(spec, "s", 0.0, lines.append, None)(study, last)
+    progress_callback(spec, "s", 0.0, lines.append, records.append)(study, last)
+    assert "[3/3, best 0.3000" in lines[0] and records[0]["done"] == 3
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.4))  # a surplus one
+    progress_callback(spec, "s", 0.0, lines.append, None)(study, study.trials[-1])
+    assert "[3/3, best 0.4000" in lines[1]

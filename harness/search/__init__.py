@@ -1,9 +1,9 @@
 """The search: one Optuna study per (pair, method), then seeded final runs on the test split.
 
-``build_driver(spec, registry, options)`` resolves a study's plugins, opens its storage and returns
-the :class:`Driver`; ``driver.run()`` searches and runs the final seeds. The driver is handed its
-collaborators (a :class:`ModelFactory`, a :class:`DomainCache`, a :class:`Scorer`), each of which
-can be built, replaced and tested on its own.
+``build_driver(spec, registry, options)`` resolves a study's plugins and its storage and returns
+the :class:`Driver` (its storage is opened once the preflight passes); ``driver.run()`` searches
+and runs the final seeds. The driver is handed its collaborators (a :class:`ModelFactory`, a
+:class:`DomainCache`, a :class:`Scorer`), each of which can be built, replaced and tested on its own.
 """
 
 from harness.search.context import Context, RunOptions, make_context

@@ -31,7 +31,13 @@ from harness.search.pruning import describe_pruner, make_pruner, make_sampler
 from harness.search.resolve import ResolvedMethod, resolve_methods
 from harness.search.selection import Scorer
 from harness.search.studies import open_study
-from harness.store.backends import lock_sqlite, open_run_storage, storage_kind, unlock_sqlite
+from harness.store.backends import (
+    lock_sqlite,
+    open_run_storage,
+    run_storage_url,
+    storage_kind,
+    unlock_sqlite,
+)
 from harness.store.leases import fail_surplus, finished_elsewhere, reap, requeue, trial_lease
 from harness.store.schema import (
     ERROR,
@@ -57,7 +63,7 @@ class Driver:
         ctx: Context,
         options: RunOptions,
         methods: list[ResolvedMethod],
-        storage: tuple[str, optuna.storages.BaseStorage],
+        storage_url: str | None,
         models: ModelFactory,
         domains: DomainCache,
         scorer: Scorer,
@@ -67,10 +73,12 @@ class Driver:
         self.methods, self.models, self.domains, self.scorer = methods, models, domains, scorer
         #: makes each study's objective (``harness.search.objective.Objective`` or a subclass)
         self.objective = objective
-        self.storage_url, self.storage = storage
+        #: where the trials go; None for a driver that only checks (``harness validate``)
+        self.storage_url = storage_url
+        self._storage: optuna.storages.BaseStorage | None = None
         # SQLite is only ever used by one process; other storages may be shared, so final runs
         # are claimed before they are trained
-        self.shared = storage_kind(self.storage_url) != "sqlite"
+        self.shared = storage_url is not None and storage_kind(storage_url) != "sqlite"
         self.git_commit = git_commit(Path(self.spec.path).parent if self.spec.path else Path.cwd())
         self._started = False
         self._announced: set[str] = set()
@@ -91,16 +99,44 @@ class Driver:
         so that what is in the storage from here on is worth publishing."""
         return self._started
 
+    @property
+    def storage(self) -> optuna.storages.BaseStorage:
+        """The run's storage (see :meth:`open_storage`)."""
+        return self.open_storage()
+
+    def open_storage(self) -> optuna.storages.BaseStorage:
+        """The run's storage, opened (and on a first run created) at its first use: after the
+        preflight, so that a study refused before training leaves no storage behind."""
+        if self._storage is None:
+            if self.storage_url is None:
+                raise RuntimeError("this driver only checks a study: it has no storage")
+            self._storage = open_run_storage(self.storage_url, self.options.results_dir)
+        return self._storage
+
     def preflight(self) -> None:
-        """Everything that can fail before training: data, weights, heads, options."""
+        """Everything that can fail before training: data, weights, heads, options; then the
+        storage is opened, so that a refused study leaves none behind."""
         preflight(self.methods, self.models, self.domains)
+        self.open_storage()  # here: the workers then share a storage that exists
         self._started = True
+
+    def validate(self) -> list[str]:
+        """The preflight short of training (``harness validate``): the same checks, except that
+        ``weights = "source"`` is checked with random weights instead of being pretrained; no
+        storage is looked for or opened. Returns what the check could not cover."""
+        preflight(self.methods, self.models, self.domains, pretrain=False)
+        return [
+            f'methods[{j}]: weights = "source" checked with random weights; '
+            "`harness run` pretrains them on the source first"
+            for j, rm in enumerate(self.methods)
+            if rm.method.weights == "source"
+        ]
 
     def run(self) -> None:
         """Search every (pair, method) and run its final seeds; with other processes on the same
         storage, come back to the studies they still work on until nothing is left to do."""
-        if storage_kind(self.storage_url) == "sqlite":
-            lock_sqlite(self.storage_url)  # held again if an earlier run() let it go
+        if self._storage is not None:
+            lock_sqlite(self.storage_url)  # held again if an earlier run() let it go (SQLite only)
         try:
             if self.options.rank is None:
                 self.preflight()
@@ -288,16 +324,23 @@ def build_driver(
     domains: Callable[[Context], DomainCache] = DomainCache,
     scorer: Callable[[Context], Scorer] = Scorer,
     objective: type[Objective] = Objective,
+    check_only: bool = False,
 ) -> Driver:
     """A driver for ``spec`` with the default collaborators, or those the given factories make
     (each called with the run's :class:`Context`; ``objective`` is the class of each study's
-    objective). Resolves every plugin and opens the storage: a mistake in the study file is
-    raised here, before anything is trained."""
+    objective). Resolves every plugin and the storage's URL (a SQLite file a study already has is
+    locked now): a mistake in the study file is raised here, before anything is trained. The
+    storage itself is opened once the preflight has passed. With ``check_only`` (``harness
+    validate``) no storage is looked for: the driver can only run :meth:`Driver.validate`."""
     ctx = make_context(spec, registry, options.log)
     # start-up, not a trial's work: the metrics library takes about a second to import
     import torchmetrics.functional.classification  # noqa: F401
 
     methods = resolve_methods(spec, registry)
     domain_cache = domains(ctx)
-    storage = open_run_storage(options.storage, options.results_dir, options.workers)
-    return Driver(ctx, options, methods, storage, models(ctx), domain_cache, scorer(ctx), objective)
+    url = (
+        None
+        if check_only
+        else run_storage_url(options.storage, options.results_dir, options.workers)
+    )
+    return Driver(ctx, options, methods, url, models(ctx), domain_cache, scorer(ctx), objective)

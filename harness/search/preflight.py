@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from harness.api import DomainData
 from harness.errors import HarnessError, PluginContractError
 from harness.search.domains import DomainCache
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
 from harness.study import StudySpec, spec_error
 from harness.training.inputs import model_input
-from harness.training.weights import build_backbone
+from harness.training.weights import build_backbone, source_pretraining_head
 
 
 def _num_stages(rm: ResolvedMethod) -> int:
@@ -49,10 +50,21 @@ def check_search_space(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
             )
 
 
-def _sample_batch(models: ModelFactory, rm: ResolvedMethod, domains: DomainCache, i: int) -> None:
+def _weights(models: ModelFactory, rm: ResolvedMethod, source: DomainData, pretrain: bool) -> str:
+    """The method's weights; without ``pretrain``, ``weights = "source"`` is checked with random
+    ones (the same shapes) and the head that would pretrain them, training nothing."""
+    if pretrain or rm.method.weights != "source":
+        return models.backbone_weights(rm, source)
+    source_pretraining_head(models.ctx.registry, source.task)
+    return "none"
+
+
+def _sample_batch(
+    models: ModelFactory, rm: ResolvedMethod, domains: DomainCache, i: int, pretrain: bool
+) -> None:
     spec, device = models.spec, models.ctx.device
     source, target = domains.pair_data(i)
-    weights = models.backbone_weights(rm, source)
+    weights = _weights(models, rm, source, pretrain)
     model = models.build_model(rm, weights, target.num_classes, reuse=True)
     expected = (2, target.num_classes) + (
         tuple(target.image_shape[1:]) if spec.task == "segmentation" else ()
@@ -70,15 +82,21 @@ def _sample_batch(models: ModelFactory, rm: ResolvedMethod, domains: DomainCache
         raise PluginContractError(f"model output has shape {tuple(out.shape)}, expected {expected}")
 
 
-def preflight(methods: list[ResolvedMethod], models: ModelFactory, domains: DomainCache) -> None:
-    """Check every (pair, method); a failure is the study file's error, naming the method."""
+def preflight(
+    methods: list[ResolvedMethod],
+    models: ModelFactory,
+    domains: DomainCache,
+    pretrain: bool = True,
+) -> None:
+    """Check every (pair, method); a failure is the study file's error, naming the method. Without
+    ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
     check_search_space(spec, methods)
     for i in range(len(spec.pairs)):
         domains.pair_data(i)
         for j, rm in enumerate(methods):
             try:
-                _sample_batch(models, rm, domains, i)
+                _sample_batch(models, rm, domains, i, pretrain)
             except HarnessError as exc:
                 raise spec_error(spec, f"methods[{j}]", exc) from None
             except TypeError as exc:

@@ -116,14 +116,21 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def open_run_storage(
-    url: str | None, results_dir: Path, workers: int
-) -> tuple[str, optuna.storages.BaseStorage]:
-    """The URL and storage a run writes to: ``url``, else the embedded one; checked for the number
-    of workers before anything is created, and a SQLite file locked for this process."""
+def run_storage_url(url: str | None, results_dir: Path, workers: int) -> str:
+    """The URL a run writes to: ``url``, else the embedded one; checked for the number of workers,
+    and a SQLite file that exists locked for this process (a second process is refused before its
+    preflight). Nothing is created: :func:`open_run_storage` does that once the study is checked."""
     url = url or embedded_storage(results_dir, workers)
     check_workers(url, workers)
+    if storage_kind(url) == "sqlite" and Path(url.removeprefix("sqlite:///")).is_file():
+        lock_sqlite(url)
+    return url
+
+
+def open_run_storage(url: str, results_dir: Path) -> optuna.storages.BaseStorage:
+    """Open (and on a first run create) the storage at ``url`` from :func:`run_storage_url`, with
+    ``results_dir`` made and a SQLite file locked for this process."""
     results_dir.mkdir(parents=True, exist_ok=True)
     if storage_kind(url) == "sqlite":
         lock_sqlite(url)
-    return url, make_storage(url)
+    return make_storage(url)
