@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -164,6 +165,12 @@ def test_validate_and_run_pass_the_same_good_study(tmp_path):
     ran = _harness("run", "--study", str(path), "--results-dir", str(results), "--no-report")
     assert ran.exit_code == 0, ran.output
     assert (results / "good" / "optuna.journal").is_file()
+    # how the folder's files were made square is in the provenance
+    board = json.loads((results / "good" / "leaderboard.json").read_text())
+    pair = board["rows"][0]["pair"]
+    resize = {"source": "center-crop", "target": "center-crop"}
+    assert board["provenance"]["preprocessing"] == {pair: {"resize": resize}}
+    assert "- preprocessing: " in (results / "good" / "leaderboard.md").read_text()
 
 
 def test_source_weights_are_checked_without_pretraining(tmp_path, monkeypatch):

@@ -162,7 +162,8 @@ def _pair_section(
     pair: str, rows: pd.DataFrame, fig: dict[str, Any], m1: str, m2: str | None
 ) -> list[str]:
     """One pair: its table, its plots, and each row's best parameters and search plots."""
-    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair)}</h2>', _table(rows, m1, m2)]
+    own = " (in-domain)" if "in_domain" in rows and rows["in_domain"].fillna(False).any() else ""
+    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair + own)}</h2>', _table(rows, m1, m2)]
     if "leaderboard" in fig:
         out.append(_figure(fig["leaderboard"]))
     if "freeze" in fig:

@@ -94,6 +94,11 @@ def _provenance_markdown(p: dict[str, Any]) -> list[str]:
         + f"; precision: {', '.join(p['precision']) or '-'}",
         f"- seeds: study {p['seeds']['study']}, final runs {p['seeds']['final']}; sampler {p['sampler']}; pruner {', '.join(p['pruner'])}",
         f"- data fingerprints: {json.dumps(p['data_fingerprints'], sort_keys=True)}",
+        *(
+            [f"- preprocessing: {json.dumps(p['preprocessing'], sort_keys=True)}"]
+            if p.get("preprocessing")
+            else []
+        ),
         f"- study file {p['study_file']} (sha256 {p['study_file_sha256']}); trials {json.dumps(p['trial_counts'])}",
         f"- compute {p['compute_seconds']:.0f} s, wall {p['wall_seconds']:.0f} s; generated {p['generated_at']}",
         "",

@@ -56,6 +56,7 @@ def provenance_of(results: Results) -> dict[str, Any]:
         "selection_note": SELECTION_NOTE,
         "validator_agreement": _agreement(results),
         "data_fingerprints": _fingerprints(results),
+        **_preprocessing(results),
         "plugins": _plugins(results),
         "budget": spec.budget.model_dump(),
         "trial_counts": _trial_counts(results),
@@ -144,6 +145,16 @@ def _agreement(results: Results) -> list[dict[str, Any]]:
 def _fingerprints(results: Results) -> dict[str, Any]:
     """The data fingerprints of each pair, as the last started method of the pair recorded them."""
     return {e.pair.key: e.study.config.get("data", {}) for e in results.entries if e.study}
+
+
+def _preprocessing(results: Results) -> dict[str, Any]:
+    """How images were made square, per pair, where a dataset recorded it (files it read)."""
+    found = {
+        e.pair.key: e.study.config["preprocessing"]
+        for e in results.entries
+        if e.study and "preprocessing" in e.study.config
+    }
+    return {"preprocessing": found} if found else {}
 
 
 def _plugins(results: Results) -> list[str]:

@@ -32,6 +32,7 @@ def config_of(
     rule, oracle = selection_rule(spec, strategy)
     registry = domains.ctx.registry
     return {
+        **_preprocessing(source, target),
         "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(spec, strategy)],
         "pair": spec.pairs[i].model_dump(),
         "method": rm.method.model_dump(),
@@ -57,6 +58,13 @@ def config_of(
             "strategy": plugin_label(rm.strategy, registry),
         },
     }
+
+
+def _preprocessing(source: api.DomainData, target: api.DomainData) -> dict[str, Any]:
+    """How each side's files became image_size x image_size (``meta["resize"]``), for datasets that
+    read files and say so; nothing for those that do not (the bundled domains)."""
+    rules = {side: d.meta.get("resize") for side, d in (("source", source), ("target", target))}
+    return {"preprocessing": {"resize": rules}} if any(rules.values()) else {}
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
