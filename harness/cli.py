@@ -323,10 +323,11 @@ def plugins(
 
 
 @app.command()
-def validate(study: StudyOpt, set_: SetOpt = None) -> None:
-    """Check a study as `harness run` does before training, without training or writing results:
-    every plugin and option, the device, every dataset, every weights file and a sample batch
-    through every model (weights = "source" with random weights: run pretrains them).
+def validate(
+    study: StudyOpt, storage: StorageOpt = None, results_dir: ResultsOpt = None, set_: SetOpt = None
+) -> None:
+    """Check a study as `harness run` does before training, writing nothing: plugins and options,
+    device, datasets, weights files, a batch through each model, and the stored studies' settings.
 
     Example: harness validate --study quickstart
     """
@@ -337,7 +338,7 @@ def validate(study: StudyOpt, set_: SetOpt = None) -> None:
 
     spec = load_study(study, _parse_sets(set_))
     _quiet_libraries()
-    options = RunOptions(results_dir=results_root(spec, None) / spec.name, log=_log)
+    options = RunOptions(results_root(spec, results_dir) / spec.name, storage, _log)
     driver = build_driver(spec, get_registry(), options, check_only=True)
     for note in driver.validate():
         console.print(f"[dim]note:[/] {escape(note)}", soft_wrap=True)

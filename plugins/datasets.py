@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness import hookimpl
-from harness.api import DatasetError, DomainData, Register
+from harness.api import DatasetError, DomainData, Option, Register
 from harness_plugins.images import (
     BAD_FILES_HINT,
     IMAGE_EXTENSIONS,
+    RESIZE_MODES,
     bad_files_message,
     check_options,
     check_resize,
@@ -41,10 +42,50 @@ from harness_plugins.images import (
 )
 from harness_plugins.photos import photo_crops
 
-__all__ = ["build_digits", "build_digits_m", "build_folder", "register_datasets"]
+__all__ = [
+    "FOLDER_OPTIONS",
+    "RESIZE_OPTION",
+    "build_digits",
+    "build_digits_m",
+    "build_folder",
+    "register_datasets",
+    "root_option",
+    "split_options",
+]
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 FOLDER_LAYOUT = "root/<domain>/<class>/<image>"
+#: how an image becomes a square (``images.RESIZE_MODES``), for ``folder`` and ``segfolder``
+RESIZE_OPTION = Option(
+    choices=RESIZE_MODES,
+    default="center-crop",
+    help="center-crop keeps the central square, pad the whole image on a padded square",
+)
+
+
+def root_option(layout: str) -> Option:
+    """The required ``root`` of a dataset read from disk, laid out as ``layout``."""
+    return Option(str, help=f"the folder laid out as {layout}")
+
+
+def split_options() -> dict[str, Option]:
+    """``val_fraction`` and ``test_fraction``: each in (0, 1), their sum too (checked when built)."""
+    return {
+        f"{split}_fraction": Option(
+            float, gt=0, lt=1, default=0.2, help=f"share of the images for {split} (val + test < 1)"
+        )
+        for split in ("val", "test")
+    }
+
+
+FOLDER_OPTIONS = {
+    "root": root_option(FOLDER_LAYOUT),
+    **split_options(),
+    "skip_bad_files": Option(
+        bool, default=False, help="leave unreadable images out with a warning instead of stopping"
+    ),
+    "resize": RESIZE_OPTION,
+}
 
 
 @hookimpl
@@ -55,18 +96,23 @@ def register_datasets(register: Register) -> None:
         build_digits,
         description="scikit-learn's 1797 handwritten 8x8 digits, upsampled, white on black",
         tasks=("classification",),
+        options={},
     )
     register(
         "digits-m",
         build_digits_m,
         description="the same digits blended with crops of real photos (MNIST-M recipe)",
         tasks=("classification",),
+        options={
+            "photo_seed": Option(int, min=0, default=1234, help="picks each digit's photo crop")
+        },
     )
     register(
         "folder",
         build_folder,
         description="your own domains laid out as root/<domain>/<class>/<image>",
         tasks=("classification",),
+        options=FOLDER_OPTIONS,
     )
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, DatasetError, DomainData, Register
+from harness.api import IGNORE_INDEX, DatasetError, DomainData, Option, Register
+from harness_plugins.datasets import RESIZE_OPTION, root_option, split_options
 from harness_plugins.images import (
     check_options,
     check_resize,
@@ -91,6 +92,35 @@ _GTA5_LAYOUT = "root/images/<id>.png and root/labels/<id>.png"
 _CITYSCAPES_LAYOUT = "root/leftImg8bit/<split>/<city>/*_leftImg8bit.png and root/gtFine/<split>/<city>/*_gtFine_labelIds.png"
 
 
+def _shape_options(scene_seed: int) -> dict[str, Option]:
+    """``n`` and ``scene_seed`` of a shapes domain whose scenes default to ``scene_seed``."""
+    return {
+        "n": Option(int, min=5, default=400, help="number of scenes (train/val/test need 5)"),
+        "scene_seed": Option(int, default=scene_seed, help="fixes the scenes"),
+    }
+
+
+_SEGFOLDER_OPTIONS = {
+    "root": root_option(_SEGFOLDER_LAYOUT),
+    **split_options(),
+    "num_classes": Option(
+        int, min=1, max=IGNORE_INDEX, default=None, help="classes if no classes.txt names them"
+    ),
+    "resize": RESIZE_OPTION,
+}
+
+
+def _street_options(layout: str) -> dict[str, Option]:
+    """The options of ``gta5`` and ``cityscapes``: root, split fractions, ``max_images``."""
+    return {
+        "root": root_option(layout),
+        **split_options(),
+        "max_images": Option(
+            int, min=1, default=None, help="keep the first N images in sorted order (default: all)"
+        ),
+    }
+
+
 @hookimpl
 def register_datasets(register: Register) -> None:
     """Register ``seg-synthetic``, ``seg-photo``, ``segfolder``, ``gta5`` and ``cityscapes``."""
@@ -100,24 +130,28 @@ def register_datasets(register: Register) -> None:
         build_seg_synthetic,
         description="flat-coloured squares, discs, triangles and bars on grey, with masks",
         tasks=seg,
+        options=_shape_options(1001),
     )
     register(
         "seg-photo",
         build_seg_photo,
         description="the same shapes cut from real photos on a photo background, noisy and blurred",
         tasks=seg,
+        options=_shape_options(2002),
     )
     register(
         "segfolder",
         build_segfolder,
         description="your own domains laid out as root/<domain>/images and root/<domain>/masks",
         tasks=seg,
+        options=_SEGFOLDER_OPTIONS,
     )
     register(
         "gta5",
         build_gta5,
         description="GTA5 (root/images, root/labels) mapped to the 19 Cityscapes classes",
         tasks=seg,
+        options=_street_options(_GTA5_LAYOUT),
     )
     register(
         "cityscapes",
@@ -125,6 +159,7 @@ def register_datasets(register: Register) -> None:
         description="Cityscapes fine annotations (leftImg8bit, gtFine), 19 classes",
         tasks=seg,
         domains=("train", "val"),
+        options=_street_options(_CITYSCAPES_LAYOUT),
     )
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.api import DatasetError, DomainData, stratified_split
+from harness.api import DatasetError, DomainData, OptionError, stratified_split
+from harness.options import check_options
+from harness.registry import get_registry
 from harness_plugins import datasets as ds
 from harness_plugins.photos import bundled_photos
 
@@ -406,3 +408,43 @@ def test_folder_resize_pad_keeps_the_whole_image(tmp_path: Path) -> None:
     assert bool((x[:, :, :3] == 0).all()) and bool((x[:, :, 5:] == 0).all())  # padding
     with pytest.raises(DatasetError, match="resize must be one of"):
         ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path), resize="stretch")
+
+
+# --------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("digits", {"photo_seed": 1}, "unknown option 'photo_seed' of dataset 'digits' (it takes"),
+        ("digits-m", {"photo_seed": -1}, "photo_seed must be an int >= 0, got -1"),
+        ("digits-m", {"photo_seed": 1.5}, "photo_seed must be an int >= 0, got 1.5"),
+        ("folder", {"root": 3}, "root must be a string, got 3"),
+        (
+            "folder",
+            {"root": "r", "resize": "stretch"},
+            "resize must be one of 'center-crop', 'pad'",
+        ),
+        ("folder", {"root": "r", "skip_bad_files": "yes"}, "skip_bad_files must be true or false"),
+        (
+            "folder",
+            {"root": "r", "val_fraction": 0},
+            "val_fraction must be a number > 0 < 1, got 0",
+        ),
+        ("folder", {"root": "r", "test_fraction": 1.5}, "test_fraction must be a number > 0 < 1"),
+        ("folder", {}, "missing option 'root' of dataset 'folder'"),
+    ],
+)
+def test_declared_options_refuse_a_bad_value(name: str, options: dict, message: str) -> None:
+    with pytest.raises(OptionError) as err:
+        check_options(get_registry().get("dataset", name), options)
+    assert message in str(err.value)
+
+
+def test_declared_options_accept_what_the_factories_accept() -> None:
+    registry = get_registry()
+    check_options(registry.get("dataset", "digits"), {})
+    check_options(registry.get("dataset", "digits-m"), {"photo_seed": 0})
+    folder = {"root": "~/data", "val_fraction": 0.5, "test_fraction": 0.3}
+    check_options(registry.get("dataset", "folder"), {**folder, "resize": "pad"})
+    check_options(registry.get("dataset", "folder"), {"root": "r", "skip_bad_files": True})

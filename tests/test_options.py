@@ -204,9 +204,35 @@ def test_validate_answers_a_misspelled_option_in_one_line(study_dir) -> None:
     assert "did you mean 'hidden'?" in result.stderr.splitlines()[0]
 
 
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", "validate", "--study", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_validate_refuses_a_bad_dataset_option_before_reading_a_file(study_dir) -> None:
+    root = study_dir / "data"
+    (root / "photo" / "cat").mkdir(parents=True)
+    (root / "photo" / "cat" / "broken.png").write_bytes(b"not a png")
+    alias = f'target = "mine/photo"\n\n[datasets.mine]\nplugin = "folder"\nroot = "{root}"'
+    path = _study(study_dir, 'target = "digits-m"', alias + '\nresize = "stretch"')
+    result = _validate(path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "broken.png" not in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"error: {path}: datasets.mine: resize must be one of 'center-crop', 'pad', got 'stretch'"
+    )
+    # the same study with a good value does read the files: the option was refused before
+    path.write_text(path.read_text().replace('"stretch"', '"pad"'))
+    assert "broken.png" in _validate(path).stderr
+
+
 def test_every_built_in_declaration_matches_its_factory() -> None:
     registry = get_registry()
-    for kind in ("head", "strategy"):
+    for kind in ("head", "strategy", "dataset"):
         for name in registry.names(kind):
             entry = registry.get(kind, name)
             if entry.dist != "transfer-harness":

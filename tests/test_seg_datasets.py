@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.api import IGNORE_INDEX, DatasetError, DomainData
+from harness.api import IGNORE_INDEX, DatasetError, DomainData, OptionError
+from harness.options import check_options
+from harness.registry import get_registry
 from harness_plugins import seg_datasets as sd
 from harness_plugins import shapes
 
@@ -455,3 +457,40 @@ def test_segfolder_resize_pad_pads_masks_with_void(seg_root: Path) -> None:
     assert bool((y[:, :2] == IGNORE_INDEX).all()) and bool((y[:, -3:] == IGNORE_INDEX).all())
     assert not bool((y[:, 2:-3] == IGNORE_INDEX).all())
     assert bool((_all_images(data)[:, :, :2] == 0).all())
+
+
+# --------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("seg-synthetic", {"n": 4}, "n must be an int >= 5, got 4"),
+        ("seg-photo", {"scene_seed": 1.5}, "scene_seed must be an int, got 1.5"),
+        ("segfolder", {"root": "r", "num_classes": 0}, "num_classes must be an int from 1 to 255"),
+        (
+            "segfolder",
+            {"root": "r", "num_classes": 256},
+            "num_classes must be an int from 1 to 255",
+        ),
+        ("segfolder", {"root": "r", "resize": "fit"}, "resize must be one of 'center-crop', 'pad'"),
+        ("gta5", {"root": "r", "max_images": 0}, "max_images must be an int >= 1, got 0"),
+        ("cityscapes", {"root": "r", "val_fraction": 1}, "val_fraction must be a number > 0 < 1"),
+        ("cityscapes", {"max_images": 2}, "missing option 'root' of dataset 'cityscapes'"),
+    ],
+)
+def test_declared_options_refuse_a_bad_value(name: str, options: dict, message: str) -> None:
+    with pytest.raises(OptionError) as err:
+        check_options(get_registry().get("dataset", name), options)
+    assert message in str(err.value)
+
+
+def test_declared_options_accept_what_the_factories_accept() -> None:
+    registry = get_registry()
+    check_options(registry.get("dataset", "seg-synthetic"), {"n": 5, "scene_seed": -3})
+    check_options(registry.get("dataset", "seg-photo"), {"n": 400, "scene_seed": 0})
+    segfolder = {"root": "r", "num_classes": 255, "resize": "pad", "val_fraction": 0.1}
+    check_options(registry.get("dataset", "segfolder"), segfolder)
+    check_options(registry.get("dataset", "segfolder"), {"root": "r", "num_classes": None})
+    for name in ("gta5", "cityscapes"):
+        check_options(registry.get("dataset", name), {"root": "r", "max_images": 1})

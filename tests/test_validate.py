@@ -185,3 +185,31 @@ def test_source_weights_are_checked_without_pretraining(tmp_path, monkeypatch):
     checked = _harness("validate", "--study", str(path))
     assert checked.exit_code == 0, checked.output
     assert "pretrains them on the source first" in checked.output
+
+
+def test_validate_refuses_a_changed_study_as_run_does(tmp_path):
+    path = _study(tmp_path, "good")
+    results = tmp_path / "out"
+    ran = _harness("run", "--study", str(path), "--results-dir", str(results), "--no-report")
+    assert ran.exit_code == 0, ran.output
+    journal = results / "good" / "optuna.journal"
+    before = journal.read_bytes()
+    same = _harness("validate", "--study", str(path), "--results-dir", str(results))
+    assert same.exit_code == 0, same.output  # unchanged: it would resume
+    changed = ("--study", str(path), "--results-dir", str(results), "--set", "batch_size=16")
+    checked = _harness("validate", *changed)
+    assert journal.read_bytes() == before  # validate read the storage and wrote nothing
+    ran = _harness("run", *changed, "--no-report")
+    message = _refusal(checked, path)
+    assert message == _refusal(ran, path)  # the same check, the same words
+    assert "batch_size changed since its trials were run (batch_size was 32, now 16)" in message
+
+
+def test_validate_creates_no_storage(tmp_path):
+    path = _study(tmp_path, "good")
+    for storage in (None, f"sqlite:///{tmp_path / 'db' / 'x.db'}", f"journal:///{tmp_path / 'j'}"):
+        extra = ("--storage", storage) if storage else ()
+        args = ("--study", str(path), "--results-dir", str(tmp_path / "out"), *extra)
+        checked = _harness("validate", *args)
+        assert checked.exit_code == 0, checked.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "good.toml"]

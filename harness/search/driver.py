@@ -30,7 +30,7 @@ from harness.search.progress import progress_callback, tracking_callbacks
 from harness.search.pruning import describe_pruner, make_pruner, make_sampler
 from harness.search.resolve import ResolvedMethod, resolve_methods
 from harness.search.selection import Scorer
-from harness.search.studies import open_study
+from harness.search.studies import check_stored, open_study
 from harness.store.backends import (
     lock_sqlite,
     open_run_storage,
@@ -122,9 +122,12 @@ class Driver:
 
     def validate(self) -> list[str]:
         """The preflight short of training (``harness validate``): the same checks, except that
-        ``weights = "source"`` is checked with random weights instead of being pretrained; no
-        storage is looked for or opened. Returns what the check could not cover."""
+        ``weights = "source"`` is checked with random weights instead of being pretrained, and
+        the studies already in the storage a run would resume are read (none is created) to refuse
+        those whose configuration changed. Returns what the check could not cover."""
         preflight(self.methods, self.models, self.domains, pretrain=False)
+        o = self.options
+        check_stored(self.spec, o.storage, o.results_dir, self.domains, self.methods)
         return [
             f'methods[{j}]: weights = "source" checked with random weights; '
             "`harness run` pretrains them on the source first"
@@ -331,7 +334,7 @@ def build_driver(
     objective). Resolves every plugin and the storage's URL (a SQLite file a study already has is
     locked now): a mistake in the study file is raised here, before anything is trained. The
     storage itself is opened once the preflight has passed. With ``check_only`` (``harness
-    validate``) no storage is looked for: the driver can only run :meth:`Driver.validate`."""
+    validate``) the driver has no storage: it can only run :meth:`Driver.validate`."""
     ctx = make_context(spec, registry, options.log)
     # start-up, not a trial's work: the metrics library takes about a second to import
     import torchmetrics.functional.classification  # noqa: F401

@@ -4,6 +4,7 @@ when what decides its trials has not changed since they were run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -14,6 +15,7 @@ from harness.metrics import primary_metric
 from harness.search.domains import DomainCache
 from harness.search.resolve import ResolvedMethod, plugin_label
 from harness.search.selection import selection_rule, selection_rules
+from harness.store.backends import embedded_storage, make_storage, storage_file
 from harness.store.schema import CONFIG, STUDY_FILE_HASH, optuna_study_name
 from harness.study import StudySpec
 
@@ -89,13 +91,21 @@ def open_study(
     study = optuna.create_study(
         storage=storage, study_name=name, direction="maximize", load_if_exists=True
     )
+    if not check_unchanged(spec, study, config):
+        study.set_user_attr(CONFIG, config)
+        study.set_user_attr(STUDY_FILE_HASH, spec.file_hash)
+    return study
+
+
+def check_unchanged(spec: StudySpec, study: optuna.Study, config: dict[str, Any]) -> bool:
+    """Refuse to resume ``study`` (a :class:`StudySpecError`) when the configuration it records
+    differs from ``config`` on a key of :data:`FROZEN_CONFIG`, or it does not maximize. Returns
+    False when it records none (a study the harness has not begun: nothing to compare)."""
     old = study.user_attrs.get(CONFIG)
     if old is None and study.direction != optuna.study.StudyDirection.MAXIMIZE:
         old = {}  # made by something else than the harness, which always maximizes
     if old is None:
-        study.set_user_attr(CONFIG, config)
-        study.set_user_attr(STUDY_FILE_HASH, spec.file_hash)
-        return study
+        return False
     # a key the stored configuration lacks was not recorded by the harness that began the study
     changed = [
         k for k in FROZEN_CONFIG
@@ -106,8 +116,41 @@ def open_study(
         old = {**old, "direction": study.direction.name.lower()}
     if changed:
         raise StudySpecError(
-            f"{spec.path}: cannot resume {name!r}: {', '.join(changed)} changed since its "
+            f"{spec.path}: cannot resume {study.study_name!r}: {', '.join(changed)} changed since its "
             f"trials were run ({_describe_change(old, config, changed[0])})",
             hint="name the study differently, pass another --storage, or delete its results to start over",
         )
-    return study
+    return True
+
+
+def check_stored(
+    spec: StudySpec,
+    url: str | None,
+    results_dir: Path,
+    domains: DomainCache,
+    methods: list[ResolvedMethod],
+) -> None:
+    """What :func:`open_study` refuses, for every (pair, method) whose study is already in the
+    storage a run would resume (``url``, else the file under ``results_dir``), in the order a run
+    opens them. Creates nothing: a storage file that does not exist is not looked for further."""
+    url = url or embedded_storage(results_dir)
+    path = storage_file(url)
+    if path is not None and not path.is_file():
+        return
+    storage = make_storage(url)
+    try:
+        names = {
+            s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        }
+        for i, pair in enumerate(spec.pairs):
+            for rm in methods:
+                name = optuna_study_name(pair, rm.method)
+                if name in names:
+                    config = config_of(spec, domains, i, rm, rm.new_strategy())
+                    check_unchanged(
+                        spec, optuna.load_study(study_name=name, storage=storage), config
+                    )
+    finally:
+        engine = getattr(storage, "engine", None)  # a database's connections (others hold none)
+        if engine is not None:
+            engine.dispose()

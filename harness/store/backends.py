@@ -97,6 +97,14 @@ def _journal_path(url: str) -> str:
     return rest[2:] if rest.startswith("//") else rest
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL keeps its trials in; None for a database server."""
+    kind = storage_kind(url)
+    if kind == "server":
+        return None
+    return Path(url.removeprefix("sqlite:///") if kind == "sqlite" else _journal_path(url))
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """Open the storage at ``url``; a URL that does not open is one line and a hint."""
     try:
