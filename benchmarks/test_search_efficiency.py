@@ -20,7 +20,6 @@ import optuna
 import harness.search.objective
 from harness.registry import get_registry
 from harness.search import Driver, RunOptions, build_driver
-from harness.store.backends import make_storage
 from harness.study import SearchSpace, load_study
 from harness.training.engine import Trainer
 
@@ -52,10 +51,15 @@ DEFAULT_PRUNER = SearchSpace.model_fields["pruner"].default
 PRUNER = os.environ.get("BENCH_PRUNER", DEFAULT_PRUNER)
 
 
-def _driver(tmp: Path, overrides: dict, sampler_seed: int = 0) -> Driver:
-    """The driver with the sampler's seed moved away from the study seed (same data, same weights)."""
+def _driver(
+    tmp: Path, overrides: dict, sampler_seed: int = 0, storage: str | None = None
+) -> Driver:
+    """The driver with the sampler's seed moved away from the study seed (same data, same weights),
+    on ``storage`` (a URL) or the default journal file under ``tmp``."""
     spec = load_study(QUICKSTART, overrides=overrides)
-    options = RunOptions(results_dir=tmp, log=lambda m: None, sampler_seed=sampler_seed)
+    options = RunOptions(
+        results_dir=tmp, storage=storage, log=lambda m: None, sampler_seed=sampler_seed
+    )
     return build_driver(spec, get_registry(), options)
 
 
@@ -168,9 +172,7 @@ def _timed_searches(
 
     monkeypatch.setattr(harness.search.objective, "Trainer", TimedTrainer)
     monkeypatch.setattr(Driver, "_run_trial", timed_run_trial)
-    driver = _driver(tmp, overrides or {})
-    if storage is not None:
-        driver.storage_url, driver.storage = storage, make_storage(storage)
+    driver = _driver(tmp, overrides or {}, storage=storage)
     driver.preflight()  # as `harness run` does once before searching: builds every model once
     out = {}
     for rm in driver.methods:
