@@ -16,7 +16,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.publish.format import finite
-from harness.store.backends import make_storage
+from harness.store.backends import close_storage, make_storage, study_names
 from harness.store.schema import (
     CONFIG,
     STUDY_FILE_HASH,
@@ -98,9 +98,7 @@ def read_results(spec: StudySpec, storage_url: str) -> Results:
     """Open the storage at ``storage_url`` once and read every (pair, method) study of ``spec``."""
     storage = make_storage(storage_url)
     try:
-        existing = {
-            s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        }
+        existing = study_names(storage)
         entries = []
         for pair in spec.pairs:
             for method in spec.methods:
@@ -110,7 +108,7 @@ def read_results(spec: StudySpec, storage_url: str) -> Results:
                     study = _read_study(spec, optuna.load_study(study_name=name, storage=storage))
                 entries.append(Entry(pair, method, study))
     finally:
-        _dispose(storage)
+        close_storage(storage)
     return Results(spec=spec, storage_url=storage_url, entries=entries)
 
 
@@ -137,10 +135,3 @@ def _read_study(spec: StudySpec, study: optuna.Study) -> StoredStudy:
         complete=complete,
         selections=selections,
     )
-
-
-def _dispose(storage: Any) -> None:
-    """Close a database storage's connections (other storages hold none)."""
-    engine = getattr(storage, "engine", None)
-    if engine is not None:
-        engine.dispose()

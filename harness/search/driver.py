@@ -36,6 +36,7 @@ from harness.store.backends import (
     open_run_storage,
     run_storage_url,
     storage_kind,
+    study_names,
     unlock_sqlite,
 )
 from harness.store.leases import fail_surplus, finished_elsewhere, reap, requeue, trial_lease
@@ -298,10 +299,7 @@ class Driver:
 
     def reap_all(self) -> list[int]:
         """Mark the trials and final-run claims of dead processes (called when a worker dies)."""
-        names = {
-            s.study_name
-            for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)
-        }
+        names = study_names(self.storage)
         reaped = []
         for p in self.spec.pairs:
             for rm in self.methods:

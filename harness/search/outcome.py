@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import SearchFailedError
+from harness.store.backends import study_names
 from harness.store.schema import ERROR, budget_trials, fail_reason, optuna_study_name
 from harness.study import StudySpec
 
@@ -54,9 +55,7 @@ def all_failed(name: str, trials: list[FrozenTrial], budget: int) -> AllFailed |
 def failed_studies(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[AllFailed]:
     """Every (pair, method) study of ``spec`` in ``storage`` whose budgeted trials all failed, in
     study-file order."""
-    names = {
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    }
+    names = study_names(storage)
     out = []
     for pair in spec.pairs:
         for method in spec.methods:

@@ -15,7 +15,13 @@ from harness.metrics import primary_metric
 from harness.search.domains import DomainCache
 from harness.search.resolve import ResolvedMethod, plugin_label
 from harness.search.selection import selection_rule, selection_rules
-from harness.store.backends import embedded_storage, make_storage, storage_file
+from harness.store.backends import (
+    close_storage,
+    embedded_storage,
+    make_storage,
+    storage_file,
+    study_names,
+)
 from harness.store.schema import CONFIG, STUDY_FILE_HASH, optuna_study_name
 from harness.study import StudySpec
 
@@ -139,9 +145,7 @@ def check_stored(
         return
     storage = make_storage(url)
     try:
-        names = {
-            s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        }
+        names = study_names(storage)
         for i, pair in enumerate(spec.pairs):
             for rm in methods:
                 name = optuna_study_name(pair, rm.method)
@@ -151,6 +155,4 @@ def check_stored(
                         spec, optuna.load_study(study_name=name, storage=storage), config
                     )
     finally:
-        engine = getattr(storage, "engine", None)  # a database's connections (others hold none)
-        if engine is not None:
-            engine.dispose()
+        close_storage(storage)

@@ -142,3 +142,15 @@ def open_run_storage(url: str, results_dir: Path) -> optuna.storages.BaseStorage
     if storage_kind(url) == "sqlite":
         lock_sqlite(url)
     return make_storage(url)
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> set[str]:
+    """The names of every study in ``storage``."""
+    return {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Close a database storage's connections (other storages hold none)."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
