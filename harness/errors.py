@@ -37,6 +37,10 @@ class DatasetError(HarnessError):
     """A dataset could not be built: a missing folder, an unreadable image, a bad layout."""
 
 
+class CacheError(HarnessError):
+    """The decoded-image cache cannot be written: an unwritable directory or a full disk."""
+
+
 class PluginContractError(HarnessError):
     """A plugin factory returned something that does not honour the hook's contract."""
 

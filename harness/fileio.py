@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """The harness's cache directory: ``HARNESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/harness``."""
+    root = os.environ.get("HARNESS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "harness"
+    )
+    return Path(root)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step."""

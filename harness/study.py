@@ -100,6 +100,25 @@ class SearchSpace(_Strict):
     #: layer-wise learning-rate decay: each backbone stage learns this many times slower than the
     #: next one (1 = off); [low, high] searches it for every method that trains the backbone
     layer_decay: list[float] | float = 1.0
+    #: random resized crops for training where images are stored larger than image_size: the
+    #: smallest share of the stored image's area a crop may take, or [low, high] to search it
+    #: (unset: a plain random crop of image_size, as the adaptation literature trains)
+    crop_scale: list[float] | float | None = None
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: list[float] | float | None) -> list[float] | float | None:
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError(f"expected [low, high] with low <= high, or one number, got {v}")
+        if not all(0 < x <= 1 for x in values):
+            raise ValueError(f"expected shares of the image's area in (0, 1], got {v}")
+        return v
+
+    def config(self) -> dict[str, Any]:
+        """The search space as a study's configuration records it (settings added since the
+        first published studies appear only when set, so those configurations read the same)."""
+        return self.model_dump(exclude={"crop_scale"} if self.crop_scale is None else set())
 
     @field_validator("backbone_lr", "head_lr", "weight_decay")
     @classmethod
@@ -170,6 +189,21 @@ class Tracking(_Strict):
     mlflow_uri: str | None = Field(None, min_length=1)
 
 
+class DataSettings(_Strict):
+    """``[data]``: the protocol that splits the domains, the size images are stored at, and where
+    a domain's images live during a run."""
+
+    protocol: Literal["held-out", "standard"] = "held-out"
+    #: side of the stored square images; training takes random crops of image_size from it,
+    #: evaluation the center crop (default for datasets read from files: 8/7 of image_size,
+    #: 256 for 224; generated domains are made at image_size)
+    stored_size: int | None = Field(None, ge=8, le=4096)
+    #: "auto": a domain goes to the device whole when it fits device_share of the free device
+    #: memory, else batches stream from the host; "device" and "stream" force one way
+    placement: Literal["auto", "device", "stream"] = "auto"
+    device_share: float = Field(0.5, gt=0, le=1)
+
+
 class DatasetAlias(BaseModel):
     """``[datasets.NAME] plugin = "folder", root = "..."``: binds a dataset plugin to options."""
 
@@ -201,6 +235,7 @@ class StudySpec(_Strict):
     search: SearchSpace = Field(default_factory=SearchSpace)
     pretrain: Pretrain = Field(default_factory=Pretrain)
     tracking: Tracking = Field(default_factory=Tracking)
+    data: DataSettings = Field(default_factory=DataSettings)
     datasets: dict[str, DatasetAlias] = Field(default_factory=dict)
 
     # filled in by load_study, not by the file
@@ -244,6 +279,32 @@ class StudySpec(_Strict):
                 f"two methods share the key {sorted(dup)[0]!r}; give one a distinct `name`"
             )
         return self
+
+    @model_validator(mode="after")
+    def _stored_size(self) -> StudySpec:
+        if self.data.stored_size is not None and self.data.stored_size < self.image_size:
+            raise ValueError(
+                f"data.stored_size ({self.data.stored_size}) is smaller than image_size "
+                f"({self.image_size}); it must be at least image_size"
+            )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved study as JSON (settings added since the first published studies appear
+        only when set, so their bundles read the same)."""
+        out = self.model_dump(mode="json")
+        out["search"] = self.search.config()
+        if self.data == DataSettings():
+            del out["data"]
+        return out
+
+    def stored_size(self, from_files: bool) -> int:
+        """The side images are stored at: ``data.stored_size``, else 8/7 of image_size for
+        classification files (256 for 224), image_size otherwise."""
+        if self.data.stored_size is not None:
+            return self.data.stored_size
+        grown = from_files and self.task == "classification"
+        return round(self.image_size * 8 / 7) if grown else self.image_size
 
     @model_validator(mode="after")
     def _two_domains(self) -> StudySpec:

@@ -19,23 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness import hookimpl
-from harness.api import DatasetError, DomainData, Option, Register
+from harness.api import DatasetError, DomainData, ImageFiles, Option, Register
 from harness_plugins.images import (
-    BAD_FILES_HINT,
     IMAGE_EXTENSIONS,
     RESIZE_MODES,
-    bad_files_message,
     check_options,
     check_resize,
     class_files,
     dataset_root,
-    decode_in_order,
     domain_folder,
     left_out_message,
     loose_files_message,
     no_domain,
-    read_image,
-    require_nonempty_splits,
     split_fractions,
     subfolders,
     visible_files,
@@ -182,8 +177,9 @@ def build_folder(
     test_fraction: float = 0.2,
     skip_bad_files: bool = False,
     resize: str = "center-crop",
-) -> DomainData:
-    """One domain of ``root/<domain>/<class>/<image>`` as ``image_size`` squares.
+) -> ImageFiles:
+    """One domain of ``root/<domain>/<class>/<image>``, as files for the harness to decode once
+    into its decoded-image cache (at the study's stored size) and map.
 
     Every file under the domain is accounted for. An image in a class folder, or in any folder
     below it, is of that class; class names are compared in Unicode NFC form (macOS writes NFD).
@@ -193,9 +189,8 @@ def build_folder(
     ``skip_bad_files`` is set: then they are listed in a warning and left out.
 
     Each image is turned upright by its EXIF orientation and converted to RGB
-    (``images.to_rgb``), then ``resize = "center-crop"`` resizes its shorter side and keeps the
-    central square, ``"pad"`` resizes the whole image to fit and pads it to a square; the choice is
-    ``meta["resize"]``."""
+    (``harness.data.decode.to_rgb``), then ``resize = "center-crop"`` resizes its shorter side and
+    keeps the central square, ``"pad"`` resizes the whole image to fit and pads it to a square."""
     check_options(image_size)
     check_resize(resize)
     fractions = split_fractions("folder", val_fraction, test_fraction)
@@ -208,22 +203,16 @@ def build_folder(
         warnings.warn(loose_files_message(domain_dir, loose), stacklevel=2)
     if left_out:
         warnings.warn(left_out_message(domain_dir, left_out), stacklevel=2)
-    read = functools.partial(read_image, image_size=image_size, resize=resize)
-    decoded = decode_in_order(read, paths)
-    images, labels = _readable(domain_dir, paths, decoded, labels, skip_bad_files)
-
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor(labels, dtype=torch.int64)
-    data = DomainData.from_arrays(
-        domain,
-        x,
-        y,
+    return ImageFiles(
+        name=str(domain),
         class_names=class_names,
-        seed=seed,
+        paths=paths,
+        labels=labels,
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path), "resize": resize},
+        resize=resize,
+        skip_bad_files=skip_bad_files,
+        meta={"hflip": True, "root": str(root_path)},
     )
-    return require_nonempty_splits(data, f"domain folder {domain_dir}", len(y))
 
 
 def _folder_images(domain_dir: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
@@ -266,28 +255,3 @@ def _class_folders(domain_dir: Path) -> dict[str, str]:
             hint="merge them into one folder",
         )
     return {cls: folders[cls][0] for cls in sorted(folders)}
-
-
-def _readable(
-    domain_dir: Path,
-    paths: list[Path],
-    decoded: list[tuple[np.ndarray | None, str | None]],
-    labels: list[int],
-    skip_bad_files: bool,
-) -> tuple[list[np.ndarray], list[int]]:
-    """The decoded images and their labels; a bad file stops the run, or with ``skip_bad_files``
-    is named in a warning (to the caller of ``build_folder``) and left out."""
-    bad = [(p, err) for p, (_, err) in zip(paths, decoded, strict=True) if err is not None]
-    if bad and not skip_bad_files:
-        raise DatasetError(bad_files_message(domain_dir, bad), hint=BAD_FILES_HINT)
-    if bad:
-        warnings.warn(
-            bad_files_message(domain_dir, bad) + "\n(skipped: skip_bad_files = true)", stacklevel=3
-        )
-        keep = [k for k, (_, err) in enumerate(decoded) if err is None]
-        decoded, labels = [decoded[k] for k in keep], [labels[k] for k in keep]
-        if not decoded:
-            raise DatasetError(
-                f"domain folder {domain_dir}: no readable image left", hint=BAD_FILES_HINT
-            )
-    return [arr for arr, _ in decoded], labels  # type: ignore[misc]

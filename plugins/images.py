@@ -8,6 +8,7 @@ the same way, and check their options (root, domain, fractions, image size, resi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -202,9 +203,18 @@ def split_fractions(
     return train_fraction, val_fraction, test_fraction
 
 
-def dataset_root(root: str, what: str, layout: str) -> Path:
-    """``root`` as a folder (``~`` expanded), or a DatasetError that shows the ``layout``."""
-    path = Path(root).expanduser()
+def dataset_root(root: str, what: str, layout: str, option: str = "root") -> Path:
+    """``root`` as a folder, ``$VAR``/``${VAR}`` and ``~`` expanded (``$HARNESS_DATA/office31``),
+    or a DatasetError: an unset variable is named with the ``option`` that used it, a missing
+    folder is shown with the ``layout`` expected there."""
+    unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", root)]
+    unset = [name for name in unset if name not in os.environ]
+    if unset:
+        raise DatasetError(
+            f"{what} option {option} = {root!r}: environment variable ${unset[0]} is not set",
+            hint=f"export {unset[0]}=<folder>, or set {option} to the folder itself",
+        )
+    path = Path(os.path.expandvars(root)).expanduser()
     if not path.is_dir():
         raise DatasetError(
             f"{what} root not found: {path}", hint=f"set root to a folder laid out as {layout}"

@@ -11,12 +11,19 @@ import torch
 from PIL import Image
 
 from harness.api import DatasetError, DomainData, OptionError, stratified_split
+from harness.data.domains import as_domain
 from harness.options import check_options
 from harness.registry import get_registry
 from harness_plugins import datasets as ds
 from harness_plugins.photos import bundled_photos
 
 N_DIGITS = 1797
+
+
+def _folder(domain: str | None, **options) -> DomainData:
+    """``folder``'s files as the harness makes them a domain (decoded through the cache)."""
+    made = ds.build_folder(domain, **options)
+    return as_domain(made, options["image_size"], seed=options["seed"])
 
 
 def _all_images(data: DomainData) -> torch.Tensor:
@@ -214,16 +221,18 @@ def folder_root(tmp_path: Path) -> Path:
 
 
 def test_folder_reads_domain(folder_root: Path) -> None:
-    data = ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root))
+    data = _folder("photo", image_size=16, seed=0, root=str(folder_root))
     data.check(image_size=16)
     assert data.class_names == list(CLASSES)
-    assert data.meta == {"hflip": True, "root": str(folder_root), "resize": "center-crop"}
+    assert data.meta == {
+        "hflip": True, "root": str(folder_root), "resize": "center-crop", "stored_size": 16
+    }
     x, y = _all_images(data), _all_labels(data)
     assert x.dtype == torch.uint8 and x.shape == (15, 3, 16, 16)
     assert sorted(y.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
     assert (len(data.train), len(data.val), len(data.test)) == (9, 3, 3)
-    _assert_same(data, ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root)))
-    other = ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+    _assert_same(data, _folder("photo", image_size=16, seed=0, root=str(folder_root)))
+    other = _folder("sketch", image_size=16, seed=0, root=str(folder_root))
     assert other.fingerprint != data.fingerprint
 
 
@@ -237,7 +246,7 @@ def test_folder_resize_and_center_crop(tmp_path: Path) -> None:
         (tmp_path / "d" / cls).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(arr).save(tmp_path / "d" / cls / f"{i}.png")
-    data = ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path))
+    data = _folder("d", image_size=8, seed=0, root=str(tmp_path))
     x = _all_images(data)
     assert x.shape == (10, 3, 8, 8)
     # the center crop keeps the green middle (edge columns may blend when resampling)
@@ -247,18 +256,18 @@ def test_folder_resize_and_center_crop(tmp_path: Path) -> None:
 
 
 def test_folder_options(folder_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = ds.build_folder(
+    data = _folder(
         "photo", image_size=16, seed=0, root=str(folder_root), val_fraction=0.4, test_fraction=0.2
     )
     assert (len(data.train), len(data.val), len(data.test)) == (6, 6, 3)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert ds.build_folder("photo", image_size=16, seed=0, root="~/data").meta["root"] == str(
+    assert _folder("photo", image_size=16, seed=0, root="~/data").meta["root"] == str(
         folder_root
     )
     with pytest.raises(TypeError):
-        ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root), bogus=1)
+        _folder("photo", image_size=16, seed=0, root=str(folder_root), bogus=1)
     with pytest.raises(DatasetError, match="val_fraction"):
-        ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root), val_fraction=0.9)
+        _folder("photo", image_size=16, seed=0, root=str(folder_root), val_fraction=0.9)
 
 
 def test_folder_reports_every_bad_file(folder_root: Path) -> None:
@@ -271,7 +280,7 @@ def test_folder_reports_every_bad_file(folder_root: Path) -> None:
     text = dog / "x.png"
     text.write_text("hello, I am not a PNG")
     with pytest.raises(DatasetError) as info:
-        ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root))
+        _folder("photo", image_size=16, seed=0, root=str(folder_root))
     msg = str(info.value)
     assert "3 unreadable" in msg
     assert str(folder_root / "photo") in msg
@@ -282,7 +291,7 @@ def test_folder_reports_every_bad_file(folder_root: Path) -> None:
     assert "notes.txt" not in msg
     assert info.value.hint
     # the other domain is unaffected
-    ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+    _folder("sketch", image_size=16, seed=0, root=str(folder_root))
 
 
 def test_folder_lists_every_bad_file_one_per_line(folder_root: Path) -> None:
@@ -290,7 +299,7 @@ def test_folder_lists_every_bad_file_one_per_line(folder_root: Path) -> None:
     for path in bad:
         path.write_bytes(b"junk")
     with pytest.raises(DatasetError) as info:
-        ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+        _folder("sketch", image_size=16, seed=0, root=str(folder_root))
     lines = str(info.value).splitlines()
     assert lines[0].startswith("13 unreadable")
     assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(p) for p in bad]
@@ -305,7 +314,7 @@ def test_folder_names_every_file_it_leaves_out_for_lack_of_an_image_extension(
     (fish / "labels.csv").write_text("a,b\n")
     (fish / ".DS_Store").write_bytes(b"\0")  # hidden: skipped without a word
     with pytest.warns(UserWarning) as caught:
-        data = ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+        data = _folder("sketch", image_size=16, seed=0, root=str(folder_root))
     messages = [str(w.message) for w in caught if "left out" in str(w.message)]
     assert len(messages) == 1
     lines = messages[0].splitlines()
@@ -314,30 +323,30 @@ def test_folder_names_every_file_it_leaves_out_for_lack_of_an_image_extension(
     assert len(_all_labels(data)) == 15  # the images, and only them
     # the fixture's photo/cat/notes.txt is named too
     with pytest.warns(UserWarning, match="notes.txt"):
-        ds.build_folder("photo", image_size=16, seed=0, root=str(folder_root))
+        _folder("photo", image_size=16, seed=0, root=str(folder_root))
 
 
 def test_folder_layout_errors(folder_root: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found") as info:
-        ds.build_folder("photo", image_size=16, seed=0, root=str(tmp_path / "missing"))
+        _folder("photo", image_size=16, seed=0, root=str(tmp_path / "missing"))
     assert str(tmp_path / "missing") in str(info.value)
 
     with pytest.raises(DatasetError) as info:
-        ds.build_folder("clipart", image_size=16, seed=0, root=str(folder_root))
+        _folder("clipart", image_size=16, seed=0, root=str(folder_root))
     msg = str(info.value)
     assert str(folder_root / "clipart") in msg and "photo, sketch" in msg and ".cache" not in msg
 
     with pytest.raises(DatasetError, match="photo, sketch"):
-        ds.build_folder(None, image_size=16, seed=0, root=str(folder_root))
+        _folder(None, image_size=16, seed=0, root=str(folder_root))
 
     (folder_root / "empty_domain").mkdir()
     with pytest.raises(DatasetError, match="no class folders"):
-        ds.build_folder("empty_domain", image_size=16, seed=0, root=str(folder_root))
+        _folder("empty_domain", image_size=16, seed=0, root=str(folder_root))
 
     (folder_root / "sketch" / "zebra").mkdir()
     (folder_root / "sketch" / "zebra" / "readme.txt").write_text("no images")
     with pytest.raises(DatasetError, match="no images") as info:
-        ds.build_folder("sketch", image_size=16, seed=0, root=str(folder_root))
+        _folder("sketch", image_size=16, seed=0, root=str(folder_root))
     assert str(folder_root / "sketch" / "zebra") in str(info.value)
 
 
@@ -346,7 +355,7 @@ def test_folder_too_few_images(tmp_path: Path) -> None:
         (tmp_path / "d" / cls).mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(tmp_path / "d" / cls / "only.png")
     with pytest.raises(DatasetError, match="split empty"):
-        ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path))
+        _folder("d", image_size=8, seed=0, root=str(tmp_path))
 
 
 def _images(folder: Path, n: int, size: tuple[int, int] = (12, 10)) -> None:
@@ -363,7 +372,7 @@ def test_folder_accounts_for_every_file(tmp_path: Path) -> None:
     _images(tmp_path / "d", 1)  # an image loose at the domain's top level
     (tmp_path / "d" / "readme.md").write_text("x")
     with pytest.warns(UserWarning) as caught:
-        data = ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path))
+        data = _folder("d", image_size=8, seed=0, root=str(tmp_path))
     assert sorted(_all_labels(data).tolist()) == [0] * 5 + [1] * 5
     messages = sorted(str(w.message) for w in caught)
     assert len(messages) == 2
@@ -381,8 +390,8 @@ def test_folder_class_names_compared_in_nfc(tmp_path: Path) -> None:
         _images(tmp_path / domain / name, 5)
         _images(tmp_path / domain / "fish", 5)
         _images(tmp_path / domain / "egg", 5)
-    mac = ds.build_folder("mac", image_size=8, seed=0, root=str(tmp_path))
-    linux = ds.build_folder("linux", image_size=8, seed=0, root=str(tmp_path))
+    mac = _folder("mac", image_size=8, seed=0, root=str(tmp_path))
+    linux = _folder("linux", image_size=8, seed=0, root=str(tmp_path))
     assert mac.class_names == linux.class_names == [nfc, "egg", "fish"]  # sorted in NFC
     assert torch.equal(_all_labels(mac), _all_labels(linux))
     assert (
@@ -392,7 +401,7 @@ def test_folder_class_names_compared_in_nfc(tmp_path: Path) -> None:
     assert "another order" in class_difference(["a", "b"], ["b", "a"])
     _images(tmp_path / "mac" / nfc, 5)  # the same name written both ways in one domain
     with pytest.raises(DatasetError, match="two Unicode forms"):
-        ds.build_folder("mac", image_size=8, seed=0, root=str(tmp_path))
+        _folder("mac", image_size=8, seed=0, root=str(tmp_path))
 
 
 def test_folder_resize_pad_keeps_the_whole_image(tmp_path: Path) -> None:
@@ -401,13 +410,13 @@ def test_folder_resize_pad_keeps_the_whole_image(tmp_path: Path) -> None:
         (tmp_path / "d" / cls).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(arr).save(tmp_path / "d" / cls / f"{i}.png")
-    data = ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path), resize="pad")
+    data = _folder("d", image_size=8, seed=0, root=str(tmp_path), resize="pad")
     assert data.meta["resize"] == "pad"
     x = _all_images(data)
     assert bool((x[:, :, 3:5] == 255).all())  # the whole strip, 8 x 2 px, in the middle rows
     assert bool((x[:, :, :3] == 0).all()) and bool((x[:, :, 5:] == 0).all())  # padding
     with pytest.raises(DatasetError, match="resize must be one of"):
-        ds.build_folder("d", image_size=8, seed=0, root=str(tmp_path), resize="stretch")
+        _folder("d", image_size=8, seed=0, root=str(tmp_path), resize="stretch")
 
 
 # --------------------------------------------------------------------------------------- options

@@ -5,7 +5,7 @@ The hooks themselves, and what each factory receives and returns, are in ``harne
 plugin contract.
 
 - registration: ``hookimpl``, ``Register``, ``OpenDomains``, ``Option``, ``NAME_RULE``, ``TASKS``
-- datasets: ``DomainData``, ``Split``, ``IGNORE_INDEX``, ``fingerprint_tensors``,
+- datasets: ``DomainData``, ``Split``, ``ImageFiles``, ``IGNORE_INDEX``, ``fingerprint_tensors``,
   ``stratified_split``, ``random_split``
 - backbones and heads: ``Backbone``, ``stages_from_prefixes``, ``load_weights_file``,
   ``ImageHead``, ``FeatureMapHead``, ``TransferModel``
@@ -19,6 +19,7 @@ from harness.api.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DomainData,
+    ImageFiles,
     Split,
     Task,
     fingerprint_tensors,
@@ -55,6 +56,7 @@ __all__ = [
     "Batch",
     "DatasetError",
     "DomainData",
+    "ImageFiles",
     "FeatureMapHead",
     "HarnessError",
     "ImageHead",

@@ -1,10 +1,12 @@
-"""Data a dataset plugin returns: splits of uint8 images and int64 labels, and a domain."""
+"""Data a dataset plugin returns: a domain with splits of uint8 images and int64 labels
+(:class:`DomainData`), or its image files for the harness to cache and map (:class:`ImageFiles`)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,33 +21,148 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
 class Split:
     """One split of a domain: uint8 images ``(N, C, H, W)`` and int64 labels: ``(N,)`` class
-    indices, or ``(N, H, W)`` masks for segmentation (``IGNORE_INDEX`` = 255 marks void pixels)."""
+    indices, or ``(N, H, W)`` masks for segmentation (``IGNORE_INDEX`` = 255 marks void pixels).
 
-    x: Tensor
-    y: Tensor
+    A split may be a view: with ``index``, ``x`` and ``y`` are the whole domain's images and labels
+    (a memory-mapped store, say) and the split is the rows ``index`` of them, so that nothing
+    copies a whole domain. ``take`` gathers a batch; ``images`` and ``labels`` materialize the
+    split (what a plugin written against in-memory splits reads)."""
 
-    def __post_init__(self) -> None:
-        if self.x.dtype != torch.uint8 or self.x.ndim != 4:
+    def __init__(self, x: Tensor, y: Tensor, index: Tensor | None = None, key: str = "") -> None:
+        if x.dtype != torch.uint8 or x.ndim != 4:
             raise PluginContractError(
-                f"split images must be a uint8 tensor (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}"
+                f"split images must be a uint8 tensor (N, C, H, W), got {x.dtype} {tuple(x.shape)}"
             )
-        if self.y.dtype != torch.int64 or len(self.y) != len(self.x):
+        if y.dtype not in (torch.int64, torch.uint8) or len(y) != len(x):
             raise PluginContractError(
-                f"split labels must be int64 with one label per image, got {self.y.dtype} "
-                f"{tuple(self.y.shape)} for {len(self.x)} images"
+                f"split labels must be int64 with one label per image, got {y.dtype} "
+                f"{tuple(y.shape)} for {len(x)} images"
             )
+        if index is not None and (index.dtype != torch.int64 or index.ndim != 1):
+            raise PluginContractError("a split's index must be a 1-D int64 tensor")
+        self.store_x, self.store_y, self.index = x, y, index
+        #: what identifies the store's contents (the decoded-image cache's key; "" in memory)
+        self.key = key
+        self._y: Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.store_x) if self.index is None else len(self.index)
+
+    def __repr__(self) -> str:
+        view = "" if self.index is None else f" of {len(self.store_x)}"
+        return f"Split({len(self)}{view} images {tuple(self.image_shape)}, {self.store_x.device})"
+
+    @property
+    def x(self) -> Tensor:
+        """The split's images, materialized (a copy when the split is a view)."""
+        return self.store_x if self.index is None else self.store_x[self.index]
+
+    @property
+    def y(self) -> Tensor:
+        """The split's labels as int64, materialized once."""
+        if self._y is None:
+            y = self.store_y if self.index is None else self.store_y[self.index]
+            self._y = y.long()
+        return self._y
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.store_x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.store_x.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the split's images and labels (what moving it whole would take)."""
+        per_label = self.store_y[0].numel() * self.store_y.element_size() if len(self.store_y) else 0
+        return len(self) * (self.store_x[0].numel() + per_label) if len(self.store_x) else 0
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows of the store at the split's positions ``idx``, on the store's device."""
+        idx = idx.to(self.store_x.device)
+        return idx if self.index is None else self.index.to(idx.device)[idx]
+
+    def take(self, idx: Tensor, labels: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The images (uint8) and labels (int64) at the split's positions ``idx``, gathered on
+        the store's device."""
+        rows = self.rows(idx)
+        return self.store_x[rows], self.store_y[rows].long() if labels else None
+
+    def range(self, start: int, stop: int) -> Tensor:
+        """Images ``start:stop`` of the split (a slice in memory, a gather from a view)."""
+        if self.index is None:
+            return self.store_x[start:stop]
+        return self.store_x[self.index[start:stop]]
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+        """The split materialized on ``device``: a view is gathered, nothing else is copied
+        when the split is there already."""
+        x, y = self.x, (self.store_y if self.index is None else self.store_y[self.index])
+        return Split(x.to(device, non_blocking=True), y.to(device, non_blocking=True), key=self.key)
 
     def subset(self, index: Tensor) -> Split:
-        return Split(self.x[index], self.y[index])
+        """A view of the split's positions ``index`` (nothing copied)."""
+        index = index.cpu().long()
+        rows = index if self.index is None else self.index[index]
+        return Split(self.store_x, self.store_y, rows, key=self.key)
+
+
+@dataclass
+class ImageFiles:
+    """A domain as image files and their class labels, returned by a dataset factory instead of
+    a :class:`DomainData` when the images should not be held in memory: the harness decodes them
+    once (threads, at the study's stored size, with ``resize``) into its decoded-image cache,
+    which every later run and every worker process maps read-only, and splits the domain into
+    views of it.
+
+    ``splits`` gives the train/val/test positions in ``paths`` where a dataset has official lists
+    (DomainNet, VisDA); otherwise the harness splits by ``fractions``, seeded and stratified by
+    class, as :meth:`DomainData.from_arrays` does. ``key`` adds whatever else decides the pixels
+    (the dataset's options); the files' sizes and modification times are added by the harness.
+    Unreadable files stop the run, listed by path, unless ``skip_bad_files`` leaves them out."""
+
+    name: str
+    class_names: list[str]
+    paths: list[Path]
+    labels: list[int]
+    splits: dict[str, list[int]] | None = None
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    resize: str = "center-crop"
+    skip_bad_files: bool = False
+    key: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    task: Task = "classification"
+
+    def __post_init__(self) -> None:
+        self.paths = [Path(p) for p in self.paths]
+        self.labels = [int(v) for v in self.labels]
+        if len(self.paths) != len(self.labels):
+            raise PluginContractError(
+                f"domain {self.name!r}: {len(self.paths)} files but {len(self.labels)} labels"
+            )
+        if not self.paths:
+            raise PluginContractError(f"domain {self.name!r}: no image files")
+        bad = [v for v in self.labels if not 0 <= v < len(self.class_names)]
+        if bad:
+            raise PluginContractError(
+                f"domain {self.name!r}: label {bad[0]} outside 0..{len(self.class_names) - 1}"
+            )
+        if self.splits is not None:
+            if set(self.splits) != {"train", "val", "test"}:
+                raise PluginContractError(
+                    f"domain {self.name!r}: splits must name train, val and test, got "
+                    f"{sorted(self.splits)}"
+                )
+            n = len(self.paths)
+            for split, rows in self.splits.items():
+                if any(not 0 <= r < n for r in rows):
+                    raise PluginContractError(
+                        f"domain {self.name!r}: the {split} split names a file outside 0..{n - 1}"
+                    )
 
 
 @dataclass
@@ -67,7 +184,7 @@ class DomainData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+        return self.train.image_shape
 
     @classmethod
     def from_arrays(
@@ -92,16 +209,16 @@ class DomainData:
             name=name,
             task=task,
             class_names=list(class_names),
-            train=Split(x[train_i], y[train_i]),
-            val=Split(x[val_i], y[val_i]),
-            test=Split(x[test_i], y[test_i]),
+            train=Split(x, y, train_i),
+            val=Split(x, y, val_i),
+            test=Split(x, y, test_i),
             fingerprint=fingerprint_tensors(x, y, train_i, val_i, test_i),
             meta=dict(meta or {}),
         )
 
     def check(self, image_size: int | None = None) -> None:
         """Raise ``PluginContractError`` when the data break the dataset contract."""
-        shapes = {tuple(s.x.shape[1:]) for s in (self.train, self.val, self.test)}
+        shapes = {s.image_shape for s in (self.train, self.val, self.test)}
         if len(shapes) != 1:
             raise PluginContractError(
                 f"domain {self.name!r}: splits have different image shapes {shapes}"
@@ -119,10 +236,10 @@ class DomainData:
                 raise PluginContractError(f"domain {self.name!r}: the {split_name} split is empty")
             y = split.y
             if self.task == "segmentation":
-                if y.shape[1:] != split.x.shape[2:]:
+                if y.shape[1:] != split.image_shape[1:]:
                     raise PluginContractError(
                         f"domain {self.name!r}: {split_name} masks are {tuple(y.shape[1:])}, images "
-                        f"{tuple(split.x.shape[2:])}"
+                        f"{tuple(split.image_shape[1:])}"
                     )
                 y = y[y != IGNORE_INDEX]
                 if y.numel() == 0:

@@ -39,7 +39,7 @@ def export_bundle(results_dir: Path, results: Results, board: pd.DataFrame) -> P
     raw = source.read_bytes()
     with atomic_path(study_copy) as tmp:
         tmp.write_bytes(raw)
-    write_json(bundle / "resolved_study.json", spec.model_dump(mode="json"))
+    write_json(bundle / "resolved_study.json", spec.dump())
     write_json(bundle / "best_params.json", _best_params_json(spec, board))
 
     default = {

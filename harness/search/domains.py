@@ -1,4 +1,5 @@
-"""Each pair's datasets, built once per run and kept on the device: :class:`DomainCache`."""
+"""Each pair's datasets, built once per run (files decoded once into the decoded-image cache)
+and placed for the device: :class:`DomainCache`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from collections.abc import Sequence
 
 from harness import api
-from harness.errors import HarnessError, PluginContractError
+from harness.data.domains import as_domain
+from harness.data.placement import place
+from harness.errors import DatasetError, HarnessError
 from harness.search.context import Context
 from harness.search.resolve import DomainRef, resolve_domain
 from harness.study import spec_error
@@ -28,43 +31,56 @@ class DomainCache:
         self._data: dict[str, api.DomainData] = {}
 
     def domain(self, i: int, side: str) -> api.DomainData:
-        """Pair ``i``'s ``side`` ("source" or "target"), on the run's device."""
+        """Pair ``i``'s ``side`` ("source" or "target"), placed for the run's device."""
         ref = self.refs[(i, side)]
-        key = json.dumps(
-            [ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str
-        )
+        key = plugin_key(ref)
+        if self.spec.data.protocol == "standard":  # a domain splits by the side it is on
+            key += side
         if key not in self._data:
             self._data[key] = self._build(i, side, ref)
         return self._data[key]
 
     def _build(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
+        made, spec = self._made(i, side, ref), self.spec
+        stored = spec.stored_size(from_files=isinstance(made, api.ImageFiles))
         try:
-            data = ref.entry.factory(
-                ref.sub, image_size=self.spec.image_size, seed=self.spec.seed, **ref.options
+            data = as_domain(
+                made,
+                stored,
+                seed=spec.seed,
+                protocol=spec.data.protocol,
+                role=side,
+                plugin_key=plugin_key(ref),
+                log=self.ctx.log,
+                what=f"dataset factory of plugin {ref.entry.plugin!r} ({ref.entry.dist})",
             )
+        except DatasetError as exc:
+            raise spec_error(spec, f"pairs[{i}].{side}", exc) from None
+        data = api.DomainData(
+            name=ref.text,
+            task=data.task,
+            class_names=data.class_names,
+            train=data.train,
+            val=data.val,
+            test=data.test,
+            fingerprint=data.fingerprint,
+            meta=data.meta,
+        )
+        return place(
+            data, self.ctx.device, spec.data.placement, spec.data.device_share, self.ctx.log
+        )
+
+    def _made(self, i: int, side: str, ref: DomainRef) -> api.DomainData | api.ImageFiles:
+        """What the dataset plugin makes of the reference; its errors are the study file's."""
+        size = self.spec.stored_size(from_files=False)
+        try:
+            return ref.entry.factory(ref.sub, image_size=size, seed=self.spec.seed, **ref.options)
         except TypeError as exc:
             raise spec_error(
                 self.spec, f"pairs[{i}].{side}", f"dataset {ref.entry.name!r}: {exc}"
             ) from None
         except HarnessError as exc:
             raise spec_error(self.spec, f"pairs[{i}].{side}", exc) from None
-        if not isinstance(data, api.DomainData):
-            raise PluginContractError(
-                f"dataset factory of plugin {ref.entry.plugin!r} ({ref.entry.dist}) returned "
-                f"{type(data).__name__}, not harness.api.DomainData"
-            )
-        data.check(self.spec.image_size)
-        device = self.ctx.device
-        return api.DomainData(
-            name=ref.text,
-            task=data.task,
-            class_names=data.class_names,
-            train=data.train.to(device),
-            val=data.val.to(device),
-            test=data.test.to(device),
-            fingerprint=data.fingerprint,
-            meta=data.meta,
-        )
 
     def pair_data(self, i: int) -> tuple[api.DomainData, api.DomainData]:
         """Pair ``i``'s source and target; they must have the same classes."""
@@ -77,6 +93,13 @@ class DomainCache:
                 f"({class_difference(source.class_names, target.class_names)})",
             )
         return source, target
+
+
+def plugin_key(ref: DomainRef) -> str:
+    """What identifies a domain reference: the plugin, the dataset, the sub-domain, the options."""
+    return json.dumps(
+        [ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str
+    )
 
 
 def class_difference(source: Sequence[str], target: Sequence[str]) -> str:

@@ -39,7 +39,13 @@ class ModelFactory:
             return w
         p = self.spec.pretrain
         recipe = SourceRecipe(
-            p.epochs, p.lr, p.weight_decay, p.augment, self.spec.batch_size, self.spec.seed
+            p.epochs,
+            p.lr,
+            p.weight_decay,
+            p.augment,
+            self.spec.batch_size,
+            self.spec.seed,
+            self.spec.image_size,
         )
         head = source_pretraining_head(self.ctx.registry, source.task)
         return str(
@@ -80,7 +86,7 @@ class ModelFactory:
                 f"head factory of plugin {rm.head.plugin!r} ({rm.head.dist}) returned {type(head).__name__}, "
                 "not a torch.nn.Module"
             )
-        return TransferModel(backbone, head, self.spec.task)
+        return TransferModel(backbone, head, self.spec.task, self.spec.image_size)
 
     def _backbone_reset(self, rm: ResolvedMethod, weights: str) -> BackboneReset | None:
         if weights == "none":

@@ -67,6 +67,11 @@ def suggest(
     params["augment.policy"] = (
         policies[0] if len(policies) == 1 else trial.suggest_categorical("augment.policy", policies)
     )
+    if isinstance(s.crop_scale, list) and s.crop_scale[0] < s.crop_scale[1]:
+        params["augment.crop_scale"] = trial.suggest_float("augment.crop_scale", *s.crop_scale)
+    elif s.crop_scale is not None:
+        scale = s.crop_scale[0] if isinstance(s.crop_scale, list) else s.crop_scale
+        params["augment.crop_scale"] = float(scale)
     extra = strategy.search_space(trial)
     bad = [k for k in extra if not k.startswith("strategy.")]
     if bad:

@@ -40,7 +40,7 @@ def config_of(
     rule, oracle = selection_rule(spec, strategy)
     registry = domains.ctx.registry
     return {
-        **_preprocessing(source, target),
+        **_preprocessing(spec, source, target),
         "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(spec, strategy)],
         "pair": spec.pairs[i].model_dump(),
         "method": rm.method.model_dump(),
@@ -50,7 +50,7 @@ def config_of(
         "image_size": spec.image_size,
         "batch_size": spec.batch_size,
         "max_epochs": spec.budget.max_epochs,
-        "search": spec.search.model_dump(),
+        "search": spec.search.config(),
         "selection": rule,
         "oracle": oracle,
         "pretrain": spec.pretrain.model_dump() if rm.method.weights == "source" else None,
@@ -68,11 +68,27 @@ def config_of(
     }
 
 
-def _preprocessing(source: api.DomainData, target: api.DomainData) -> dict[str, Any]:
-    """How each side's files became image_size x image_size (``meta["resize"]``), for datasets that
-    read files and say so; nothing for those that do not (the bundled domains)."""
-    rules = {side: d.meta.get("resize") for side, d in (("source", source), ("target", target))}
-    return {"preprocessing": {"resize": rules}} if any(rules.values()) else {}
+def _preprocessing(
+    spec: StudySpec, source: api.DomainData, target: api.DomainData
+) -> dict[str, Any]:
+    """How each side's files became images (``meta["resize"]``, the stored size), the protocol
+    and where the images lived, for the settings and datasets that say so; nothing for those
+    that do not (the bundled domains, the default protocol)."""
+    sides = (("source", source), ("target", target))
+    out: dict[str, Any] = {}
+    rules = {side: d.meta.get("resize") for side, d in sides}
+    if any(rules.values()):
+        out["resize"] = rules
+    stored = {side: d.meta["stored_size"] for side, d in sides if "stored_size" in d.meta}
+    if stored:
+        out["stored_size"] = stored
+        out["image_size"] = spec.image_size
+    placed = {side: d.meta["placement"] for side, d in sides if "placement" in d.meta}
+    if placed:
+        out["placement"] = placed
+    if spec.data.protocol != "held-out":
+        out["protocol"] = spec.data.protocol
+    return {"preprocessing": out} if out else {}
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], key: str) -> str:

@@ -22,7 +22,9 @@ from harness.api.strategy import run_setup
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
 from harness.training import augment as aug
+from harness.training import crops
 from harness.training import features as feat
+from harness.training.batches import Batches, few_shot_indices  # noqa: F401 - re-exported
 from harness.training.device import (  # noqa: F401 - re-exported
     Precision,
     generators_kept,
@@ -30,7 +32,8 @@ from harness.training.device import (  # noqa: F401 - re-exported
     seed_everything,
 )
 from harness.training.evaluate import predict, unlabelled_logits  # noqa: F401 - re-exported
-from harness.training.inputs import model_input, normalized, unit_pixels
+from harness.training.inputs import image_batches, model_input, normalized, unit_pixels
+from harness.training.loader import Gathered, Loader, Take
 from harness.training.model import TransferModel, resolve_freeze_depth  # noqa: F401 - re-exported
 
 
@@ -51,6 +54,9 @@ class TrainConfig:
     data_seed: int = 0
     #: reuse frozen backbone features where that is provably exact (see ``Trainer.caches_features``)
     cache_features: bool = True
+    #: gather batches on a thread ahead of use even when the splits are on the device (the path
+    #: a domain too large for the device takes; ``[data] placement = "stream"``)
+    stream: bool = False
 
 
 @dataclass
@@ -65,43 +71,6 @@ class TrainResult:
     diagnostics: dict[str, list[float]] = field(default_factory=dict)
 
 
-def few_shot_indices(y: Tensor, shots: int, seed: int) -> Tensor:
-    """``shots`` seeded indices per class (all of a class when it has fewer)."""
-    if y.ndim != 1:
-        raise ValueError("k-shot subsets are defined for class labels, not segmentation masks")
-    g = torch.Generator().manual_seed(seed)
-    y = y.cpu()
-    picks = []
-    for label in torch.unique(y).tolist():
-        idx = torch.nonzero(y == label).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
-    return torch.sort(torch.cat(picks)).values
-
-
-class _Batches:
-    """Seeded random batches of indices into a split, reshuffled each pass."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
-        self.n, self.batch_size, self.g = n, min(batch_size, n), generator
-        self._perm: Tensor | None = None
-        self._pos = 0
-
-    def epoch(self) -> list[Tensor]:
-        perm = torch.randperm(self.n, generator=self.g)
-        batches = list(perm.split(self.batch_size))
-        if len(batches) > 1 and len(batches[-1]) < 2:  # a batch of one breaks BatchNorm
-            batches.pop()
-        return batches
-
-    def next(self) -> Tensor:
-        if self._perm is None or self._pos + self.batch_size > self.n:
-            self._perm = torch.randperm(self.n, generator=self.g)
-            self._pos = 0
-        out = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return out
-
-
 @dataclass
 class _Data:
     """What one ``fit`` draws from: the splits on the device, their batch orders, and for a cached
@@ -110,8 +79,8 @@ class _Data:
     source: Split | None
     target: Split | None
     primary: Split
-    primary_batches: _Batches
-    paired: _Batches | None
+    primary_batches: Batches
+    paired: Batches | None
     target_labels: bool
     aug_gen: torch.Generator
     wrapper: feat.CachedBackbone | None = None
@@ -174,19 +143,19 @@ class Trainer:
     def _cached(self, split: Split | None) -> Tensor | None:
         if split is None:
             return None
-        key = feat.feature_key(self.model, split.x, self.cfg.precision, self.device)
+        key = feat.feature_key(self.model, split, self.cfg.precision, self.device)
         return self.feature_cache.get_or_compute(
             key,
             lambda: feat.compute_features(
-                self.model, split.x, self.cfg.precision, self.device, self.cfg.batch_size * 4
+                self.model, split, self.cfg.precision, self.device, self.cfg.batch_size * 4
             ),
         )
 
     def _prepared(self, split: Split | None, max_bytes: int = 256 * 2**20) -> Tensor | None:
         """The whole split preprocessed (no augmentation), when it is small enough to keep."""
-        if split is None or split.x.numel() * 4 > max_bytes:
+        if split is None or len(split) * math.prod(split.image_shape) * 4 > max_bytes:
             return None
-        return self._prepare(split.x, None, torch.Generator())[0]
+        return self._prepare(split.x.to(self.device), None, torch.Generator())[0]
 
     def _slice(self, prepared: Tensor, idx: Tensor) -> Tensor:
         x = prepared[idx]
@@ -229,21 +198,40 @@ class Trainer:
 
     def target_images(self, split: Split) -> Iterator[Tensor]:
         """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt``."""
-        for start in range(0, len(split), self.cfg.batch_size):
-            x = split.x[start : start + self.cfg.batch_size]
-            yield model_input(x, self.model, self.cfg.precision.channels_last)
+        for x in image_batches(split, self.cfg.batch_size):
+            yield model_input(x, self.model, self.cfg.precision.channels_last, self.device)
 
     def _prepare(
         self, x_uint8: Tensor, y: Tensor | None, g: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
-        """uint8 batch -> augmented, normalized float batch; a mask moves with its image."""
-        x = unit_pixels(x_uint8)
+        """uint8 batch -> cropped, augmented, normalized float batch; a mask moves with its
+        image."""
+        x, y = self._cropped(unit_pixels(x_uint8), y, g)
         if self.cfg.augment != "none":
             if y is not None and y.ndim == 3:
                 x, y = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip, mask=y)
             else:
                 x = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip)
         return normalized(x, self.model, self.cfg.precision.channels_last), y
+
+    def _cropped(
+        self, x: Tensor, y: Tensor | None, g: torch.Generator
+    ) -> tuple[Tensor, Tensor | None]:
+        """Images stored larger than the model's input size, cropped to it: the center crop
+        without augmentation (so frozen features stay cacheable), else a random crop, or a
+        random resized crop when the trial has ``augment.crop_scale``."""
+        size = getattr(self.model, "input_size", None)
+        if size is None or x.shape[-2:] == (size, size):
+            return x, y
+        mask = y if y is not None and y.ndim == 3 else None
+        scale = self.cfg.params.get("augment.crop_scale")
+        if self.cfg.augment == "none":
+            out = crops.center_crop(x, size, mask=mask)
+        elif scale is not None:
+            out = crops.random_resized_crop(x, size, (float(scale), 1.0), generator=g, mask=mask)
+        else:
+            out = crops.random_crop(x, size, generator=g, mask=mask)
+        return out if mask is not None else (out, y)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -294,7 +282,7 @@ class Trainer:
         cfg, strategy, device = self.cfg, self.strategy, self.device
         index_gen = torch.Generator().manual_seed(cfg.seed)
         aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        source_split = self.source.train.to(device) if strategy.uses_source else None
+        source_split = self.source.train if strategy.uses_source else None
         target_split: Split | None = None
         if strategy.uses_target:
             target_split = self.target.train
@@ -306,15 +294,14 @@ class Trainer:
                 target_split = target_split.subset(
                     few_shot_indices(target_split.y, strategy.shots, cfg.data_seed)
                 )
-            target_split = target_split.to(device)
         primary = source_split if source_split is not None else target_split
         if primary is None:
             raise ValueError(
                 f"strategy {type(strategy).__name__} uses neither source nor target data"
             )
-        primary_batches = _Batches(len(primary), cfg.batch_size, index_gen)
+        primary_batches = Batches(len(primary), cfg.batch_size, index_gen)
         paired = (
-            _Batches(len(target_split), cfg.batch_size, index_gen)
+            Batches(len(target_split), cfg.batch_size, index_gen)
             if source_split is not None and target_split is not None
             else None
         )
@@ -350,9 +337,14 @@ class Trainer:
             if data.wrapper is not None
             else nullcontext()
         )
+        steps = [
+            (idx, data.paired.next() if data.paired is not None else None)
+            for idx in data.primary_batches.epoch()
+        ]  # drawn in the order the loop used to draw them, so the batches are the same
+        gathered = Loader(device, cfg.stream)([self._takes(s, t, data) for s, t in steps])
         with swap:
-            for idx in data.primary_batches.epoch():
-                batch = self._batch(idx.to(device, non_blocking=True), data)
+            for (idx, tidx), parts in zip(steps, gathered, strict=True):
+                batch = self._batch(idx, tidx, parts, data)
                 ctx = StepContext(
                     params=cfg.params,
                     epoch=epoch,
@@ -373,45 +365,60 @@ class Trainer:
                 n_steps += 1
         return loss_sum, n_steps, logged
 
-    def _batch(self, idx: Tensor, data: _Data) -> Batch:
-        """The step's batch: source images and labels at ``idx`` and the next target batch, or
-        the target alone at ``idx`` for a strategy that reads no source."""
+    def _takes(self, idx: Tensor, tidx: Tensor | None, data: _Data) -> list[Take]:
+        """What a step reads: the source at ``idx`` and the target at ``tidx``, or the target
+        alone at ``idx``; images only where no preprocessed split stands in for them."""
+        cached = data.wrapper is not None
+        if data.source is None:
+            return [
+                Take(
+                    data.primary,
+                    idx,
+                    not (cached and data.target_x is not None),
+                    data.target_labels,
+                )
+            ]
+        takes = [Take(data.source, idx, not (cached and data.source_x is not None))]
+        if tidx is not None:
+            assert data.target is not None
+            images = not (cached and data.target_x is not None)
+            takes.append(Take(data.target, tidx, images, data.target_labels))
+        return takes
+
+    def _batch(self, idx: Tensor, tidx: Tensor | None, parts: list[Gathered], data: _Data) -> Batch:
+        """The step's batch from what the loader gathered: source images and labels at ``idx``
+        and the target at ``tidx``, or the target alone at ``idx`` for a strategy that reads no
+        source."""
         if data.wrapper is not None:
             data.wrapper.clear()
         batch = Batch()
         if data.source is not None:
-            batch.source = self._pair(
-                data.source, idx, True, data.source_x, data.source_feats, data
-            )
-            if data.paired is not None:
-                tidx = data.paired.next().to(self.device, non_blocking=True)
-                batch.target = self._pair(
-                    data.target, tidx, data.target_labels, data.target_x, data.target_feats, data
-                )
+            batch.source = self._pair(parts[0], idx, data.source_x, data.source_feats, data)
+            if tidx is not None:
+                batch.target = self._pair(parts[1], tidx, data.target_x, data.target_feats, data)
         else:
-            batch.target = self._pair(
-                data.primary, idx, data.target_labels, data.target_x, data.target_feats, data
-            )
+            batch.target = self._pair(parts[0], idx, data.target_x, data.target_feats, data)
         return batch
 
     def _pair(
         self,
-        split: Split,
+        gathered: Gathered,
         idx: Tensor,
-        labels: bool,
         prepared: Tensor | None,
         features: Tensor | None,
         data: _Data,
     ) -> tuple[Tensor, Tensor | None]:
-        """Images and (when given) labels of ``split`` at ``idx``, as the model takes them; with a
+        """A split's images and (when given) labels at ``idx``, as the model takes them; with a
         cached backbone the images are announced with their cached features."""
-        y = split.y[idx] if labels else None
+        x, y = gathered
         if data.wrapper is not None and prepared is not None:
-            pair = (self._slice(prepared, idx), y)
+            pair = (self._slice(prepared, idx.to(prepared.device)), y)
         else:
-            pair = self._prepare(split.x[idx], y, data.aug_gen)
+            assert x is not None
+            pair = self._prepare(x, y, data.aug_gen)
         if data.wrapper is not None:
-            data.wrapper.expect(pair[0], features[idx])
+            assert features is not None
+            data.wrapper.expect(pair[0], features[idx.to(features.device)])
         return pair
 
     # ------------------------------------------------------------------------- evaluation

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from harness.api import Split
 from harness.training import features as feat
 from harness.training.device import Precision
-from harness.training.inputs import model_input
+from harness.training.inputs import image_batches, model_input
 from harness.training.model import TransferModel
 
 
@@ -37,9 +37,9 @@ def predict(
         and not any(p.requires_grad for p in model.backbone.parameters())
     )
     if frozen:
-        key = feat.feature_key(model, split.x, precision, device)
+        key = feat.feature_key(model, split, precision, device)
         features = cache.get_or_compute(
-            key, lambda: feat.compute_features(model, split.x, precision, device, batch_size)
+            key, lambda: feat.compute_features(model, split, precision, device, batch_size)
         )
         for start in range(0, len(features), batch_size):
             with precision.autocast(device):
@@ -47,8 +47,8 @@ def predict(
             out.append(logits.float().cpu())
         model.train(was_training)
         return torch.cat(out)
-    for start in range(0, len(split), batch_size):
-        x = model_input(split.x[start : start + batch_size], model, precision.channels_last, device)
+    for images in image_batches(split, batch_size):
+        x = model_input(images, model, precision.channels_last, device)
         with precision.autocast(device):
             logits = model(x)
         out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
@@ -73,8 +73,8 @@ def unlabelled_logits(
     model.eval()
     g = torch.Generator().manual_seed(seed)
     out = []
-    for start in range(0, len(split), batch_size):
-        x = model_input(split.x[start : start + batch_size], model, precision.channels_last, device)
+    for images in image_batches(split, batch_size):
+        x = model_input(images, model, precision.channels_last, device)
         with precision.autocast(device):
             logits = model(x)
         logits = logits.float()

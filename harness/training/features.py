@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.training.inputs import model_input
+from harness.api.data import Split
+from harness.training.inputs import image_batches, model_input
 
 #: bump when the way features are computed changes, so old entries can never be served
 _FORMAT = "features-v1"
@@ -100,8 +101,11 @@ def remember_state_hash(
     )
 
 
-def data_hash(x: Tensor) -> str:
-    """A hash of an image tensor's bytes, memoized on the tensor against its version counter."""
+def data_hash(x: Tensor | Split) -> str:
+    """A hash of an image tensor's bytes, memoized on the tensor against its version counter; for
+    a split, of its store's identity (the decoded-image cache's key, else its bytes) and its rows."""
+    if isinstance(x, Split):
+        return _split_hash(x)
     token = _tensor_token(x)
     memo = getattr(x, "_harness_data_hash", None)
     if memo is not None and memo[0] == token:
@@ -111,6 +115,18 @@ def data_hash(x: Tensor) -> str:
     digest = h.hexdigest()
     x._harness_data_hash = (token, digest)  # type: ignore[attr-defined]
     return digest
+
+
+def _split_hash(split: Split) -> str:
+    if split.index is None:
+        return data_hash(split.store_x)
+    memo = split.__dict__.get("_harness_data_hash")
+    if memo is None:
+        h = hashlib.sha1(usedforsecurity=False)
+        h.update((split.key or data_hash(split.store_x)).encode())
+        _hash_tensor(h, split.index)
+        memo = split.__dict__["_harness_data_hash"] = h.hexdigest()
+    return memo
 
 
 class FeatureCache:
@@ -154,8 +170,10 @@ class FeatureCache:
 FEATURE_CACHE = FeatureCache()
 
 
-def feature_key(model: Any, x: Tensor, precision: Any, device: torch.device) -> tuple[Any, ...]:
-    """Everything the frozen features of images ``x`` depend on."""
+def feature_key(
+    model: Any, x: Tensor | Split, precision: Any, device: torch.device
+) -> tuple[Any, ...]:
+    """Everything the frozen features of images ``x`` (a tensor or a split) depend on."""
     return (
         _FORMAT,
         state_hash(model.backbone),
@@ -169,7 +187,7 @@ def feature_key(model: Any, x: Tensor, precision: Any, device: torch.device) -> 
 
 @torch.no_grad()
 def compute_features(
-    model: Any, x_uint8: Tensor, precision: Any, device: torch.device, batch_size: int
+    model: Any, x_uint8: Tensor | Split, precision: Any, device: torch.device, batch_size: int
 ) -> Tensor:
     """Pooled backbone output for every image, in eval mode, preprocessed as the engine does it."""
     backbone = model.backbone
@@ -177,10 +195,8 @@ def compute_features(
     backbone.eval()
     out = []
     try:
-        for start in range(0, len(x_uint8), batch_size):
-            x = model_input(
-                x_uint8[start : start + batch_size], model, precision.channels_last, device
-            )
+        for images in image_batches(x_uint8, batch_size):
+            x = model_input(images, model, precision.channels_last, device)
             with precision.autocast(device):
                 out.append(backbone(x))
     finally:

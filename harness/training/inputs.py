@@ -8,10 +8,14 @@ between ``unit_pixels`` and ``normalized``, on pixels in [0, 1].
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from harness.api.data import Split
+from harness.training.crops import center_crop
 
 
 def unit_pixels(x_uint8: Tensor, device: torch.device | None = None) -> Tensor:
@@ -34,5 +38,22 @@ def normalized(x: Tensor, model: Any, channels_last: bool) -> Tensor:
 def model_input(
     x_uint8: Tensor, model: Any, channels_last: bool, device: torch.device | None = None
 ) -> Tensor:
-    """uint8 images as ``model`` takes them, without augmentation."""
-    return normalized(unit_pixels(x_uint8, device), model, channels_last)
+    """uint8 images as ``model`` takes them, without augmentation: the center crop of its input
+    size where they are stored larger."""
+    return normalized(centered(unit_pixels(x_uint8, device), model), model, channels_last)
+
+
+def centered(x: Tensor, model: Any) -> Tensor:
+    """The center crop of ``model.input_size`` of images stored larger (else ``x`` itself)."""
+    size = getattr(model, "input_size", None)
+    if size is None or x.shape[-2:] == (size, size):
+        return x
+    return center_crop(x, size)
+
+
+def image_batches(images: Tensor | Split, batch_size: int) -> Iterator[Tensor]:
+    """Consecutive batches of uint8 images, in order: slices of a tensor, gathers from a split
+    (a view of a mapped store is read one batch at a time)."""
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        yield images[start:stop] if isinstance(images, Tensor) else images.range(start, stop)

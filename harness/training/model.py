@@ -14,12 +14,21 @@ class TransferModel(nn.Module):
     """Backbone plus head, the implementation of ``harness.api.TransferModel``: ``forward``
     gives logits, ``features`` the pooled backbone output."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, task: str = "classification") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        task: str = "classification",
+        input_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone.module
         self.head = head
         self.spec = backbone
         self.task = task
+        #: side of the square images the model takes: larger stored images are cropped to it
+        #: (randomly in training, centered otherwise); None takes images as they are stored
+        self.input_size = input_size
         # a segmentation decoder runs the backbone's modules itself, on the image
         self.head_takes_images = takes_images(head)
         self.register_buffer(

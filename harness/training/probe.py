@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from harness.fileio import atomic_path
+from harness.fileio import atomic_path, cache_dir
 from harness.training.device import Precision
-from harness.training.weights import cache_dir
 
 #: explicit choices a study may pin, besides "auto"
 NAMES = ("fp32", "fp32-channels_last", "bf16", "bf16-channels_last")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,7 @@ from torch import nn
 
 from harness.api import IGNORE_INDEX, Backbone, DomainData, Strategy
 from harness.errors import PluginContractError
-from harness.fileio import atomic_path
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HARNESS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "harness"
-    )
-    return Path(root)
+from harness.fileio import atomic_path, cache_dir
 
 
 def build_backbone(entry: Any, name: str, weights: str) -> Backbone:
@@ -48,9 +40,15 @@ class SourceRecipe:
     augment: str
     batch_size: int
     seed: int
+    #: the side images are cropped to when stored larger (None: as stored)
+    input_size: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The recipe as the source-weights key records it (``input_size`` only when it crops,
+        so keys made before it existed still match)."""
+        out = dict(self.__dict__)
+        out.pop("input_size")
+        return out
 
 
 class _SourceCE(Strategy):
@@ -175,10 +173,11 @@ def _pretrain(
     seed_everything(recipe.seed)
     backbone = build_backbone(entry, backbone_name, "none")
     if head is None:
-        model = TransferModel(backbone, nn.Linear(backbone.num_features, source.num_classes))
+        linear = nn.Linear(backbone.num_features, source.num_classes)
+        model = TransferModel(backbone, linear, input_size=recipe.input_size)
     else:
         decoder = head.factory(backbone=backbone, num_classes=source.num_classes, task=source.task)
-        model = TransferModel(backbone, decoder, source.task)
+        model = TransferModel(backbone, decoder, source.task, recipe.input_size)
     cfg = TrainConfig(
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
