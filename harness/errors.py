@@ -37,6 +37,10 @@ class DatasetError(HarnessError):
     """A dataset could not be built: a missing folder, an unreadable image, a bad layout."""
 
 
+class DataNotFoundError(DatasetError):
+    """A dataset's files are not where it looks: a missing root, an unset data variable."""
+
+
 class CacheError(HarnessError):
     """The decoded-image cache cannot be written: an unwritable directory or a full disk."""
 

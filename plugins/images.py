@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from harness.api import DatasetError, DomainData
+from harness.api import DataNotFoundError, DatasetError, DomainData
 from harness.data.decode import (
     BACKGROUND,
     IMAGE_EXTENSIONS,
@@ -210,13 +210,13 @@ def dataset_root(root: str, what: str, layout: str, option: str = "root") -> Pat
     unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", root)]
     unset = [name for name in unset if name not in os.environ]
     if unset:
-        raise DatasetError(
+        raise DataNotFoundError(
             f"{what} option {option} = {root!r}: environment variable ${unset[0]} is not set",
             hint=f"export {unset[0]}=<folder>, or set {option} to the folder itself",
         )
     path = Path(os.path.expandvars(root)).expanduser()
     if not path.is_dir():
-        raise DatasetError(
+        raise DataNotFoundError(
             f"{what} root not found: {path}", hint=f"set root to a folder laid out as {layout}"
         )
     return path

@@ -37,6 +37,7 @@ from harness.api.models import (
 )
 from harness.api.strategy import Batch, LRScaled, StepContext, Strategy, reverse_gradient
 from harness.errors import (
+    DataNotFoundError,
     DatasetError,
     HarnessError,
     NonFiniteLossError,
@@ -54,6 +55,7 @@ __all__ = [
     "TASKS",
     "Backbone",
     "Batch",
+    "DataNotFoundError",
     "DatasetError",
     "DomainData",
     "ImageFiles",

@@ -104,4 +104,5 @@ def train_config(
         precision=precision,
         params=params,
         data_seed=spec.seed,
+        stream=spec.data.placement == "stream",
     )

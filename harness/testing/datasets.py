@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.api import DomainData
+from harness.api import DataNotFoundError, DomainData, ImageFiles
+from harness.data.domains import as_domain
 from harness.errors import PluginContractError
 from harness.registry import Entry
 from harness.testing.core import (
@@ -51,7 +52,9 @@ def check_dataset(
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> list[CheckResult]:
-    """Check a dataset factory ``factory(domain, *, image_size, seed, **options) -> DomainData``.
+    """Check a dataset factory ``factory(domain, *, image_size, seed, **options)`` that returns a
+    ``DomainData``, or an ``ImageFiles`` (decoded through the harness's cache and checked as the
+    domain a run would make of it).
 
     ``domain`` is the sub-domain to build (``None`` for the plain name); ``options`` the
     keyword options a study alias would pass (``{"root": ...}``, or a small ``{"n": 30}`` to keep
@@ -96,15 +99,23 @@ def _build(
     factory: Callable[..., Any], domain: str | None, image_size: int, opts: dict[str, Any], s: int
 ) -> DomainData:
     try:
-        data = factory(domain, image_size=image_size, seed=s, **opts)
+        made = factory(domain, image_size=image_size, seed=s, **opts)
     except TypeError as exc:
         needed = missing_from_type_error(exc)
         if needed and not opts:
             raise Skip(skip_message(needed)) from None
         raise
-    if not isinstance(data, DomainData):
-        raise Fail(f"factory returned {type(data).__name__}, not harness.api.DomainData")
-    return data
+    except DataNotFoundError as exc:
+        if opts:
+            raise
+        raise Skip(f"skipped: no data where it looks by default ({exc})") from None
+    if isinstance(made, ImageFiles):  # decoded through the harness's cache, as a run does
+        return as_domain(made, image_size, seed=s, log=lambda _: None)
+    if not isinstance(made, DomainData):
+        raise Fail(
+            f"factory returned {type(made).__name__}, not harness.api.DomainData or ImageFiles"
+        )
+    return made
 
 
 def _run_checks(
