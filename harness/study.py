@@ -194,10 +194,12 @@ class DataSettings(_Strict):
     a domain's images live during a run."""
 
     protocol: Literal["held-out", "standard"] = "held-out"
-    #: side of the stored square images; training takes random crops of image_size from it,
-    #: evaluation the center crop (default for datasets read from files: 8/7 of image_size,
-    #: 256 for 224; generated domains are made at image_size)
-    stored_size: int | None = Field(None, ge=8, le=4096)
+    #: the size images are stored at, a square's side or (segmentation) [width, height]; training
+    #: takes random crops of image_size from it; evaluation takes the center crop
+    #: (classification) or scores the whole image, by sliding windows of image_size where it is
+    #: larger (segmentation). Default: 8/7 of image_size (256 for 224) for classification
+    #: datasets read from files, image_size otherwise
+    stored_size: int | list[int] | None = None
     #: "auto": a domain goes to the device whole when it fits device_share of the free device
     #: memory, else batches stream from the host; "device" and "stream" force one way
     placement: Literal["auto", "device", "stream"] = "auto"
@@ -282,10 +284,19 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _stored_size(self) -> StudySpec:
-        if self.data.stored_size is not None and self.data.stored_size < self.image_size:
+        stored = self.data.stored_size
+        if stored is None:
+            return self
+        sides = [stored] if isinstance(stored, int) else stored
+        if isinstance(stored, list) and (len(stored) != 2 or self.task != "segmentation"):
             raise ValueError(
-                f"data.stored_size ({self.data.stored_size}) is smaller than image_size "
-                f"({self.image_size}); it must be at least image_size"
+                f"data.stored_size {stored}: [width, height] is for segmentation; "
+                "classification stores squares (one number)"
+            )
+        if not all(self.image_size <= s <= 8192 for s in sides):
+            raise ValueError(
+                f"data.stored_size {stored}: each side must be at least image_size "
+                f"({self.image_size}) and at most 8192"
             )
         return self
 
@@ -298,11 +309,12 @@ class StudySpec(_Strict):
             del out["data"]
         return out
 
-    def stored_size(self, from_files: bool) -> int:
-        """The side images are stored at: ``data.stored_size``, else 8/7 of image_size for
-        classification files (256 for 224), image_size otherwise."""
-        if self.data.stored_size is not None:
-            return self.data.stored_size
+    def stored_size(self, from_files: bool) -> int | tuple[int, int]:
+        """The size images are stored at, a side or ``(width, height)``: ``data.stored_size``,
+        else 8/7 of image_size for classification files (256 for 224), image_size otherwise."""
+        stored = self.data.stored_size
+        if stored is not None:
+            return stored if isinstance(stored, int) else (stored[0], stored[1])
         grown = from_files and self.task == "classification"
         return round(self.image_size * 8 / 7) if grown else self.image_size
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -123,12 +123,18 @@ class ImageFiles:
     (DomainNet, VisDA); otherwise the harness splits by ``fractions``, seeded and stratified by
     class, as :meth:`DomainData.from_arrays` does. ``key`` adds whatever else decides the pixels
     (the dataset's options); the files' sizes and modification times are added by the harness.
-    Unreadable files stop the run, listed by path, unless ``skip_bad_files`` leaves them out."""
+    Unreadable files stop the run, listed by path, unless ``skip_bad_files`` leaves them out.
+
+    ``decode`` reads file ``i`` where the harness's own image reader is not enough: segmentation
+    (an image and its mask) or a format of the dataset's own. ``decode(i, (height, width))``
+    returns the image ``(height, width, 3)`` uint8 and, for segmentation, its mask
+    ``(height, width)`` uint8 (``IGNORE_INDEX`` for void), and raises on a file it cannot read
+    (the error's message is the reason given). Segmentation files have no ``labels``."""
 
     name: str
     class_names: list[str]
     paths: list[Path]
-    labels: list[int]
+    labels: list[int] | None = None
     splits: dict[str, list[int]] | None = None
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     resize: str = "center-crop"
@@ -136,9 +142,19 @@ class ImageFiles:
     key: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     task: Task = "classification"
+    decode: Callable[[int, tuple[int, int]], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.paths = [Path(p) for p in self.paths]
+        if self.task == "segmentation":
+            if self.decode is None:
+                raise PluginContractError(
+                    f"domain {self.name!r}: segmentation files need a decode(i, (height, width)) "
+                    "that returns the image and its mask"
+                )
+            self.labels = [0] * len(self.paths)  # masks are decoded, not listed
+        if self.labels is None:
+            raise PluginContractError(f"domain {self.name!r}: classification files need labels")
         self.labels = [int(v) for v in self.labels]
         if len(self.paths) != len(self.labels):
             raise PluginContractError(
@@ -216,8 +232,9 @@ class DomainData:
             meta=dict(meta or {}),
         )
 
-    def check(self, image_size: int | None = None) -> None:
-        """Raise ``PluginContractError`` when the data break the dataset contract."""
+    def check(self, image_size: int | tuple[int, int] | None = None) -> None:
+        """Raise ``PluginContractError`` when the data break the dataset contract (images of
+        ``image_size``: a square's side, or ``(width, height)``)."""
         shapes = {s.image_shape for s in (self.train, self.val, self.test)}
         if len(shapes) != 1:
             raise PluginContractError(
@@ -226,9 +243,11 @@ class DomainData:
         c, h, w = self.image_shape
         if c != 3:
             raise PluginContractError(f"domain {self.name!r}: images must have 3 channels, got {c}")
-        if image_size is not None and (h, w) != (image_size, image_size):
+        wanted = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if wanted is not None and (w, h) != tuple(wanted):
             raise PluginContractError(
-                f"domain {self.name!r}: asked for {image_size} px images, got {h}x{w}"
+                f"domain {self.name!r}: asked for {wanted[0]}x{wanted[1]} px images (width x "
+                f"height), got {w}x{h}"
             )
         for split_name in ("train", "val", "test"):
             split: Split = getattr(self, split_name)

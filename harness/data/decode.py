@@ -138,9 +138,10 @@ def _index_image(im: Image.Image) -> Image.Image | None:
 
 
 def read_image(
-    path: Path, *, image_size: int, resize: str = "center-crop"
+    path: Path, *, image_size: int | tuple[int, int], resize: str = "center-crop"
 ) -> tuple[np.ndarray | None, str | None]:
-    """Fully decode one image to uint8 ``(S, S, 3)``, or return why it cannot be read."""
+    """Fully decode one image to uint8 ``(S, S, 3)`` (``(H, W, 3)`` for ``image_size`` =
+    ``(W, H)``), or return why it cannot be read."""
     try:
         rgb = open_rgb(path)
     except Exception as exc:  # noqa: BLE001 - any decoding failure makes the file unreadable
@@ -162,38 +163,48 @@ def decode_failure(path: Path, exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+Size = int | tuple[int, int]
+
+
+def _wh(size: Size) -> tuple[int, int]:
+    """``(width, height)`` of a square side or a ``(width, height)`` pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def to_square(
-    im: Image.Image, size: int, resample: Image.Resampling, resize: str, fill: Any = PAD_COLOUR
+    im: Image.Image, size: Size, resample: Image.Resampling, resize: str, fill: Any = PAD_COLOUR
 ) -> Image.Image:
-    """``im`` as ``size x size`` by ``resize`` (one of ``RESIZE_MODES``); the same geometry for any
-    ``resample``, so an image and its mask stay aligned (a mask is padded with ``fill`` = 255)."""
+    """``im`` as ``size x size`` (or ``(width, height)``) by ``resize`` (one of
+    ``RESIZE_MODES``); the same geometry for any ``resample``, so an image and its mask stay
+    aligned (a mask is padded with ``fill`` = 255)."""
     if resize == "pad":
         return resize_pad(im, size, resample, fill)
     return resize_center_crop(im, size, resample)
 
 
-def resize_center_crop(im: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """Resize the shorter side to ``size``, then crop the central square (same geometry for any
-    ``resample``, so an image and its mask stay aligned)."""
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+def resize_center_crop(im: Image.Image, size: Size, resample: Image.Resampling) -> Image.Image:
+    """Resize to cover ``size`` (a square's side, or ``(width, height)``), aspect ratio kept,
+    then crop the centre (same geometry for any ``resample``, so an image and its mask stay
+    aligned)."""
+    (w, h), (sw, sh) = im.size, _wh(size)
+    scale = max(sw / w, sh / h)
+    nw, nh = max(sw, round(w * scale)), max(sh, round(h * scale))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    left, top = (nw - sw) // 2, (nh - sh) // 2
+    return im.crop((left, top, left + sw, top + sh))
 
 
-def resize_pad(im: Image.Image, size: int, resample: Image.Resampling, fill: Any) -> Image.Image:
-    """Resize the longer side to ``size`` (the whole image kept, aspect ratio too), then centre it
-    on a ``size x size`` square of ``fill``."""
-    w, h = im.size
-    scale = size / max(w, h)
-    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+def resize_pad(im: Image.Image, size: Size, resample: Image.Resampling, fill: Any) -> Image.Image:
+    """Resize to fit in ``size`` (the whole image kept, aspect ratio too), then centre it on a
+    canvas of ``size`` filled with ``fill``."""
+    (w, h), (sw, sh) = im.size, _wh(size)
+    scale = min(sw / w, sh / h)
+    nw, nh = min(sw, max(1, round(w * scale))), min(sh, max(1, round(h * scale)))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), resample)
-    if (nw, nh) == (size, size):
+    if (nw, nh) == (sw, sh):
         return im
-    square = Image.new(im.mode, (size, size), fill)
-    square.paste(im, ((size - nw) // 2, (size - nh) // 2))
-    return square
+    canvas = Image.new(im.mode, (sw, sh), fill)
+    canvas.paste(im, ((sw - nw) // 2, (sh - nh) // 2))
+    return canvas

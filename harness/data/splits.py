@@ -18,7 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from harness.api.data import DomainData, ImageFiles, Split, fingerprint_tensors, stratified_split
+from harness.api.data import (
+    DomainData,
+    ImageFiles,
+    Split,
+    fingerprint_tensors,
+    random_split,
+    stratified_split,
+)
 from harness.data.cache import Decoded
 from harness.errors import DatasetError
 
@@ -34,7 +41,7 @@ def files_domain(
 ) -> DomainData:
     """The cached domain as a :class:`DomainData` whose splits are views of the mapped images."""
     good = _readable(files, decoded)
-    labels = torch.tensor(files.labels, dtype=torch.int64)
+    labels = torch.tensor(files.labels, dtype=torch.int64)  # zeros for segmentation
     lists = files.meta.get("lists")
     if protocol == "standard":
         rows = standard_rows(good, labels, lists, role, files.fractions[1], seed)
@@ -44,6 +51,8 @@ def files_domain(
             torch.tensor(sorted(r for r in files.splits[s] if r in keep), dtype=torch.int64)
             for s in ("train", "val", "test")
         )
+    elif files.task == "segmentation":
+        rows = tuple(good[p] for p in random_split(len(good), files.fractions, seed))
     else:
         rows = tuple(good[p] for p in stratified_split(labels[good], files.fractions, seed))
     for split, r in zip(("train", "val", "test"), rows, strict=True):
@@ -53,8 +62,10 @@ def files_domain(
                 hint="add images, or change val_fraction / test_fraction",
             )
     meta = {k: v for k, v in files.meta.items() if k != "lists"}
-    meta |= {"resize": files.resize, "stored_size": decoded.images.shape[-1]}
-    train, val, test = (Split(decoded.images, labels, r, key=decoded.key) for r in rows)
+    h, w = decoded.images.shape[-2:]
+    meta |= {"resize": files.resize, "stored_size": h if h == w else [w, h]}
+    y = labels if decoded.masks is None else decoded.masks
+    train, val, test = (Split(decoded.images, y, r, key=decoded.key) for r in rows)
     return DomainData(
         name=files.name,
         task=files.task,

@@ -43,6 +43,8 @@ class DomainCache:
     def _build(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
         made, spec = self._made(i, side, ref), self.spec
         stored = spec.stored_size(from_files=isinstance(made, api.ImageFiles))
+        if not isinstance(made, api.ImageFiles) and not isinstance(stored, int):
+            stored = spec.image_size
         try:
             data = as_domain(
                 made,
@@ -73,6 +75,8 @@ class DomainCache:
     def _made(self, i: int, side: str, ref: DomainRef) -> api.DomainData | api.ImageFiles:
         """What the dataset plugin makes of the reference; its errors are the study file's."""
         size = self.spec.stored_size(from_files=False)
+        if not isinstance(size, int):  # a generated domain is square: made at image_size
+            size = self.spec.image_size
         try:
             return ref.entry.factory(ref.sub, image_size=size, seed=self.spec.seed, **ref.options)
         except TypeError as exc:

@@ -66,13 +66,14 @@ def _sample_batch(
     source, target = domains.pair_data(i)
     weights = _weights(models, rm, source, pretrain)
     model = models.build_model(rm, weights, target.num_classes, reuse=True)
-    expected = (2, target.num_classes) + (
-        tuple(target.image_shape[1:]) if spec.task == "segmentation" else ()
-    )
+    x = target.val.range(0, 2)
+    if spec.task == "segmentation":  # the model trains on crops of image_size
+        x = x[..., : spec.image_size, : spec.image_size]
+    expected = (2, target.num_classes) + (tuple(x.shape[2:]) if spec.task == "segmentation" else ())
     try:
         with torch.no_grad():
             net = model.eval().to(device)
-            out = net(model_input(target.val.x[:2], net, channels_last=False))
+            out = net(model_input(x, net, channels_last=False))
     except Exception as exc:  # noqa: BLE001 - timm and smp refuse shapes in many ways
         raise PluginContractError(
             f"{rm.method.backbone} + {rm.method.head} fails on a sample batch of "

@@ -300,7 +300,7 @@ def sliding_window(
     x: Tensor,
     window: int | tuple[int, int],
     stride: int | tuple[int, int],
-    num_classes: int,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Per-pixel logits ``(N, num_classes, H, W)`` (float32) of a segmentation model over whole
     images larger than its input window.
@@ -309,7 +309,8 @@ def sliding_window(
     edge; each pixel's logits are summed over the windows that cover it and divided by their
     count. On a side not longer than the window, the window is the whole side (the model then
     sees a smaller input, without padding), so an image that fits is one call. ``model_fn`` maps
-    ``(N, C, h, w)`` to ``(N, num_classes, h, w)``; call this under ``torch.no_grad()``.
+    ``(N, C, h, w)`` to ``(N, num_classes, h, w)`` (``None``: as many as the first window
+    gives); call this under ``torch.no_grad()``.
     """
     _check(x, None)
     win_h, win_w = _pair(window, "window")
@@ -318,11 +319,15 @@ def sliding_window(
         raise ValueError(f"stride {(step_h, step_w)} must not exceed window {(win_h, win_w)}")
     n, _, height, width = x.shape
     win_h, win_w = min(win_h, height), min(win_w, width)
-    total = torch.zeros(n, num_classes, height, width, device=x.device, dtype=torch.float32)
+    total: Tensor | None = None
     count = torch.zeros(1, 1, height, width, device=x.device, dtype=torch.float32)
     for top in _window_starts(height, win_h, step_h):
         for left in _window_starts(width, win_w, step_w):
             logits = model_fn(x[..., top : top + win_h, left : left + win_w])
+            if num_classes is None and logits.dim() == 4:
+                num_classes = logits.shape[1]
+            if total is None:
+                total = x.new_zeros((n, num_classes, height, width), dtype=torch.float32)
             if logits.shape != (n, num_classes, win_h, win_w):
                 raise ValueError(
                     f"model_fn returned {tuple(logits.shape)} for a window of {(win_h, win_w)}, "
@@ -330,6 +335,7 @@ def sliding_window(
                 )
             total[..., top : top + win_h, left : left + win_w] += logits.float()
             count[..., top : top + win_h, left : left + win_w] += 1
+    assert total is not None  # _window_starts gives at least one window per side
     return total.div_(count)
 
 

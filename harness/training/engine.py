@@ -217,16 +217,19 @@ class Trainer:
     def _cropped(
         self, x: Tensor, y: Tensor | None, g: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
-        """Images stored larger than the model's input size, cropped to it: the center crop
-        without augmentation (so frozen features stay cacheable), else a random crop, or a
-        random resized crop when the trial has ``augment.crop_scale``."""
+        """Images stored larger than the model's input size, cropped to it: for a classifier the
+        center crop without augmentation (so frozen features stay cacheable), else a random crop,
+        or a random resized crop when the trial has ``augment.crop_scale``; for segmentation a
+        random crop with its mask (void where the image is smaller)."""
         size = getattr(self.model, "input_size", None)
         if size is None or x.shape[-2:] == (size, size):
             return x, y
         mask = y if y is not None and y.ndim == 3 else None
         scale = self.cfg.params.get("augment.crop_scale")
-        if self.cfg.augment == "none":
-            out = crops.center_crop(x, size, mask=mask)
+        if mask is not None:
+            out = crops.random_crop(x, size, generator=g, mask=mask)
+        elif self.cfg.augment == "none":
+            out = crops.center_crop(x, size)
         elif scale is not None:
             out = crops.random_resized_crop(x, size, (float(scale), 1.0), generator=g, mask=mask)
         else:

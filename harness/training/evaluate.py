@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from harness.api import Split
+from harness.training import crops
 from harness.training import features as feat
 from harness.training.device import Precision
 from harness.training.inputs import image_batches, model_input
@@ -50,10 +53,20 @@ def predict(
     for images in image_batches(split, batch_size):
         x = model_input(images, model, precision.channels_last, device)
         with precision.autocast(device):
-            logits = model(x)
+            logits = forward(model, x)
         out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def forward(model: TransferModel, x: Tensor) -> Tensor:
+    """``model``'s logits for whole images ``x``: one call, or for segmentation images larger
+    than the model's input size (the training crop), the mean over windows of that size that
+    overlap by a third."""
+    size = getattr(model, "input_size", None)
+    if model.task != "segmentation" or size is None or max(x.shape[-2:]) <= size:
+        return model(x)
+    return crops.sliding_window(model, x, size, max(1, math.ceil(size * 2 / 3)))
 
 
 @torch.no_grad()
@@ -76,7 +89,7 @@ def unlabelled_logits(
     for images in image_batches(split, batch_size):
         x = model_input(images, model, precision.channels_last, device)
         with precision.autocast(device):
-            logits = model(x)
+            logits = forward(model, x)
         logits = logits.float()
         if logits.ndim == 4:
             b, c, h, w = logits.shape

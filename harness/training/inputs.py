@@ -44,9 +44,10 @@ def model_input(
 
 
 def centered(x: Tensor, model: Any) -> Tensor:
-    """The center crop of ``model.input_size`` of images stored larger (else ``x`` itself)."""
+    """For a classifier, the center crop of ``model.input_size`` of images stored larger (else
+    ``x`` itself: segmentation scores whole images)."""
     size = getattr(model, "input_size", None)
-    if size is None or x.shape[-2:] == (size, size):
+    if size is None or x.shape[-2:] == (size, size) or model.task != "classification":
         return x
     return center_crop(x, size)
 
