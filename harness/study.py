@@ -211,6 +211,9 @@ class DatasetAlias(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     plugin: str
+    #: this dataset's stored size, where it differs from ``data.stored_size`` (GTA5 at
+    #: [1280, 720] beside Cityscapes at [1024, 512]); the harness's, not an option of the plugin
+    stored_size: int | list[int] | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -284,20 +287,22 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _stored_size(self) -> StudySpec:
-        stored = self.data.stored_size
-        if stored is None:
-            return self
-        sides = [stored] if isinstance(stored, int) else stored
-        if isinstance(stored, list) and (len(stored) != 2 or self.task != "segmentation"):
-            raise ValueError(
-                f"data.stored_size {stored}: [width, height] is for segmentation; "
-                "classification stores squares (one number)"
-            )
-        if not all(self.image_size <= s <= 8192 for s in sides):
-            raise ValueError(
-                f"data.stored_size {stored}: each side must be at least image_size "
-                f"({self.image_size}) and at most 8192"
-            )
+        sizes = {"data.stored_size": self.data.stored_size}
+        sizes |= {f"datasets.{k}.stored_size": a.stored_size for k, a in self.datasets.items()}
+        for key, stored in sizes.items():
+            if stored is None:
+                continue
+            sides = [stored] if isinstance(stored, int) else stored
+            if isinstance(stored, list) and (len(stored) != 2 or self.task != "segmentation"):
+                raise ValueError(
+                    f"{key} {stored}: [width, height] is for segmentation; "
+                    "classification stores squares (one number)"
+                )
+            if not all(self.image_size <= s <= 8192 for s in sides):
+                raise ValueError(
+                    f"{key} {stored}: each side must be at least image_size "
+                    f"({self.image_size}) and at most 8192"
+                )
         return self
 
     def dump(self) -> dict[str, Any]:
@@ -307,12 +312,18 @@ class StudySpec(_Strict):
         out["search"] = self.search.config()
         if self.data == DataSettings():
             del out["data"]
+        for alias in out["datasets"].values():
+            if alias.get("stored_size") is None:
+                alias.pop("stored_size", None)
         return out
 
-    def stored_size(self, from_files: bool) -> int | tuple[int, int]:
-        """The size images are stored at, a side or ``(width, height)``: ``data.stored_size``,
-        else 8/7 of image_size for classification files (256 for 224), image_size otherwise."""
-        stored = self.data.stored_size
+    def stored_size(
+        self, from_files: bool, own: int | list[int] | None = None
+    ) -> int | tuple[int, int]:
+        """The size images are stored at, a side or ``(width, height)``: the dataset's ``own``,
+        else ``data.stored_size``, else 8/7 of image_size for classification files (256 for
+        224), image_size otherwise."""
+        stored = own if own is not None else self.data.stored_size
         if stored is not None:
             return stored if isinstance(stored, int) else (stored[0], stored[1])
         grown = from_files and self.task == "classification"

@@ -1,4 +1,5 @@
-"""The known class names, domains and image counts of the benchmark presets (``presets``).
+"""The known class names, domains and image counts of the benchmark presets (``presets``), and the
+Cityscapes classes and their SYNTHIA subsets (``seg_datasets``, ``presets``' ``synthia``).
 
 Where each list and count comes from is said beside it; a folder-classes list is sorted as the
 harness sorts class folders (``sorted``, so capitals first), a list whose label ids are official
@@ -121,6 +122,16 @@ DOMAINNET_COUNTS = {
     "sketch": 69128,
 }
 
+# Cityscapes (Cordts et al. 2016): the 19 evaluated classes in train-id order, and the label id
+# (gtFine_labelIds.png) of each train id, as cityscapesScripts' helpers/labels.py lists them;
+# every other label id is void (255).
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
 # SYNTHIA-RAND-CITYSCAPES: GT/LABELS/*.png hold the SYNTHIA class id in their first channel
 # (README.txt of the dataset: 0 void, 1 sky, 2 building, 3 road, 4 sidewalk, 5 fence,
 # 6 vegetation, 7 pole, 8 car, 9 traffic sign, 10 pedestrian, 11 bicycle, 12 motorcycle,
@@ -136,6 +147,9 @@ SYNTHIA_TO_TRAIN_ID = {
 SYNTHIA_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 #: the 13-class benchmark drops wall, fence and pole (train ids 3, 4, 5)
 SYNTHIA_13 = tuple(t for t in SYNTHIA_16 if t not in (3, 4, 5))
+#: the Cityscapes train ids kept by the 19-, 16- and 13-class benchmarks (``classes`` of
+#: ``cityscapes``, ``gta5`` and ``synthia``), each kept class's index its position here
+CITYSCAPES_SUBSETS = {19: tuple(range(19)), 16: SYNTHIA_16, 13: SYNTHIA_13}
 
 
 @dataclass(frozen=True)

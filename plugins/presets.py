@@ -6,7 +6,7 @@ Each domain is checked against the known class list (a missing or unknown class 
 run) and image count (a different count is one warning: a partial copy still runs, but its numbers
 do not compare with published ones). ``root`` defaults to ``$HARNESS_DATA/<DomainBed's folder
 name>``. Classification presets return :class:`harness.api.ImageFiles`, which the harness decodes
-once into its cache; ``synthia`` decodes its pairs like ``gta5``.
+once into its cache; so does ``synthia`` (image/label pairs, read like ``gta5``'s).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_png
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, DatasetError, DomainData, ImageFiles, Option, Register
+from harness.api import IGNORE_INDEX, DatasetError, ImageFiles, Option, Register
 from harness_plugins import preset_lists as lists
 from harness_plugins.datasets import RESIZE_OPTION, split_options
 from harness_plugins.images import (
@@ -30,19 +30,21 @@ from harness_plugins.images import (
     check_resize,
     class_files,
     dataset_root,
-    decode_failure,
-    decode_in_order,
-    image_files,
     no_domain,
-    open_rgb,
+    orientation,
     split_fractions,
     subfolders,
-    to_square,
     visible_files,
 )
 from harness_plugins.preset_lists import ALIASES, PRESETS, Preset
-from harness_plugins.seg_datasets import CITYSCAPES_CLASSES
-from harness_plugins.seg_files import DecodedPair, assemble, index_files, pair_up, raise_problems
+from harness_plugins.seg_files import (
+    decode_pair_file,
+    files_key,
+    raise_problems,
+    require_pairs,
+    stem_pairs,
+    street_classes,
+)
 
 __all__ = ["PRESETS", "Preset", "build_synthia", "default_root", "register_datasets"]
 
@@ -343,12 +345,11 @@ def _domainnet_files(p: Preset, root_path: Path, domain: str) -> tuple[list[Path
 def synthia_classes(classes: int) -> tuple[list[str], np.ndarray]:
     """The class names of the 16- or 13-class benchmark (Cityscapes' names, in train-id order)
     and the table SYNTHIA id -> class index (255 = void) for ids 0..65535."""
-    kept = lists.SYNTHIA_16 if classes == 16 else lists.SYNTHIA_13
+    names, train_lut = street_classes(classes)
     lut = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
     for synthia_id, train_id in lists.SYNTHIA_TO_TRAIN_ID.items():
-        if train_id in kept:
-            lut[synthia_id] = kept.index(train_id)
-    return [CITYSCAPES_CLASSES[t] for t in kept], lut
+        lut[synthia_id] = train_lut[train_id]
+    return names, lut
 
 
 def build_synthia(
@@ -363,11 +364,12 @@ def build_synthia(
     resize: str = "center-crop",
     classes: int = 16,
     max_images: int | None = None,
-) -> DomainData:
+) -> ImageFiles:
     """SYNTHIA-RAND-CITYSCAPES: ``root/RGB/<id>.png`` with ``root/GT/LABELS/<id>.png``, whose
     first (16-bit) channel is the SYNTHIA class id, mapped to the 16 (or 13) classes it shares
-    with Cityscapes; every other id is void (255). Unreadable pairs stop the run unless
-    ``skip_bad_files`` leaves them out with a warning."""
+    with Cityscapes; every other id is void (255). The pairs are listed here and decoded once by
+    the harness into its cache. A lone image or label, or an unreadable pair, stops the run
+    unless ``skip_bad_files`` leaves it out with a warning."""
     no_domain("synthia", domain)
     check_options(image_size, max_images)
     check_resize(resize)
@@ -382,59 +384,32 @@ def build_synthia(
             hint=f"set root to the folder laid out as {_SYNTHIA_LAYOUT}",
         )
     names, lut = synthia_classes(classes)
-    images, problems = index_files(image_files(images_dir), lambda q: q.stem, "image")
-    labels, more = index_files(visible_files(labels_dir), _png_stem, "label")
-    _, pairs, more2 = pair_up(images, labels, lambda k: labels_dir / f"{k}.png", max_images)
-    decode = functools.partial(_decode_synthia, image_size=image_size, resize=resize, lut=lut)
-    decoded = decode_in_order(decode, pairs)
-    problems += more + more2 + [msg for d in decoded for msg in d.problems]
+    pairs, problems = stem_pairs(images_dir, labels_dir, "label", max_images)
     if problems and skip_bad_files:
         warnings.warn(f"synthia: {len(problems)} bad pair(s) left out: {problems[0]}", stacklevel=2)
-        decoded, problems = [d for d in decoded if not d.problems], []
+        problems = []
     raise_problems(root_path, problems)
-    return assemble(
-        "synthia",
-        decoded,
-        [d.mask for d in decoded],  # type: ignore[misc]
+    require_pairs(pairs, root_path)
+    read_label = functools.partial(_synthia_label, lut)
+    return ImageFiles(
+        name="synthia",
         class_names=names,
-        seed=seed,
+        paths=[image for image, _ in pairs],
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path), "resize": resize, "classes": classes},
-        where=root_path,
+        resize=resize,
+        skip_bad_files=skip_bad_files,
+        key=files_key(["synthia", classes], [label for _, label in pairs]),
+        meta={"hflip": True, "root": str(root_path), "classes": classes},
+        task="segmentation",
+        decode=functools.partial(decode_pair_file, pairs, read_label, resize),
     )
 
 
-def _png_stem(path: Path) -> str | None:
-    return path.stem if path.suffix.lower() == ".png" else None
-
-
-def _decode_synthia(
-    pair: tuple[Path, Path], *, image_size: int, resize: str, lut: np.ndarray
-) -> DecodedPair:
-    """One pair resized, its label's first channel mapped by ``lut`` (PIL reads 16-bit colour
-    PNGs as 8 bits, so the label is decoded by torchvision, which keeps all 16)."""
-    image_path, label_path = pair
-    out = DecodedPair()
-    try:
-        rgb = open_rgb(image_path)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure makes the file unreadable
-        out.problems.append(f"{image_path}: {decode_failure(image_path, exc)}")
-        return out
-    try:
-        data = torch.frombuffer(bytearray(label_path.read_bytes()), dtype=torch.uint8)
-        ids = decode_png(data, mode=ImageReadMode.UNCHANGED)[0].numpy().astype(np.int64)
-    except Exception as exc:  # noqa: BLE001
-        out.problems.append(f"{label_path}: {decode_failure(label_path, exc)}")
-        return out
-    if ids.shape != (rgb.size[1], rgb.size[0]):
-        out.problems.append(
-            f"{label_path}: label is {ids.shape[1]}x{ids.shape[0]} px but its image "
-            f"{image_path.name} is {rgb.size[0]}x{rgb.size[1]}"
-        )
-        return out
-    mask = Image.fromarray(lut[ids])
-    out.image = np.asarray(to_square(rgb, image_size, Image.Resampling.BILINEAR, resize))
-    out.values = np.unique(ids)
-    resized = to_square(mask, image_size, Image.Resampling.NEAREST, resize, IGNORE_INDEX)
-    out.mask = np.asarray(resized).astype(np.int64)
-    return out
+def _synthia_label(lut: np.ndarray, path: Path) -> tuple[Image.Image, Image.Transpose | None]:
+    """A label's first channel mapped by ``lut`` and its own EXIF orientation (PIL reads 16-bit
+    colour PNGs as 8 bits, so the ids are decoded by torchvision, which keeps all 16)."""
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    ids = decode_png(data, mode=ImageReadMode.UNCHANGED)[0].numpy().astype(np.int64)
+    with Image.open(path) as im:
+        own = orientation(im)
+    return Image.fromarray(lut[ids], mode="L"), own

@@ -5,19 +5,22 @@
 real photographs on a photo background, with noise and blur. Shape is the cue in both; colour and
 texture are the domain gap. ``segfolder`` reads a user's own domains laid out as
 ``root/<domain>/images/<name>.<ext>`` with ``root/<domain>/masks/<name>.png``; ``gta5`` and
-``cityscapes`` read those datasets' on-disk layouts and map them to the 19 Cityscapes train ids.
-Masks are int64 ``(N, H, W)`` with 255 for ignored pixels.
+``cityscapes`` read those datasets' on-disk layouts and map them to the 19 Cityscapes train ids
+(or SYNTHIA's 16 / 13 of them). Those three return :class:`harness.api.ImageFiles` that the harness
+decodes once into its cache (``seg_files`` reads a pair); the shapes are generated in memory.
+Masks are ``(N, H, W)`` class indices with 255 for ignored pixels.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, DatasetError, DomainData, Option, Register
+from harness.api import IGNORE_INDEX, DatasetError, DomainData, ImageFiles, Option, Register
 from harness_plugins.datasets import RESIZE_OPTION, root_option, split_options
 from harness_plugins.images import (
     check_options,
@@ -30,16 +33,26 @@ from harness_plugins.images import (
     subfolders,
     visible_files,
 )
+from harness_plugins.preset_lists import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABEL_IDS,
+    CITYSCAPES_SUBSETS,
+)
 from harness_plugins.seg_files import (
-    DecodedPair,
-    assemble,
-    decode_pairs,
-    decode_stem_pairs,
+    checked_indices,
+    decode_pair_file,
+    files_key,
     index_files,
-    out_of_range,
+    index_mask,
+    label_id_table,
+    largest_index,
+    mapped_ids,
     pair_up,
     raise_problems,
     read_class_names,
+    require_pairs,
+    stem_pairs,
+    street_classes,
 )
 from harness_plugins.shapes import SHAPE_CLASSES, shape_domain
 
@@ -53,39 +66,11 @@ __all__ = [
     "build_seg_synthetic",
     "build_segfolder",
     "register_datasets",
+    "street_classes",
 ]
 
-CITYSCAPES_CLASSES = (
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-)
 #: Cityscapes label id -> train id (the 19 evaluated classes); every other id is ignored (255)
-LABEL_TO_TRAIN_ID: dict[int, int] = {
-    label: train
-    for train, label in enumerate(
-        (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-    )
-}
-_LUT = np.full(256, IGNORE_INDEX, dtype=np.int64)
-for _label, _train in LABEL_TO_TRAIN_ID.items():
-    _LUT[_label] = _train
+LABEL_TO_TRAIN_ID: dict[int, int] = {label: t for t, label in enumerate(CITYSCAPES_LABEL_IDS)}
 
 _SEGFOLDER_LAYOUT = "root/<domain>/images/<name>.<ext> and root/<domain>/masks/<name>.png"
 _GTA5_LAYOUT = "root/images/<id>.png and root/labels/<id>.png"
@@ -111,13 +96,21 @@ _SEGFOLDER_OPTIONS = {
 
 
 def _street_options(layout: str) -> dict[str, Option]:
-    """The options of ``gta5`` and ``cityscapes``: root, split fractions, ``max_images``."""
+    """The options of ``gta5`` and ``cityscapes``: root, split fractions, ``max_images``, the
+    class set and ``resize``."""
     return {
         "root": root_option(layout),
         **split_options(),
         "max_images": Option(
             int, min=1, default=None, help="keep the first N images in sorted order (default: all)"
         ),
+        "classes": Option(
+            int,
+            choices=tuple(CITYSCAPES_SUBSETS),
+            default=19,
+            help="19 Cityscapes classes, or the 16 / 13 that SYNTHIA shares (others void)",
+        ),
+        "resize": RESIZE_OPTION,
     }
 
 
@@ -149,14 +142,14 @@ def register_datasets(register: Register) -> None:
     register(
         "gta5",
         build_gta5,
-        description="GTA5 (root/images, root/labels) mapped to the 19 Cityscapes classes",
+        description="GTA5 (root/images, root/labels) mapped to the 19 (16, 13) Cityscapes classes",
         tasks=seg,
         options=_street_options(_GTA5_LAYOUT),
     )
     register(
         "cityscapes",
         build_cityscapes,
-        description="Cityscapes fine annotations (leftImg8bit, gtFine), 19 classes",
+        description="Cityscapes fine annotations (leftImg8bit, gtFine), 19 (16, 13) classes",
         tasks=seg,
         domains=("train", "val"),
         options=_street_options(_CITYSCAPES_LAYOUT),
@@ -200,15 +193,18 @@ def build_segfolder(
     test_fraction: float = 0.2,
     num_classes: int | None = None,
     resize: str = "center-crop",
-) -> DomainData:
-    """One domain of ``root/<domain>/images/<name>.<ext>`` + ``root/<domain>/masks/<name>.png``.
+) -> ImageFiles:
+    """One domain of ``root/<domain>/images/<name>.<ext>`` + ``root/<domain>/masks/<name>.png``,
+    as files for the harness to decode once into its cache (see ``seg_files``).
 
-    ``resize`` is how an image and its mask become squares (``"center-crop"`` or ``"pad"``, the
-    mask padded with 255), as for ``folder``; it is recorded as ``meta["resize"]``.
+    ``resize`` is how an image and its mask become the stored size (``"center-crop"`` or
+    ``"pad"``, the mask padded with 255), as for ``folder``; it is recorded as ``meta["resize"]``.
 
     Class names come from ``root/<domain>/classes.txt`` or ``root/classes.txt`` (one per line);
     otherwise they are ``"0".."K-1"`` with ``K = num_classes`` or 1 + the largest index found in
-    this domain's masks (give ``classes.txt`` or ``num_classes`` so that domains agree).
+    this domain's masks (read here for it: give ``classes.txt`` or ``num_classes`` so that domains
+    agree and the masks are read once). A mask value outside ``0..K-1`` (and 255) stops the run
+    with the mask named.
     """
     check_options(image_size)
     check_resize(resize)
@@ -220,28 +216,26 @@ def build_segfolder(
     images_dir, masks_dir = domain_dir / "images", domain_dir / "masks"
     require_dirs((images_dir, masks_dir), _SEGFOLDER_LAYOUT)
     class_names = _segfolder_class_names(domain_dir, root_path, num_classes)
-    pairs, decoded, problems = decode_stem_pairs(
-        images_dir, masks_dir, "mask", image_size, resize=resize
-    )
-    k = _class_count(class_names, num_classes, decoded)
-    for (_, mask_path), d in zip(pairs, decoded, strict=True):
-        if d.values is not None and (msg := out_of_range(mask_path, d.values, k)):
-            problems.append(msg)
+    pairs, problems = stem_pairs(images_dir, masks_dir, "mask")
     raise_problems(domain_dir, problems)
+    require_pairs(pairs, domain_dir)
+    k = _class_count(class_names, num_classes, [m for _, m in pairs])
     if k == 0:
         raise DatasetError(
             f"the masks in {masks_dir} hold no class indices (every pixel is {IGNORE_INDEX})",
             hint="add root/classes.txt or set num_classes",
         )
-    return assemble(
-        domain,
-        decoded,
-        [d.mask for d in decoded],  # type: ignore[misc]
+    read_mask = functools.partial(index_mask, functools.partial(checked_indices, k, None))
+    return ImageFiles(
+        name=str(domain),
         class_names=class_names or [str(i) for i in range(k)],
-        seed=seed,
+        paths=[image for image, _ in pairs],
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path), "resize": resize},
-        where=domain_dir,
+        resize=resize,
+        key=files_key(["segfolder", k], [m for _, m in pairs]),
+        meta={"hflip": True, "root": str(root_path)},
+        task="segmentation",
+        decode=functools.partial(decode_pair_file, pairs, read_mask, resize),
     )
 
 
@@ -260,16 +254,13 @@ def _segfolder_class_names(
     return class_names
 
 
-def _class_count(
-    class_names: list[str] | None, num_classes: int | None, decoded: list[DecodedPair]
-) -> int:
+def _class_count(class_names: list[str] | None, num_classes: int | None, masks: list[Path]) -> int:
     """The number of classes: named, given, or 1 + the largest index in the masks."""
     if class_names is not None:
         return len(class_names)
     if num_classes is not None:
         return num_classes
-    found = [d.values[d.values != IGNORE_INDEX] for d in decoded if d.values is not None]
-    return 1 + max((int(v.max()) for v in found if len(v)), default=-1)
+    return 1 + largest_index(masks)
 
 
 # --------------------------------------------------------------------------------------- gta5
@@ -284,35 +275,38 @@ def build_gta5(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     max_images: int | None = None,
-) -> DomainData:
+    classes: int = 19,
+    resize: str = "center-crop",
+) -> ImageFiles:
     """GTA5 as ``root/images/<id>.png`` + ``root/labels/<id>.png`` (Cityscapes label ids), mapped
-    to the 19 train ids; ``max_images`` keeps the first N ids in sorted order."""
+    to the 19 train ids, or with ``classes`` = 16 / 13 to SYNTHIA's shared subsets (indices in
+    subset order, the other classes void); ``max_images`` keeps the first N ids in sorted order.
+    Papers store GTA5 at ``(1280, 720)``: ``[data] stored_size`` decides."""
     no_domain("gta5", domain)
     check_options(image_size, max_images)
+    check_resize(resize)
     fractions = split_fractions("gta5", val_fraction, test_fraction)
+    names, train_lut = street_classes(classes)
     root_path = dataset_root(root, "gta5", _GTA5_LAYOUT)
     images_dir, labels_dir = root_path / "images", root_path / "labels"
     require_dirs((images_dir, labels_dir), _GTA5_LAYOUT)
-    _, decoded, problems = decode_stem_pairs(
-        images_dir, labels_dir, "label", image_size, max_images
-    )
+    pairs, problems = stem_pairs(images_dir, labels_dir, "label", max_images)
     raise_problems(root_path, problems)
-    return assemble(
-        "gta5",
-        decoded,
-        [_to_train_ids(d.mask) for d in decoded],  # type: ignore[arg-type]
-        class_names=CITYSCAPES_CLASSES,
-        seed=seed,
-        fractions=fractions,
-        meta={"hflip": True, "root": str(root_path)},
-        where=root_path,
+    require_pairs(pairs, root_path)
+    read_mask = functools.partial(
+        index_mask, functools.partial(mapped_ids, label_id_table(train_lut))
     )
-
-
-def _to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """Map Cityscapes label ids to train ids (anything unknown -> 255)."""
-    known = (label_ids >= 0) & (label_ids < len(_LUT))
-    return np.where(known, _LUT[np.clip(label_ids, 0, len(_LUT) - 1)], IGNORE_INDEX)
+    return ImageFiles(
+        name="gta5",
+        class_names=names,
+        paths=[image for image, _ in pairs],
+        fractions=fractions,
+        resize=resize,
+        key=files_key(["gta5", classes], [m for _, m in pairs]),
+        meta={"hflip": True, "root": str(root_path), "classes": classes},
+        task="segmentation",
+        decode=functools.partial(decode_pair_file, pairs, read_mask, resize),
+    )
 
 
 # --------------------------------------------------------------------------------------- cityscapes
@@ -331,17 +325,22 @@ def build_cityscapes(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     max_images: int | None = None,
-) -> DomainData:
+    classes: int = 19,
+    resize: str = "center-crop",
+) -> ImageFiles:
     """Cityscapes ``root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
-    ``root/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`` (used as is) or
-    ``..._gtFine_labelIds.png`` (mapped to the 19 train ids).
+    ``root/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`` (train ids 0..18 and 255,
+    checked) or ``..._gtFine_labelIds.png`` (mapped to the 19 train ids); with ``classes`` = 16
+    / 13, SYNTHIA's shared subsets (indices in subset order, the other classes void).
 
     ``domain`` names one split folder (``train``, ``val``); without it train and val are pooled.
     Either way the images are split again by ``seed`` and the fractions; ``max_images`` keeps the
     first N (split, city, stem) in sorted order.
     """
     check_options(image_size, max_images)
+    check_resize(resize)
     fractions = split_fractions("cityscapes", val_fraction, test_fraction)
+    names, train_lut = street_classes(classes)
     root_path = dataset_root(root, "cityscapes", _CITYSCAPES_LAYOUT)
     img_root, gt_root = root_path / "leftImg8bit", root_path / "gtFine"
     require_dirs((img_root, gt_root), _CITYSCAPES_LAYOUT)
@@ -352,26 +351,50 @@ def build_cityscapes(
     # prefer labelTrainIds over labelIds where both exist
     train_ids, _ = index_files(gt_paths, _key(_TRAIN_IDS), "label")
     label_ids, _ = index_files(gt_paths, _key(_LABEL_IDS), "label")
-    gts = {**label_ids, **train_ids}
 
     def expected(k: tuple[str, str, str]) -> Path:
         return gt_root / k[0] / k[1] / f"{k[2]}{_LABEL_IDS}"
 
-    keys, pairs, more = pair_up(images, gts, expected, max_images)
-    problems += more
-    decoded = decode_pairs(pairs, image_size)
-    masks = _cityscapes_masks(keys, pairs, decoded, set(train_ids), problems)
-    raise_problems(root_path, problems)
-    return assemble(
-        "cityscapes" if domain is None else f"cityscapes/{domain}",
-        decoded,
-        masks,
-        class_names=CITYSCAPES_CLASSES,
-        seed=seed,
+    _, pairs, more = pair_up(images, {**label_ids, **train_ids}, expected, max_images)
+    raise_problems(root_path, problems + more)
+    require_pairs(pairs, root_path)
+    decode = functools.partial(_decode_cityscapes, pairs, label_id_table(train_lut), train_lut)
+    meta = {"hflip": True, "root": str(root_path), "classes": classes}
+    folders = [image.relative_to(img_root).parts[0] for image, _ in pairs]
+    if domain is None and {"train", "val"} <= set(folders):
+        # the official lists: protocol = "standard" trains on train (unlabelled) and tests on val
+        meta["lists"] = {
+            "train": [i for i, f in enumerate(folders) if f == "train"],
+            "test": [i for i, f in enumerate(folders) if f == "val"],
+        }
+    return ImageFiles(
+        name="cityscapes" if domain is None else f"cityscapes/{domain}",
+        class_names=names,
+        paths=[image for image, _ in pairs],
         fractions=fractions,
-        meta={"hflip": True, "root": str(root_path)},
-        where=root_path,
+        resize=resize,
+        key=files_key(["cityscapes", classes], [m for _, m in pairs]),
+        meta=meta,
+        task="segmentation",
+        decode=functools.partial(decode, resize),
     )
+
+
+def _decode_cityscapes(
+    pairs: list[tuple[Path, Path]],
+    label_lut: np.ndarray,
+    train_lut: np.ndarray,
+    resize: str,
+    i: int,
+    size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair ``i`` at ``size``: a ``labelTrainIds`` mask checked (0..18, 255) and mapped by
+    ``train_lut``, a ``labelIds`` mask mapped by ``label_lut``."""
+    if pairs[i][1].name.endswith(_TRAIN_IDS):
+        convert = functools.partial(checked_indices, len(CITYSCAPES_CLASSES), train_lut)
+    else:
+        convert = functools.partial(mapped_ids, label_lut)
+    return decode_pair_file(pairs, functools.partial(index_mask, convert), resize, i, size)
 
 
 def _cityscapes_splits(img_root: Path, domain: str | None) -> list[str]:
@@ -408,28 +431,6 @@ def _cityscapes_files(
                 p for p in visible_files(city_dir) if p.name.endswith((_LABEL_IDS, _TRAIN_IDS))
             ]
     return image_paths, gt_paths
-
-
-def _cityscapes_masks(
-    keys: list[tuple[str, str, str]],
-    pairs: list[tuple[Path, Path]],
-    decoded: list[DecodedPair],
-    train_id_keys: set[tuple[str, str, str]],
-    problems: list[str],
-) -> list[np.ndarray]:
-    """The train-id masks of the decoded pairs; their problems are added to ``problems``."""
-    masks: list[np.ndarray] = []
-    for k, (_, gt_path), d in zip(keys, pairs, decoded, strict=True):
-        problems += d.problems
-        if d.mask is None or d.values is None:
-            continue
-        if k in train_id_keys:
-            if msg := out_of_range(gt_path, d.values, len(CITYSCAPES_CLASSES)):
-                problems.append(msg)
-            masks.append(d.mask)
-        else:
-            masks.append(_to_train_ids(d.mask))
-    return masks
 
 
 def _city_dirs(split_dir: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from harness.api import DatasetError, ImageFiles
+from harness.data.domains import as_domain
 from harness_plugins import preset_lists as lists
 from harness_plugins.datasets import build_folder
 from harness_plugins.presets import PRESETS, build_synthia, register_datasets
@@ -208,7 +209,9 @@ def test_synthia_maps_ids_to_the_cityscapes_subsets(tmp_path):
             tmp_path / "RGB" / f"{k:07d}.png"
         )
         _png16(tmp_path / "GT" / "LABELS" / f"{k:07d}.png", ids)
-    data16 = build_synthia(None, image_size=24, seed=0, root=str(tmp_path))
+    made = build_synthia(None, image_size=24, seed=0, root=str(tmp_path))
+    assert isinstance(made, ImageFiles) and made.task == "segmentation" and len(made.paths) == 5
+    data16 = _synthia(made, 24)
     assert data16.class_names == [
         "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
         "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
@@ -220,11 +223,44 @@ def test_synthia_maps_ids_to_the_cityscapes_subsets(tmp_path):
         got = set(mask[torch_ids(ids) == synthia_id].tolist())
         assert got == {expect16.get(synthia_id, 255)}, synthia_id
     assert int(mask[0, 0]) == 255
-    data13 = build_synthia(None, image_size=24, seed=0, root=str(tmp_path), classes=13)
+    data13 = _synthia(build_synthia(None, image_size=24, seed=0, root=str(tmp_path), classes=13))
     assert len(data13.class_names) == 13 and "wall" not in data13.class_names
     mask13 = data13.train.y[0]
     assert set(mask13[torch_ids(ids) == 21].tolist()) == {255}  # wall: void with 13 classes
     assert set(mask13[torch_ids(ids) == 11].tolist()) == {12}  # bicycle is the 13th class
+
+
+def _synthia(made: ImageFiles, size: int | tuple[int, int] = 24):
+    """``synthia``'s files as the harness makes them a domain (decoded through the cache)."""
+    return as_domain(made, size, seed=0, log=lambda _: None)
+
+
+def test_synthia_problems_and_rectangles(tmp_path):
+    ids = np.full((12, 16), 3)  # road
+    ids[:, 8:] = 11  # bicycle on the right half
+    for k in range(5):
+        Image.new("RGB", (16, 12), (200, 10, 10)).save(_mkdir(tmp_path / "RGB") / f"{k:07d}.png")
+        _png16(tmp_path / "GT" / "LABELS" / f"{k:07d}.png", ids)
+    data = _synthia(build_synthia(None, image_size=24, seed=0, root=str(tmp_path)), (8, 6))
+    y = data.train.y
+    assert y.shape[1:] == (6, 8)
+    assert bool((y[:, :, :4] == 0).all()) and bool((y[:, :, 4:] == 15).all())
+    (tmp_path / "RGB" / "9999999.png").write_bytes(b"x")  # an image without a label
+    with pytest.raises(DatasetError, match="image without a mask"):
+        build_synthia(None, image_size=24, seed=0, root=str(tmp_path))
+    with pytest.warns(UserWarning, match="1 bad pair"):
+        made = build_synthia(None, image_size=24, seed=0, root=str(tmp_path), skip_bad_files=True)
+    assert len(made.paths) == 5
+    _png16(tmp_path / "GT" / "LABELS" / "0000001.png", ids[:6])  # a label of another size
+    made = build_synthia(None, image_size=24, seed=0, root=str(tmp_path), skip_bad_files=True)
+    with pytest.warns(UserWarning, match=r"0000001\.png: mask is 16x6 px but its image"):
+        data = _synthia(made, 8)  # decoded: the pair is listed and left out
+    assert sum(len(s) for s in (data.train, data.val, data.test)) == 4
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def torch_ids(ids: np.ndarray):

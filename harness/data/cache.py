@@ -36,7 +36,7 @@ from torch import Tensor
 
 from harness.api.data import ImageFiles
 from harness.data.decode import decode_failure, read_image
-from harness.errors import CacheError, PluginContractError
+from harness.errors import CacheError, DatasetError, PluginContractError
 from harness.fileio import cache_dir, write_json
 
 #: bump when the file layout or the decoding changes, so that old files are rebuilt
@@ -321,6 +321,8 @@ def _read(
         return pixels, None, error
     try:
         pixels, mask = files.decode(i, (h, w))
+    except DatasetError as exc:  # the dataset's own words for what is wrong with the file
+        return None, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure makes the file unreadable
         return None, None, decode_failure(path, exc)
     pixels = np.asarray(pixels)

@@ -13,7 +13,7 @@ from harness.errors import PluginContractError
 
 def as_domain(
     made: DomainData | ImageFiles,
-    stored_size: int,
+    stored_size: int | tuple[int, int],
     *,
     seed: int,
     protocol: str = "held-out",

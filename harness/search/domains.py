@@ -42,7 +42,7 @@ class DomainCache:
 
     def _build(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
         made, spec = self._made(i, side, ref), self.spec
-        stored = spec.stored_size(from_files=isinstance(made, api.ImageFiles))
+        stored = spec.stored_size(isinstance(made, api.ImageFiles), ref.stored_size)
         if not isinstance(made, api.ImageFiles) and not isinstance(stored, int):
             stored = spec.image_size
         try:
@@ -74,7 +74,7 @@ class DomainCache:
 
     def _made(self, i: int, side: str, ref: DomainRef) -> api.DomainData | api.ImageFiles:
         """What the dataset plugin makes of the reference; its errors are the study file's."""
-        size = self.spec.stored_size(from_files=False)
+        size = self.spec.stored_size(False, ref.stored_size)
         if not isinstance(size, int):  # a generated domain is square: made at image_size
             size = self.spec.image_size
         try:

@@ -83,6 +83,23 @@ def _sample_batch(
         raise PluginContractError(f"model output has shape {tuple(out.shape)}, expected {expected}")
 
 
+def check_protocol(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
+    """Refuse, under ``protocol = "standard"`` (where the target's training images are its test
+    images), a method that trains on target labels: it would be scored on what it learned."""
+    if spec.data.protocol != "standard":
+        return
+    for j, rm in enumerate(methods):
+        labels = rm.new_strategy().target_labels
+        if labels != "none":
+            raise spec_error(
+                spec,
+                f"methods[{j}].strategy",
+                f"{rm.method.strategy!r} trains on target labels (target_labels = {labels!r}), "
+                "but under data.protocol = \"standard\" the target's training images are its test "
+                "images; use protocol = \"held-out\" for target-supervised methods",
+            )
+
+
 def preflight(
     methods: list[ResolvedMethod],
     models: ModelFactory,
@@ -93,6 +110,7 @@ def preflight(
     ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
     check_search_space(spec, methods)
+    check_protocol(spec, methods)
     for i in range(len(spec.pairs)):
         domains.pair_data(i)
         for j, rm in enumerate(methods):

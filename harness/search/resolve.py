@@ -23,6 +23,8 @@ class DomainRef:
     entry: Entry
     sub: str | None
     options: dict[str, Any]
+    #: the dataset alias's own stored size, if it sets one
+    stored_size: int | list[int] | None = None
 
 
 @dataclass
@@ -59,6 +61,7 @@ def plugin_label(entry: Entry, registry: Registry | None = None) -> str:
 def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> DomainRef:
     """The dataset entry, sub-domain and options a pair's ``source`` or ``target`` names."""
     name, _, sub = text.partition("/")
+    stored = spec.datasets[name].stored_size if name in spec.datasets else None
     try:
         if name in spec.datasets:
             alias = spec.datasets[name]
@@ -78,7 +81,7 @@ def resolve_domain(spec: StudySpec, registry: Registry, text: str, key: str) -> 
         check_options(entry, options, name)
     except HarnessError as exc:
         raise spec_error(spec, f"datasets.{name}" if name in spec.datasets else key, exc) from None
-    return DomainRef(text, entry, sub or None, options)
+    return DomainRef(text, entry, sub or None, options, stored)
 
 
 def _check_tasks(spec: StudySpec, i: int, m: Method, entries: dict[str, Entry]) -> None:
