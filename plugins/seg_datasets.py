@@ -14,13 +14,11 @@ Masks are ``(N, H, W)`` class indices with 255 for ignored pixels.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from harness import hookimpl
 from harness.api import IGNORE_INDEX, DatasetError, DomainData, ImageFiles, Option, Register
+from harness_plugins.cityscapes import CITYSCAPES_LAYOUT, build_cityscapes
 from harness_plugins.datasets import RESIZE_OPTION, root_option, split_options
 from harness_plugins.images import (
     check_options,
@@ -31,7 +29,6 @@ from harness_plugins.images import (
     require_dirs,
     split_fractions,
     subfolders,
-    visible_files,
 )
 from harness_plugins.preset_lists import (
     CITYSCAPES_CLASSES,
@@ -42,12 +39,10 @@ from harness_plugins.seg_files import (
     checked_indices,
     decode_pair_file,
     files_key,
-    index_files,
     index_mask,
     label_id_table,
     largest_index,
     mapped_ids,
-    pair_up,
     raise_problems,
     read_class_names,
     require_pairs,
@@ -74,7 +69,6 @@ LABEL_TO_TRAIN_ID: dict[int, int] = {label: t for t, label in enumerate(CITYSCAP
 
 _SEGFOLDER_LAYOUT = "root/<domain>/images/<name>.<ext> and root/<domain>/masks/<name>.png"
 _GTA5_LAYOUT = "root/images/<id>.png and root/labels/<id>.png"
-_CITYSCAPES_LAYOUT = "root/leftImg8bit/<split>/<city>/*_leftImg8bit.png and root/gtFine/<split>/<city>/*_gtFine_labelIds.png"
 
 
 def _shape_options(scene_seed: int) -> dict[str, Option]:
@@ -152,7 +146,7 @@ def register_datasets(register: Register) -> None:
         description="Cityscapes fine annotations (leftImg8bit, gtFine), 19 (16, 13) classes",
         tasks=seg,
         domains=("train", "val"),
-        options=_street_options(_CITYSCAPES_LAYOUT),
+        options=_street_options(CITYSCAPES_LAYOUT),
     )
 
 
@@ -310,139 +304,3 @@ def build_gta5(
 
 
 # --------------------------------------------------------------------------------------- cityscapes
-
-_IMAGE_SUFFIX = "_leftImg8bit.png"
-_LABEL_IDS = "_gtFine_labelIds.png"
-_TRAIN_IDS = "_gtFine_labelTrainIds.png"
-
-
-def build_cityscapes(
-    domain: str | None,
-    *,
-    image_size: int,
-    seed: int,
-    root: str,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    max_images: int | None = None,
-    classes: int = 19,
-    resize: str = "center-crop",
-) -> ImageFiles:
-    """Cityscapes ``root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
-    ``root/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`` (train ids 0..18 and 255,
-    checked) or ``..._gtFine_labelIds.png`` (mapped to the 19 train ids); with ``classes`` = 16
-    / 13, SYNTHIA's shared subsets (indices in subset order, the other classes void).
-
-    ``domain`` names one split folder (``train``, ``val``); without it train and val are pooled.
-    Either way the images are split again by ``seed`` and the fractions; ``max_images`` keeps the
-    first N (split, city, stem) in sorted order.
-    """
-    check_options(image_size, max_images)
-    check_resize(resize)
-    fractions = split_fractions("cityscapes", val_fraction, test_fraction)
-    names, train_lut = street_classes(classes)
-    root_path = dataset_root(root, "cityscapes", _CITYSCAPES_LAYOUT)
-    img_root, gt_root = root_path / "leftImg8bit", root_path / "gtFine"
-    require_dirs((img_root, gt_root), _CITYSCAPES_LAYOUT)
-    image_paths, gt_paths = _cityscapes_files(
-        img_root, gt_root, _cityscapes_splits(img_root, domain)
-    )
-    images, problems = index_files(image_paths, _key(_IMAGE_SUFFIX), "image")
-    # prefer labelTrainIds over labelIds where both exist
-    train_ids, _ = index_files(gt_paths, _key(_TRAIN_IDS), "label")
-    label_ids, _ = index_files(gt_paths, _key(_LABEL_IDS), "label")
-
-    def expected(k: tuple[str, str, str]) -> Path:
-        return gt_root / k[0] / k[1] / f"{k[2]}{_LABEL_IDS}"
-
-    _, pairs, more = pair_up(images, {**label_ids, **train_ids}, expected, max_images)
-    raise_problems(root_path, problems + more)
-    require_pairs(pairs, root_path)
-    decode = functools.partial(_decode_cityscapes, pairs, label_id_table(train_lut), train_lut)
-    meta = {"hflip": True, "root": str(root_path), "classes": classes}
-    folders = [image.relative_to(img_root).parts[0] for image, _ in pairs]
-    if domain is None and {"train", "val"} <= set(folders):
-        # the official lists: protocol = "standard" trains on train (unlabelled) and tests on val
-        meta["lists"] = {
-            "train": [i for i, f in enumerate(folders) if f == "train"],
-            "test": [i for i, f in enumerate(folders) if f == "val"],
-        }
-    return ImageFiles(
-        name="cityscapes" if domain is None else f"cityscapes/{domain}",
-        class_names=names,
-        paths=[image for image, _ in pairs],
-        fractions=fractions,
-        resize=resize,
-        key=files_key(["cityscapes", classes], [m for _, m in pairs]),
-        meta=meta,
-        task="segmentation",
-        decode=functools.partial(decode, resize),
-    )
-
-
-def _decode_cityscapes(
-    pairs: list[tuple[Path, Path]],
-    label_lut: np.ndarray,
-    train_lut: np.ndarray,
-    resize: str,
-    i: int,
-    size: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pair ``i`` at ``size``: a ``labelTrainIds`` mask checked (0..18, 255) and mapped by
-    ``train_lut``, a ``labelIds`` mask mapped by ``label_lut``."""
-    if pairs[i][1].name.endswith(_TRAIN_IDS):
-        convert = functools.partial(checked_indices, len(CITYSCAPES_CLASSES), train_lut)
-    else:
-        convert = functools.partial(mapped_ids, label_lut)
-    return decode_pair_file(pairs, functools.partial(index_mask, convert), resize, i, size)
-
-
-def _cityscapes_splits(img_root: Path, domain: str | None) -> list[str]:
-    """The split folders to read: ``domain``, or train and val (those there are) without one."""
-    available = subfolders(img_root)
-    if domain is None:
-        splits = [s for s in ("train", "val") if s in available]
-        if not splits:
-            raise DatasetError(
-                f"{img_root} has neither a train nor a val folder; found: {', '.join(available) or 'none'}",
-                hint=f"lay the data out as {_CITYSCAPES_LAYOUT}",
-            )
-        return splits
-    if domain in available:
-        return [domain]
-    raise DatasetError(
-        f"cityscapes split folder not found: {img_root / domain}; available: "
-        f"{', '.join(available) or 'none'}",
-        hint="name a split folder (cityscapes/train, cityscapes/val) or none to pool train and val",
-    )
-
-
-def _cityscapes_files(
-    img_root: Path, gt_root: Path, splits: list[str]
-) -> tuple[list[Path], list[Path]]:
-    """The image files and the label files (either kind) of every city of ``splits``."""
-    image_paths: list[Path] = []
-    gt_paths: list[Path] = []
-    for split in splits:
-        for city_dir in _city_dirs(img_root / split):
-            image_paths += [p for p in visible_files(city_dir) if p.name.endswith(_IMAGE_SUFFIX)]
-        for city_dir in _city_dirs(gt_root / split):
-            gt_paths += [
-                p for p in visible_files(city_dir) if p.name.endswith((_LABEL_IDS, _TRAIN_IDS))
-            ]
-    return image_paths, gt_paths
-
-
-def _city_dirs(split_dir: Path) -> list[Path]:
-    return [split_dir / c for c in subfolders(split_dir)] if split_dir.is_dir() else []
-
-
-def _key(suffix: str) -> Callable[[Path], tuple[str, str, str] | None]:
-    """Key a Cityscapes file by (split, city, stem) when its name ends with ``suffix``."""
-
-    def key(path: Path) -> tuple[str, str, str] | None:
-        if not path.name.endswith(suffix):
-            return None
-        return path.parent.parent.name, path.parent.name, path.name[: -len(suffix)]
-
-    return key

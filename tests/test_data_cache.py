@@ -175,7 +175,7 @@ def test_bad_files_are_listed_from_the_cache_too(tmp_path: Path, root: Path) -> 
     paths = _tree(tmp_path / "d")
     paths[2].write_bytes(b"junk")
     paths[9].write_bytes(b"")
-    for attempt in range(2):  # decoded, then read from the cache's description
+    for _ in range(2):  # decoded, then read from the cache's description
         with pytest.raises(DatasetError) as info:
             as_domain(_files(paths), 8, seed=0, log=lambda _: None)
         text = str(info.value)
