@@ -225,7 +225,10 @@ def test_folder_reads_domain(folder_root: Path) -> None:
     data.check(image_size=16)
     assert data.class_names == list(CLASSES)
     assert data.meta == {
-        "hflip": True, "root": str(folder_root), "resize": "center-crop", "stored_size": 16
+        "hflip": True,
+        "root": str(folder_root),
+        "resize": "center-crop",
+        "stored_size": 16,
     }
     x, y = _all_images(data), _all_labels(data)
     assert x.dtype == torch.uint8 and x.shape == (15, 3, 16, 16)
@@ -261,9 +264,7 @@ def test_folder_options(folder_root: Path, tmp_path: Path, monkeypatch: pytest.M
     )
     assert (len(data.train), len(data.val), len(data.test)) == (6, 6, 3)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert _folder("photo", image_size=16, seed=0, root="~/data").meta["root"] == str(
-        folder_root
-    )
+    assert _folder("photo", image_size=16, seed=0, root="~/data").meta["root"] == str(folder_root)
     with pytest.raises(TypeError):
         _folder("photo", image_size=16, seed=0, root=str(folder_root), bogus=1)
     with pytest.raises(DatasetError, match="val_fraction"):

@@ -335,10 +335,7 @@ def test_segfolder_reports_layout_then_pixel_problems(seg_root: Path) -> None:
     assert (
         f"{masks / 'wrongsize.png'}: mask is 12x10 px but its image wrongsize.png is 24x20" in msg
     )
-    assert (
-        f"{images / 'outofrange.png'}: {masks / 'outofrange.png'}: class index 7, 9"
-        in msg
-    )
+    assert f"{images / 'outofrange.png'}: {masks / 'outofrange.png'}: class index 7, 9" in msg
     assert f"{masks / 'broken.png'}: not an image" in msg
     _segfolder("night", image_size=S, seed=0, root=str(seg_root))  # unaffected
 

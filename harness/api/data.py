@@ -78,7 +78,9 @@ class Split:
     @property
     def nbytes(self) -> int:
         """Bytes of the split's images and labels (what moving it whole would take)."""
-        per_label = self.store_y[0].numel() * self.store_y.element_size() if len(self.store_y) else 0
+        per_label = (
+            self.store_y[0].numel() * self.store_y.element_size() if len(self.store_y) else 0
+        )
         return len(self) * (self.store_x[0].numel() + per_label) if len(self.store_x) else 0
 
     def rows(self, idx: Tensor) -> Tensor:

@@ -95,8 +95,8 @@ def check_protocol(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
                 spec,
                 f"methods[{j}].strategy",
                 f"{rm.method.strategy!r} trains on target labels (target_labels = {labels!r}), "
-                "but under data.protocol = \"standard\" the target's training images are its test "
-                "images; use protocol = \"held-out\" for target-supervised methods",
+                'but under data.protocol = "standard" the target\'s training images are its test '
+                'images; use protocol = "held-out" for target-supervised methods',
             )
 
 
