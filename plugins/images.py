@@ -1,8 +1,9 @@
 """Reading image files for the dataset plugins: listing, decoding, resizing and the messages.
 
-How a file on disk becomes a uint8 array is ``harness.data.decode``'s (re-exported here), so
+How a file on disk becomes a uint8 array is ``harness.api.images``' (re-exported here), so
 that the classification folders and the segmentation readers decode, resize and report bad files
-the same way, and check their options (root, domain, fractions, image size, resize) with the same words.
+the same way, and check their options (root, domain, fractions, image size, resize) with the same
+words.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from harness.api import DataNotFoundError, DatasetError, DomainData
-from harness.data.decode import (
+from harness.api.images import (
     BACKGROUND,
     IMAGE_EXTENSIONS,
     INDEX_MODES,
