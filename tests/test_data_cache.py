@@ -231,3 +231,17 @@ def test_forced_streaming_is_logged_and_recorded(tmp_path: Path) -> None:
     placed = place(data, torch.device("cpu"), "stream", 0.5, lines.append)
     assert placed.meta["placement"]["where"] == "host" and "streamed" in lines[0]
     assert place(data, torch.device("cpu"), "auto", 0.5, lines.append).meta == data.meta
+
+
+def test_a_run_keeps_its_mapped_copy_when_the_files_or_the_cache_change(
+    tmp_path: Path, root: Path
+) -> None:
+    paths = _tree(tmp_path / "d")
+    mapped = _load(_files(paths), root)
+    before = mapped.images.clone()
+    mapped.path.with_suffix(".json").write_text("{}")  # another process rebuilds the cache file
+    rebuilt = _load(_files(paths), root)
+    assert rebuilt.built and rebuilt.path == mapped.path  # renamed over the file this run maps
+    for path in paths[:5]:
+        path.unlink()  # and the dataset root changes under the run
+    assert torch.equal(mapped.images, before)  # the run reads what it mapped
