@@ -326,8 +326,8 @@ def plugins(
 def validate(
     study: StudyOpt, storage: StorageOpt = None, results_dir: ResultsOpt = None, set_: SetOpt = None
 ) -> None:
-    """Check a study as `harness run` does before training, writing nothing: plugins and options,
-    device, datasets, weights files, a batch through each model, and the stored studies' settings.
+    """Check a study as `harness run` does before training, writing no results: plugins, options,
+    device, datasets (decoded into the image cache as a run would), weights, a batch per model.
 
     Example: harness validate --study quickstart
     """

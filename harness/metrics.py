@@ -63,11 +63,7 @@ def segmentation_metrics(
 ) -> dict[str, float | list[float]]:
     """Mean IoU over the classes that occur in prediction or truth (void pixels ignored), pixel
     accuracy, and the IoU of every class (NaN for a class absent from both)."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    cm = multiclass_confusion_matrix(
-        preds.cpu().flatten(), y.cpu().flatten(), num_classes, ignore_index=IGNORE_INDEX
-    ).double()
+    cm = confusion_matrix(preds, y, num_classes).double()
     tp = cm.diagonal()
     union = cm.sum(0) + cm.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
@@ -77,6 +73,19 @@ def segmentation_metrics(
         "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
         "per_class_iou": [float(v) for v in iou],
     }
+
+
+def confusion_matrix(preds: Tensor, y: Tensor, num_classes: int, chunk: int = 16) -> Tensor:
+    """Pixel counts ``[truth, prediction]`` over masks ``(N, H, W)``, void truth left out,
+    accumulated a few images at a time (whole-image masks at 1024x512 and more would not fit
+    as one int64 index)."""
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for start in range(0, len(y), chunk):
+        t = y[start : start + chunk].cpu().long().flatten()
+        p = preds[start : start + chunk].cpu().long().flatten()
+        keep = t != IGNORE_INDEX
+        cm += torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)
+    return cm.view(num_classes, num_classes)
 
 
 def is_finite_number(x: object) -> bool:

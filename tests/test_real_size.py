@@ -199,3 +199,17 @@ def test_standard_protocol_splits_a_generated_domain_by_side() -> None:
     source = standard_domain(data, "source", 0.2, 0)
     assert len(source.train) + len(source.val) == 30 and len(source.val) == 6
     assert isinstance(source.train, Split) and source.train.store_x is data.train.store_x
+
+
+def test_the_chunked_confusion_matrix_counts_as_torchmetrics_does() -> None:
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    from harness.metrics import confusion_matrix
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (37, 9, 11), generator=g)
+    y[y == 4] = 255  # void
+    preds = torch.randint(0, 4, (37, 9, 11), generator=g).to(torch.uint8)
+    ours = confusion_matrix(preds, y, 4, chunk=5)
+    theirs = multiclass_confusion_matrix(preds.long().flatten(), y.flatten(), 4, ignore_index=255)
+    assert torch.equal(ours, theirs)

@@ -54,9 +54,16 @@ def predict(
         x = model_input(images, model, precision.channels_last, device)
         with precision.autocast(device):
             logits = forward(model, x)
-        out.append(logits.argmax(1).cpu() if logits.ndim == 4 else logits.float().cpu())
+        out.append(labels(logits) if logits.ndim == 4 else logits.float().cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def labels(logits: Tensor) -> Tensor:
+    """Per-pixel predicted classes on the CPU, as uint8 where the classes fit (an eighth of the
+    memory of int64 for whole validation splits)."""
+    pred = logits.argmax(1)
+    return (pred.to(torch.uint8) if logits.shape[1] <= 255 else pred).cpu()
 
 
 def forward(model: TransferModel, x: Tensor) -> Tensor:
