@@ -184,6 +184,8 @@ def test_a_folder_study_with_data_settings_runs_and_records_them(tmp_path: Path)
     assert "decoding a: 16 images decoded" in out and "batches streamed" in out
     board = (tmp_path / "results" / "real" / "leaderboard.json").read_text()
     assert '"stored_size"' in board and '"protocol": "standard"' in board
+    title = (tmp_path / "results" / "real" / "leaderboard.md").read_text().splitlines()[0]
+    assert title == "# Leaderboard: real (standard protocol)"
     trials = (tmp_path / "results" / "real" / "trials.csv").read_text()
     assert "augment.crop_scale" in trials
     again = _harness("validate", "--study", "real.toml", cwd=tmp_path)

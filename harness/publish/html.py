@@ -18,6 +18,7 @@ from harness.fileio import write_text
 from harness.metrics import LABELS, METRICS
 from harness.publish.bundle import BUNDLE
 from harness.publish.format import finite, pct, pm, trial_counts, truthy, val
+from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
 from harness.publish.rank import unfinished
 from harness.publish.results import Results
@@ -127,7 +128,7 @@ def _partial_notice(missing: dict[str, Any]) -> str:
 
 def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | None) -> list[str]:
     """The document head, the title and the lead paragraphs (and what an unfinished study lacks)."""
-    title = f"Leaderboard: {spec.name}" + (" (partial)" if missing else "")
+    title = f"Leaderboard: {spec.name}" + protocol_title(spec, missing)
     out = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -143,6 +144,8 @@ def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | No
     ]
     if spec.description:
         out.append(f'<p class="lead">{_e(spec.description.strip())}</p>')
+    if spec.data.protocol == "standard":
+        out.append(f"<p>{_e(STANDARD_NOTE)}</p>")
     if missing:
         out.append(_partial_notice(missing))
     out.append(

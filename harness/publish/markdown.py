@@ -14,12 +14,27 @@ from harness.publish.format import finite, pm, trial_counts, truthy, val
 from harness.publish.rank import unfinished
 from harness.study import StudySpec
 
+#: what a board of the ``standard`` protocol says under its title
+STANDARD_NOTE = (
+    "Standard protocol, as the adaptation literature reports: the target's test images are its "
+    "unlabelled training images (or its official test list); these numbers do not compare with "
+    "held-out tables."
+)
+
+
+def protocol_title(spec: StudySpec, missing: Any) -> str:
+    """What follows a board's title: the protocol when it is not the default, and "partial"."""
+    standard = " (standard protocol)" if spec.data.protocol == "standard" else ""
+    return standard + (" (partial)" if missing else "")
+
 
 def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]) -> str:
     missing = unfinished(board)
-    lines = [f"# Leaderboard: {spec.name}" + (" (partial)" if missing else ""), ""]
+    lines = [f"# Leaderboard: {spec.name}" + protocol_title(spec, missing), ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
+    if spec.data.protocol == "standard":
+        lines += [STANDARD_NOTE, ""]
     if missing:
         lines += [_partial_notice(missing), ""]
     m1, m2 = METRICS[spec.task][:2]
