@@ -248,19 +248,12 @@ def register_datasets(register: Register) -> None:
     `(N,)` class indices or `(N, H, W)` masks with 255 (`IGNORE_INDEX`) for void pixels. A file
     that cannot be read raises `harness.api.DatasetError` naming the file.
 
-    A dataset larger than memory returns its files instead: `harness.api.ImageFiles(name,
-    class_names, paths, labels)`. The harness decodes them once, with threads, at the study's
-    stored size (the faithful reader of `harness.api.images`: EXIF, every PIL mode, the `resize`
-    rule), into its decoded-image cache, which every later run and worker process maps read-only;
-    the splits are index views of it (seeded by `fractions` and stratified by class, or
-    `splits = {"train": [...], "val": [...], "test": [...]}` positions; official lists for
-    `protocol = "standard"` go in `meta["lists"] = {"train": [...], "test": [...]}`).
-    Unreadable files are listed by path before training (`skip_bad_files` leaves them out).
-    Segmentation, or a format of the dataset's own, gives `decode(i, (height, width))` returning
-    file `i`'s image `(height, width, 3)` uint8 (and its mask `(height, width)` uint8); it raises
-    on a file it cannot read, and a `DatasetError` raised there is listed in the dataset's words.
-    `key` adds what else decides the pixels (the files' sizes and times are the harness's).
-    An in-memory `DomainData` is made at `image_size`, which is then the stored size.
+    A dataset larger than memory returns `harness.api.ImageFiles(name, class_names, paths,
+    labels)` instead: the harness decodes the files once (`harness.api.images`' reader, at the
+    study's stored size) into a cache every run and worker maps, and splits it into index views
+    (by `fractions`, or `splits` positions; official lists for `protocol = "standard"` in
+    `meta["lists"]`). Segmentation or a format of its own gives `decode(i, (height, width))`
+    returning the image (and mask) as uint8, raising on a file it cannot read.
 
     `DomainData.meta` (or `ImageFiles.meta`) keys the harness reads (others are kept for the
     plugin's own use):

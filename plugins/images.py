@@ -89,19 +89,36 @@ R = TypeVar("R")
 
 def subfolders(path: Path) -> list[str]:
     """The names of the visible sub-folders of ``path``, sorted."""
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _scan(path)[1]
 
 
 def visible_files(folder: Path) -> list[Path]:
     """The files of ``folder``, sorted, hidden ones (``.DS_Store``) skipped."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return _scan(folder)[0]
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[str]]:
+    """The visible files (sorted paths) and sub-folders (sorted names) of ``folder``, from one
+    read of the directory (what ``os.scandir`` knows without a ``stat`` per entry where it can:
+    a folder of 100,000 images is listed in a fraction of a second)."""
+    files: list[str] = []
+    dirs: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+    return [folder / name for name in sorted(files)], sorted(dirs)
 
 
 def class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """The visible files of a class folder and of its sub-folders (recursively: a user's own
     grouping inside a class is still that class), sorted: those with an image extension, and
     the others. A folder reached again through a link is read once."""
-    files = sorted(_walk(folder, set()))
+    files = sorted(_walk(folder, set()), key=lambda p: p.parts)  # Path order, computed once
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
@@ -111,8 +128,8 @@ def _walk(folder: Path, seen: set[str]) -> list[Path]:
     if real in seen:
         return []
     seen.add(real)
-    found = visible_files(folder)
-    for name in subfolders(folder):
+    found, dirs = _scan(folder)
+    for name in dirs:
         found += _walk(folder / name, seen)
     return found
 

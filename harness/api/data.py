@@ -147,7 +147,7 @@ class ImageFiles:
     decode: Callable[[int, tuple[int, int]], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
-        self.paths = [Path(p) for p in self.paths]
+        self.paths = [p if isinstance(p, Path) else Path(p) for p in self.paths]
         if self.task == "segmentation":
             if self.decode is None:
                 raise PluginContractError(

@@ -293,7 +293,13 @@ class Driver:
         runs), True once there is nothing more to do here."""
         searching = time.time() < self._deadlines.get(study.study_name, math.inf)
         runs = finals.FinalRuns(
-            self.ctx, self.models, self.scorer, self.storage, self.shared, self.git_commit
+            self.ctx,
+            self.models,
+            self.scorer,
+            self.storage,
+            self.shared,
+            self.git_commit,
+            results_dir=self.options.results_dir,
         )
         return runs.run(study, rm, self.domains.pair_data, i, searching)
 
