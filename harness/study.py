@@ -91,6 +91,10 @@ class StudySpec(StrictModel):
     reuse_backbone: bool = True
     #: one rule, or several: the first drives the search (sampler, pruner); each gets its own rows
     selection: str | list[str] = "auto"
+    #: which final runs keep their trained model (``results/<study>/models/``): "best" the rank-1
+    #: row of each pair among rows not flagged oracle, "all" every row, "none" nothing; not part
+    #: of a study's frozen configuration (it decides no trial)
+    keep_models: Literal["best", "all", "none"] = "best"
     pairs: list[Pair] = Field(min_length=1)
     methods: list[Method] = Field(min_length=1)
     budget: Budget = Field(default_factory=Budget)
@@ -167,6 +171,8 @@ class StudySpec(StrictModel):
         only when set, so their bundles read the same)."""
         out = self.model_dump(mode="json")
         out["search"] = self.search.config()
+        if self.keep_models == "best":
+            del out["keep_models"]
         if self.data == DataSettings():
             del out["data"]
         for alias in out["datasets"].values():

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from harness.fileio import atomic_path, write_json, write_text
+from harness.models.keep import finalize
 from harness.publish import rank
 from harness.publish.format import records
 from harness.publish.markdown import to_markdown
@@ -50,7 +51,9 @@ def write(
     trials: pd.DataFrame,
     provenance: dict[str, Any],
 ) -> list[Path]:
-    """Write the four leaderboard files into ``results_dir``; return their paths."""
+    """Write the four leaderboard files into ``results_dir``; return their paths. The kept models
+    of the rows the study keeps (``keep_models``) are put in their folders first
+    (:func:`harness.models.keep.finalize`), so that ``leaderboard.json`` lists their hashes."""
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     flat = board[[c for c in board.columns if c not in NESTED]].copy()
@@ -65,6 +68,7 @@ def write(
         paths.append(path)
     path = results_dir / "leaderboard.json"
     missing = rank.unfinished(board)
+    rows = rank.with_models(records(board), finalize(results_dir, spec, board, provenance))
     # an unfinished study says so, and what it lacks; a complete one's file has no such keys
     state = {} if missing is None else {"state": "partial", "missing": missing}
     write_json(
@@ -73,7 +77,7 @@ def write(
             "study": spec.name,
             "description": spec.description,
             **state,
-            "rows": records(board),
+            "rows": rows,
             "provenance": provenance,
         },
     )

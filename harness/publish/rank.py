@@ -166,6 +166,14 @@ def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
     return row
 
 
+def with_models(
+    rows: list[dict[str, Any]], models: dict[int, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The board's records with ``models`` ({seed, path, sha256} per kept seed) on the rows that
+    kept models; rows without (every row of a study run before models were kept) are unchanged."""
+    return [{**r, "models": models[i]} if i in models else r for i, r in enumerate(rows)]
+
+
 def unfinished(board: pd.DataFrame) -> dict[str, Any] | None:
     """What an unfinished study lacks: its (pair, method)s not started and its rows without all
     their final seeds; None when every row is final."""

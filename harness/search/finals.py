@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -48,9 +50,13 @@ class FinalRuns:
         storage: optuna.storages.BaseStorage,
         shared: bool,
         commit: str | None,
+        results_dir: Path | None = None,
     ) -> None:
         self.ctx, self.spec, self.models, self.scorer = ctx, ctx.spec, models, scorer
         self.storage, self.shared, self.commit, self.log = storage, shared, commit, ctx.log
+        #: where the study's results go: final runs stage their weights under ``models/`` there
+        #: (``keep_models``); None stages nothing
+        self.results_dir = results_dir
 
     def picks(self, trials: list[FrozenTrial], rm: ResolvedMethod) -> dict[int, FrozenTrial]:
         """The trials the study's rules select, by number (rules may agree)."""
@@ -186,7 +192,59 @@ class FinalRuns:
             "precision": cfg.precision.describe(),
             "git_commit": self.commit,
         }
+        staged = self._stage(study.study_name, rm, trainer.model, target, params, record)
+        if staged is not None:
+            record["model"] = staged
         study.set_user_attr(key, record)
         self.log(
             f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}"
         )
+
+    def _stage(
+        self,
+        study_name: str,
+        rm: ResolvedMethod,
+        model: Any,
+        target: api.DomainData,
+        params: dict[str, Any],
+        record: FinalRun,
+    ) -> dict[str, str] | None:
+        """Stage the final run's weights and what only the trainer knows, for the leaderboard to
+        keep (``harness.models.keep``); nothing where the study keeps no model. A failure to write
+        is logged: the run's score is stored all the same."""
+        if self.spec.keep_models == "none" or self.results_dir is None:
+            return None
+        from harness.models import keep
+        from harness.models.card import sha256_file
+        from harness.models.timm_layout import timm_info
+
+        m = rm.method
+        sidecar = {
+            "task": self.spec.task,
+            "class_names": [str(c) for c in target.class_names],
+            "backbone": {"plugin": rm.backbone.plugin, "distribution": rm.backbone.dist,
+                         "name": m.backbone, "weights": m.weights},
+            "head": {"plugin": rm.head.plugin, "distribution": rm.head.dist, "name": m.head,
+                     "options": dict(m.head_options)},
+            "strategy": {"plugin": rm.strategy.plugin, "distribution": rm.strategy.dist,
+                         "name": m.strategy, "options": dict(m.strategy_options)},
+            "params": params,
+            "precision": record["precision"],
+            "test": record["test"],
+            "preprocessing": keep.preprocessing(
+                self.spec.task, self.spec.image_size, target.test.image_shape, target.meta,
+                model.spec.mean, model.spec.std,
+            ),
+            "timm": timm_info(model, (rm.backbone.plugin, rm.backbone.dist),
+                              (rm.head.plugin, rm.head.dist, m.head)),
+        }  # fmt: skip
+        try:
+            path = keep.stage(self.results_dir, study_name, record["trial"], record["seed"],
+                              model, sidecar)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the run's score matters more than its weights
+            self.log(
+                f"{study_name}: final seed {record['seed']}: weights not kept "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            )
+            return None
+        return {"path": str(path.relative_to(self.results_dir)), "sha256": sha256_file(path)}

@@ -74,6 +74,9 @@ class FinalRun(TypedDict, total=False):
     device_name: str
     precision: str
     git_commit: str | None
+    #: the run's staged weights where the study keeps models (``keep_models`` not "none"): the
+    #: path relative to the study's results directory and the file's sha256
+    model: dict[str, str]
 
 
 def optuna_study_name(pair: Pair, method: Method) -> str:
