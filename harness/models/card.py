@@ -121,9 +121,11 @@ def write_model_folder(
     files = {WEIGHTS: sha256_file(weights)}
     timm_info = card.get("timm")
     if timm_info:
-        from harness.models.timm_layout import write_timm
+        from harness.models.timm_layout import timm_files
 
-        write_timm(folder / TIMM_DIR, weights, card)
+        state, config = timm_files(weights, card)
+        save_weights(folder / TIMM_WEIGHTS, state)
+        write_json(folder / TIMM_CONFIG, config)
         files |= {name: sha256_file(folder / name) for name in (TIMM_CONFIG, TIMM_WEIGHTS)}
     else:
         shutil.rmtree(folder / TIMM_DIR, ignore_errors=True)

@@ -12,8 +12,6 @@ from typing import Any
 
 from torch import nn
 
-from harness.fileio import write_json
-
 #: the built-in plugins (entry-point names, distribution) whose models have timm's layout
 HARNESS_DIST = "transfer-harness"
 TIMM_PLUGIN = ("timm", HARNESS_DIST)
@@ -96,13 +94,10 @@ def timm_config(card: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_timm(folder: Path, weights: Path, card: dict[str, Any]) -> None:
-    """Write ``config.json`` and ``model.safetensors`` of timm's layout into ``folder``."""
+def timm_files(weights: Path, card: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict (timm's names) and ``config.json`` of timm's layout for the harness
+    weights at ``weights``."""
     from safetensors.torch import load_file
 
-    from harness.models.card import save_weights
-
     info = card["timm"]
-    state = timm_state(load_file(str(weights)), info)
-    save_weights(folder / "model.safetensors", state)
-    write_json(folder / "config.json", timm_config(card, info))
+    return timm_state(load_file(str(weights)), info), timm_config(card, info)
