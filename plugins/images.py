@@ -118,19 +118,23 @@ def class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """The visible files of a class folder and of its sub-folders (recursively: a user's own
     grouping inside a class is still that class), sorted: those with an image extension, and
     the others. A folder reached again through a link is read once."""
-    files = sorted(_walk(folder, set()), key=lambda p: p.parts)  # Path order, computed once
+    files = _walk(folder, set())
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
 def _walk(folder: Path, seen: set[str]) -> list[Path]:
+    """The visible files under ``folder`` in ``Path`` order (a sub-folder's files where its name
+    sorts among the files), built in order instead of sorted afterwards."""
     real = os.path.realpath(folder)
     if real in seen:
         return []
     seen.add(real)
-    found, dirs = _scan(folder)
-    for name in dirs:
-        found += _walk(folder / name, seen)
+    files, dirs = _scan(folder)
+    entries = sorted([(p.name, p) for p in files] + [(name, None) for name in dirs])
+    found: list[Path] = []
+    for name, path in entries:
+        found += [path] if path is not None else _walk(folder / name, seen)
     return found
 
 

@@ -281,7 +281,7 @@ def stratified_split(
         raise ValueError(f"fractions must sum to 1, got {fractions}")
     g = torch.Generator().manual_seed(seed)
     parts: list[list[Tensor]] = [[], [], []]
-    for label in torch.unique(y).tolist():
+    for label in sorted(set(y.tolist())):  # torch.unique's values, in a fraction of its time
         idx = torch.nonzero(y == label).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_train = round(fractions[0] * len(idx))
