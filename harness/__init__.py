@@ -6,7 +6,15 @@ plugin surface (types, errors, helpers); the hooks are specified in ``harness.ho
 """
 
 from harness.hookspecs import hookimpl
+from harness.versions import HARNESS_VERSION as __version__
 
-__version__ = "0.1.0"
+__all__ = ["__version__", "hookimpl", "load_model"]
 
-__all__ = ["__version__", "hookimpl"]
+
+def __getattr__(name: str):
+    """``harness.load_model`` imports torch only when first used (PEP 562)."""
+    if name == "load_model":
+        from harness.models.load import load_model
+
+        return load_model
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

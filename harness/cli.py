@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from harness.cli_models import register as register_model_commands
 from harness.console import console, out, plugins_table, print_board, run_header
 from harness.errors import HarnessError, StudySpecError
 from harness.registry import BUILTIN_COMMANDS
@@ -263,28 +264,13 @@ def _write_board(
 ) -> None:
     """The leaderboard files; with ``report`` the page, the bundle and (for a study under
     benchmarks/, or as ``index`` says) the published index."""
-    from harness.publish import leaderboard
-    from harness.publish.location import published
-    from harness.publish.results import read_results
+    from harness.publish.outputs import write_outputs
 
-    results = read_results(spec, url)  # the only read of the storage: every file is made from it
-    board, trials, provenance = leaderboard.tables(results)
-    paths = leaderboard.write(target_dir, spec, board, trials, provenance)
-    if report:
-        from harness.publish.bundle import export_bundle
-        from harness.publish.html import write_report
-        from harness.publish.index import write_results_index
-
-        try:
-            paths.append(export_bundle(target_dir, results, board))  # first: the page links it
-            paths.append(write_report(target_dir, results, board, trials, provenance))
-            if published(spec) if index is None else index:
-                paths.append(write_results_index(target_dir.parent))
-        except Exception as exc:  # noqa: BLE001 - the leaderboard is written; a page must not undo that
-            console.print(
-                f"[yellow]warning:[/] the leaderboard is written but the report is not: "
-                f"{escape(type(exc).__name__ + ': ' + str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)}"
-            )
+    board, paths, failed = write_outputs(spec, url, target_dir, report, index)
+    if failed:
+        console.print(
+            f"[yellow]warning:[/] the leaderboard is written but the report is not: {escape(failed)}"
+        )
     if not quiet:
         print_board(spec, board)
         console.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True)
@@ -428,6 +414,9 @@ def add_plugin_commands(target: typer.Typer = app) -> list[str]:
         target.command(name, help=help_text)(entry.factory)
         added.append(name)
     return added
+
+
+register_model_commands(app)  # export, predict (harness/cli_models.py), after the others in --help
 
 
 def main() -> None:

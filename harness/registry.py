@@ -34,6 +34,7 @@ ENV_STRICT = "HARNESS_STRICT_PLUGINS"
 #: the harness's own subcommands: a plugin command of the same name is not added
 BUILTIN_COMMANDS = frozenset(
     {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "index"}
+    | {"export", "predict"}  # harness.cli_models
 )
 
 _DUPLICATE_HINT = f"uninstall one of the two distributions, or limit plugins with {ENV_PLUGINS}"

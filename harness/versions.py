@@ -6,6 +6,10 @@ import importlib.metadata as md
 import subprocess
 from pathlib import Path
 
+#: this harness's version (``harness.__version__``), here so that any module can read it without
+#: importing the package's ``__init__``
+HARNESS_VERSION = "0.1.0"
+
 
 def package_version(dist: str) -> str | None:
     try:

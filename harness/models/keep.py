@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import __version__
 from harness.errors import WeightsError
 from harness.fileio import write_json
 from harness.models.card import (
@@ -38,6 +37,7 @@ from harness.models.card import (
     verify,
     write_model_folder,
 )
+from harness.versions import HARNESS_VERSION as __version__
 
 KEEP_CHOICES = ("best", "all", "none")
 

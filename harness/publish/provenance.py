@@ -12,12 +12,12 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import __version__
 from harness.publish.agreement import POOLED, agreement
 from harness.publish.format import shown_storage
 from harness.publish.results import Results
 from harness.store.schema import PRUNER, SAMPLER, final_seeds
 from harness.study import StudySpec
+from harness.versions import HARNESS_VERSION as __version__
 from harness.versions import git_commit, package_version
 
 PACKAGES = (

@@ -95,7 +95,7 @@ def source_weights_key(
 ) -> str:
     import importlib.metadata as md
 
-    from harness import __version__
+    from harness.versions import HARNESS_VERSION as __version__
 
     payload = json.dumps(
         {
