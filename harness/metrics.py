@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from harness.api import IGNORE_INDEX
+from harness.api import IGNORE_INDEX, Split
 from harness.errors import NonFiniteLossError
 
 METRICS = {
@@ -29,12 +29,14 @@ def primary_metric(task: str) -> str:
 
 
 def score(
-    task: str, outputs: Tensor, y: Tensor, num_classes: int
+    task: str, outputs: Tensor, y: Tensor | Split, num_classes: int
 ) -> dict[str, float | list[float]]:
-    """``outputs``: logits ``(N, C)`` for classification, predicted labels ``(N, H, W)`` for segmentation."""
+    """``outputs``: logits ``(N, C)`` for classification, predicted labels ``(N, H, W)`` for
+    segmentation; ``y`` the labels, or the split that holds them (masks are then read a few at
+    a time)."""
     if task == "segmentation":
         return segmentation_metrics(outputs, y, num_classes)
-    return classification_metrics(outputs, y, num_classes)
+    return classification_metrics(outputs, y.y if isinstance(y, Split) else y, num_classes)
 
 
 def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
@@ -59,7 +61,7 @@ def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[
 
 
 def segmentation_metrics(
-    preds: Tensor, y: Tensor, num_classes: int
+    preds: Tensor, y: Tensor | Split, num_classes: int
 ) -> dict[str, float | list[float]]:
     """Mean IoU over the classes that occur in prediction or truth (void pixels ignored), pixel
     accuracy, and the IoU of every class (NaN for a class absent from both)."""
@@ -75,13 +77,15 @@ def segmentation_metrics(
     }
 
 
-def confusion_matrix(preds: Tensor, y: Tensor, num_classes: int, chunk: int = 16) -> Tensor:
-    """Pixel counts ``[truth, prediction]`` over masks ``(N, H, W)``, void truth left out,
-    accumulated a few images at a time (whole-image masks at 1024x512 and more would not fit
-    as one int64 index)."""
+def confusion_matrix(preds: Tensor, y: Tensor | Split, num_classes: int, chunk: int = 16) -> Tensor:
+    """Pixel counts ``[truth, prediction]`` over masks ``(N, H, W)`` (a tensor, or a split's,
+    read a chunk at a time), void truth left out, accumulated a few images at a time (whole-image
+    masks at 1024x512 and more would not fit as one int64 index)."""
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for start in range(0, len(y), chunk):
-        t = y[start : start + chunk].cpu().long().flatten()
+        stop = start + chunk
+        truth = y.labels_range(start, stop) if isinstance(y, Split) else y[start:stop]
+        t = truth.cpu().long().flatten()
         p = preds[start : start + chunk].cpu().long().flatten()
         keep = t != IGNORE_INDEX
         cm += torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)

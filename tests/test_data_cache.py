@@ -245,3 +245,28 @@ def test_a_run_keeps_its_mapped_copy_when_the_files_or_the_cache_change(
     for path in paths[:5]:
         path.unlink()  # and the dataset root changes under the run
     assert torch.equal(mapped.images, before)  # the run reads what it mapped
+
+
+def test_a_killed_builds_leftover_is_cleared_by_the_next_build(tmp_path: Path, root: Path) -> None:
+    paths = _tree(tmp_path / "d")
+    key = cache.cache_key(_files(paths), 8, "k")
+    root.mkdir(parents=True)
+    orphan = root / f".{key}.u8.abc123.tmp"  # what SIGKILL leaves: allocated, never renamed
+    orphan.write_bytes(b"\0" * 4096)
+    assert _load(_files(paths), root).built
+    assert not orphan.exists()
+
+
+def test_options_that_only_split_do_not_change_the_cached_pixels_key() -> None:
+    from harness.registry import get_registry
+    from harness.search.domains import pixels_key
+    from harness.search.resolve import DomainRef
+
+    entry = get_registry().get("dataset", "folder")
+
+    def ref(**options) -> DomainRef:
+        return DomainRef("mine/a", entry, "a", {"root": "/data", **options})
+
+    assert pixels_key(ref()) == pixels_key(ref(val_fraction=0.3, skip_bad_files=True))
+    assert pixels_key(ref()) != pixels_key(ref(resize="pad"))
+    assert "transfer-harness" in pixels_key(ref())  # the plugin's distribution and version

@@ -165,7 +165,7 @@ source = "mine/a"
 target = "mine/b"
 [[methods]]
 backbone = "test_resnet"
-strategy = "finetune"
+strategy = "dann"
 [budget]
 trials = 2
 max_epochs = 1
@@ -190,6 +190,14 @@ def test_a_folder_study_with_data_settings_runs_and_records_them(tmp_path: Path)
     assert "augment.crop_scale" in trials
     again = _harness("validate", "--study", "real.toml", cwd=tmp_path)
     assert again.returncode == 0 and "decoded in" not in again.stdout + again.stderr
+    # the standard protocol tests on the target's training images: no target labels in training
+    refused = _harness(
+        "validate", "--study", "real.toml", "--set", "methods[0].strategy=finetune", cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert (
+        "methods[0].strategy: 'finetune' trains on target labels" in refused.stdout + refused.stderr
+    )
 
 
 def test_standard_protocol_splits_a_generated_domain_by_side() -> None:

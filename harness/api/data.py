@@ -61,11 +61,21 @@ class Split:
 
     @property
     def y(self) -> Tensor:
-        """The split's labels as int64, materialized once."""
+        """The split's labels as int64, materialized: class indices (kept), or masks (made anew
+        on each read: whole masks of a real-size domain are large, and the harness reads them a
+        few at a time with :meth:`labels_range` instead)."""
+        if self.store_y.ndim > 1:
+            return (self.store_y if self.index is None else self.store_y[self.index]).long()
         if self._y is None:
             y = self.store_y if self.index is None else self.store_y[self.index]
             self._y = y.long()
         return self._y
+
+    def labels_range(self, start: int, stop: int) -> Tensor:
+        """Labels ``start:stop`` of the split, as stored (a slice, or a gather from a view)."""
+        if self.index is None:
+            return self.store_y[start:stop]
+        return self.store_y[self.index[start:stop]]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -123,8 +133,10 @@ class ImageFiles:
 
     ``splits`` gives the train/val/test positions in ``paths`` where a dataset has official lists
     (DomainNet, VisDA); otherwise the harness splits by ``fractions``, seeded and stratified by
-    class, as :meth:`DomainData.from_arrays` does. ``key`` adds whatever else decides the pixels
-    (the dataset's options); the files' sizes and modification times are added by the harness.
+    class, as :meth:`DomainData.from_arrays` does. The harness keys its cache on the files'
+    paths, sizes and modification times, the stored size, the resize rule and the dataset's
+    options and version; ``key`` adds whatever else decides the pixels (the sizes and times of
+    files other than ``paths``, such as masks, which ``decode`` reads).
     Unreadable files stop the run, listed by path, unless ``skip_bad_files`` leaves them out.
 
     ``decode`` reads file ``i`` where the harness's own image reader is not enough: segmentation
@@ -204,6 +216,23 @@ class DomainData:
     def image_shape(self) -> tuple[int, int, int]:
         return self.train.image_shape
 
+    def _mask_range(self, split: Split, split_name: str) -> tuple[int | None, int | None]:
+        """The range of a split's mask values outside void, read a few masks at a time (whole
+        masks of a real-size domain as one int64 tensor would not fit in memory)."""
+        if split.store_y.shape[1:] != split.image_shape[1:]:
+            raise PluginContractError(
+                f"domain {self.name!r}: {split_name} masks are {tuple(split.store_y.shape[1:])}, "
+                f"images {tuple(split.image_shape[1:])}"
+            )
+        ranges = [
+            _labelled_range(split.labels_range(start, start + 64))
+            for start in range(0, len(split), 64)
+        ]
+        found = [r for r in ranges if r is not None]
+        if not found:
+            return None, None
+        return min(r[0] for r in found), max(r[1] for r in found)
+
     @classmethod
     def from_arrays(
         cls,
@@ -255,22 +284,23 @@ class DomainData:
             split: Split = getattr(self, split_name)
             if len(split) == 0:
                 raise PluginContractError(f"domain {self.name!r}: the {split_name} split is empty")
-            y = split.y
             if self.task == "segmentation":
-                if y.shape[1:] != split.image_shape[1:]:
-                    raise PluginContractError(
-                        f"domain {self.name!r}: {split_name} masks are {tuple(y.shape[1:])}, images "
-                        f"{tuple(split.image_shape[1:])}"
-                    )
-                y = y[y != IGNORE_INDEX]
-                if y.numel() == 0:
+                lo, hi = self._mask_range(split, split_name)
+                if lo is None:
                     continue
-            lo, hi = int(y.min()), int(y.max())
+            else:
+                lo, hi = int(split.y.min()), int(split.y.max())
             if lo < 0 or hi >= self.num_classes:
                 raise PluginContractError(
                     f"domain {self.name!r}: {split_name} labels span {lo}..{hi} but there are "
                     f"{self.num_classes} classes"
                 )
+
+
+def _labelled_range(y: Tensor) -> tuple[int, int] | None:
+    """The smallest and largest label of masks ``y`` outside void, or None if all is void."""
+    y = y[y != IGNORE_INDEX]
+    return (int(y.min()), int(y.max())) if y.numel() else None
 
 
 def stratified_split(

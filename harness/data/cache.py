@@ -112,7 +112,7 @@ def load_decoded(
     root = root or decoded_root()
     key = cache_key(files, size, plugin_key)
     path = root / f"{key}.u8"
-    found = _open(files, size, key, path, log)
+    found = _open(files, size, key, path, lambda _: None)  # a broken one is said under the lock
     if found is not None:
         return found
     _writable(root)
@@ -120,6 +120,8 @@ def load_decoded(
         found = _open(files, size, key, path, log)  # built by another process meanwhile
         if found is not None:
             return found
+        for orphan in root.glob(f".{key}.*.tmp"):  # a build killed without a chance to clean up
+            orphan.unlink(missing_ok=True)
         bad, digest = _build(files, size, path, log)
         write_json(path.with_suffix(".json"), _description(files, size, bad, digest))
     found = _open(files, size, key, path, log)
@@ -154,9 +156,8 @@ def _open(files: ImageFiles, size: Size, key: str, path: Path, log: Callable) ->
         problem = _problem(meta, path, shape, masks)
     except (OSError, ValueError, AttributeError) as exc:
         problem = f"unreadable ({type(exc).__name__})"
-    if problem is not None:
+    if problem is not None:  # replaced when rebuilt; a run that maps the old files keeps them
         log(f"decoded-image cache {path} for {files.name} is unusable ({problem}); rebuilding it")
-        meta_path.unlink(missing_ok=True)
         return None
     images = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)
     mask = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def finalize(
     spec: Any,
     board: Any,
     provenance: dict[str, Any],
-    log: Callable[[str], None] = lambda _: None,
+    log: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr),
 ) -> dict[int, list[dict[str, Any]]]:
     """Give every kept row's staged seeds a folder with a card; return, by the board's row
     position, the row's kept models ({seed, path relative to ``results_dir``, sha256}). For
@@ -142,6 +143,12 @@ def finalize(
                 )
         if kept:
             out[i] = kept
+        else:
+            log(
+                f"{row['pair']} | {row['method']} | {row['selection']}: kept row without a kept "
+                "model (its final runs' weights were not staged, or were dropped before this "
+                "row became the one kept); re-run the study to keep it"
+            )
     decided = _decided_pairs(rows)
     done = {slug(n) for (pair, _), n in names.items() if pair in decided}
     kept_folders = {
@@ -179,8 +186,8 @@ def _keep_seed(
     """The kept seed's folder, made from its staged run where it is not already there."""
     sidecar_path = staged_sidecar(staged) if staged is not None else None
     if sidecar_path is None or not sidecar_path.is_file() or not staged.is_file():
-        if _intact(folder):  # kept by an earlier run, its staged files since dropped
-            return {"sha256": read_card(folder)["files"][WEIGHTS]}
+        if _intact(folder) and _scored_row(read_card(folder), row):
+            return {"sha256": read_card(folder)["files"][WEIGHTS]}  # staged files since dropped
         return None  # a study run before models were kept, or with keep_models = "none"
     sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
     card = make_card(spec, row, sidecar, provenance)
@@ -191,6 +198,14 @@ def _keep_seed(
         return None
     write_model_folder(folder, staged, card)
     return {"sha256": sidecar["sha256"]}
+
+
+def _scored_row(card: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether a kept folder's card is of the trial the row scored now (a resumed study may have
+    picked another trial since the folder was kept)."""
+    return _number(row.get("best_trial")) == card.get("trial") and card.get("selection", {}).get(
+        "rule"
+    ) == row.get("selection")
 
 
 def _same(old: dict[str, Any], new: dict[str, Any], sha256: str) -> bool:

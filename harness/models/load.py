@@ -214,7 +214,7 @@ def _seeds(folder: Path, card: dict[str, Any]) -> list[int]:
 
 def _precision(card: dict[str, Any], asked: str | None, device: torch.device) -> Precision:
     """The precision asked for, else the one the card records, else fp32."""
-    name = asked or card.get("precision") or (card.get("trial") or {}).get("precision") or "fp32"
+    name = asked or card.get("precision") or "fp32"
     if not isinstance(name, str):
         name = "fp32"
     # the leaderboard's way of writing it ("bf16-autocast+channels_last") or a study's name

@@ -79,6 +79,8 @@ def timm_config(card: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         "input_size": [3, size, size],
         "crop_pct": size / stored_side,
         "crop_mode": "center",
+        # the harness resizes files bilinearly when it decodes them (harness.api.images)
+        "interpolation": "bilinear",
         "mean": list(pre["mean"]),
         "std": list(pre["std"]),
         "num_classes": len(names),

@@ -13,6 +13,7 @@ from harness.errors import DatasetError, HarnessError
 from harness.search.context import Context
 from harness.search.resolve import DomainRef, resolve_domain
 from harness.study import spec_error
+from harness.versions import package_version
 
 
 class DomainCache:
@@ -33,7 +34,7 @@ class DomainCache:
     def domain(self, i: int, side: str) -> api.DomainData:
         """Pair ``i``'s ``side`` ("source" or "target"), placed for the run's device."""
         ref = self.refs[(i, side)]
-        key = plugin_key(ref)
+        key = plugin_key(ref) + json.dumps(ref.stored_size)
         if self.spec.data.protocol == "standard":  # a domain splits by the side it is on
             key += side
         if key not in self._data:
@@ -52,7 +53,7 @@ class DomainCache:
                 seed=spec.seed,
                 protocol=spec.data.protocol,
                 role=side,
-                plugin_key=plugin_key(ref),
+                plugin_key=pixels_key(ref),
                 log=self.ctx.log,
                 what=f"dataset factory of plugin {ref.entry.plugin!r} ({ref.entry.dist})",
             )
@@ -103,6 +104,24 @@ def plugin_key(ref: DomainRef) -> str:
     """What identifies a domain reference: the plugin, the dataset, the sub-domain, the options."""
     return json.dumps(
         [ref.entry.plugin, ref.entry.name, ref.sub, ref.options], sort_keys=True, default=str
+    )
+
+
+#: options of the built-in datasets that decide the splits or what is left out, not the pixels
+#: of a file: left out of the decoded-image cache's key, so that changing them decodes nothing
+SPLIT_OPTIONS = frozenset({"val_fraction", "test_fraction", "skip_bad_files"})
+
+
+def pixels_key(ref: DomainRef) -> str:
+    """What of a domain reference the decoded-image cache keys on: the plugin, its
+    distribution's version, the dataset, the sub-domain and the options but those that only
+    split (the files, their sizes and times, the size and resize rule are the cache's own)."""
+    options = {k: v for k, v in ref.options.items() if k not in SPLIT_OPTIONS}
+    version = package_version(ref.entry.dist) if ref.entry.dist else None
+    return json.dumps(
+        [ref.entry.plugin, ref.entry.dist, version, ref.entry.name, ref.sub, options],
+        sort_keys=True,
+        default=str,
     )
 
 

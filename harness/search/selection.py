@@ -95,7 +95,7 @@ class Scorer:
     def split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:
         """The primary metric of outputs ``out`` on a labelled ``split``."""
         return float(
-            score(self.spec.task, out, split.y, target.num_classes)[primary_metric(self.spec.task)]
+            score(self.spec.task, out, split, target.num_classes)[primary_metric(self.spec.task)]
         )
 
     def validator_logits(
@@ -112,6 +112,4 @@ class Scorer:
 
     def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
         """The only place the target test split is read."""
-        return score(
-            self.spec.task, trainer.predict(target.test), target.test.y, target.num_classes
-        )
+        return score(self.spec.task, trainer.predict(target.test), target.test, target.num_classes)

@@ -27,6 +27,17 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` (the current device) and ``cuda:0`` are, when 0 is
+    the current device; tensors report the indexed form."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How tensors are computed: bf16 autocast and channels_last on CUDA, fp32 elsewhere."""

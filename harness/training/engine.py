@@ -29,6 +29,7 @@ from harness.training.device import (  # noqa: F401 - re-exported
     Precision,
     generators_kept,
     resolve_device,
+    same_device,
     seed_everything,
 )
 from harness.training.evaluate import predict, unlabelled_logits  # noqa: F401 - re-exported
@@ -109,7 +110,7 @@ class Trainer:
         tensors = [
             t for _, t in feat.module_tensors(model)
         ]  # one walk, not one per parameters() and buffers()
-        if any(t.device != self.device for t in tensors):
+        if any(not same_device(t.device, self.device) for t in tensors):
             model.to(self.device)  # a reset backbone is there already
             tensors = [t for _, t in feat.module_tensors(model)]  # moving replaces buffers
         if cfg.precision.channels_last and not all(

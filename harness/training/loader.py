@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from harness.api.data import Split
+from harness.training.device import same_device
 
 #: batches gathered ahead of the one training
 DEPTH = 2
@@ -44,7 +45,9 @@ class Loader:
         self.device, self.stream = device, stream
 
     def streams(self, splits: Sequence[Split | None]) -> bool:
-        return self.stream or any(s is not None and s.device != self.device for s in splits)
+        return self.stream or any(
+            s is not None and not same_device(s.device, self.device) for s in splits
+        )
 
     def __call__(self, steps: Sequence[Sequence[Take]]) -> Iterator[list[Gathered]]:
         if not self.streams([t.split for step in steps for t in step]):
@@ -68,8 +71,8 @@ class Loader:
         return self._to_device(x), self._to_device(y)
 
     def _to_device(self, t: Tensor | None) -> Tensor | None:
-        if t is None or t.device == self.device:
+        if t is None or same_device(t.device, self.device):
             return t
-        if self.device.type == "cuda":
-            t = t.pin_memory()
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            t = t.pin_memory()  # so that the copy below runs while the current step computes
         return t.to(self.device, non_blocking=True)

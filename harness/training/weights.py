@@ -44,10 +44,11 @@ class SourceRecipe:
     input_size: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The recipe as the source-weights key records it (``input_size`` only when it crops,
-        so keys made before it existed still match)."""
+        """The recipe as the source-weights key records it (``input_size`` only when set: the
+        crops of the source images differ with it)."""
         out = dict(self.__dict__)
-        out.pop("input_size")
+        if out["input_size"] is None:
+            out.pop("input_size")
         return out
 
 
@@ -193,7 +194,7 @@ def _pretrain(
     trainer = Trainer(model, _SourceCE(), source, source, cfg)
     trainer.fit()
     metric = primary_metric(source.task)
-    val = score(source.task, trainer.predict(source.val), source.val.y, source.num_classes)
+    val = score(source.task, trainer.predict(source.val), source.val, source.num_classes)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     meta = {
         "backbone": backbone_name,
