@@ -232,7 +232,7 @@ class FinalRuns:
             "precision": record["precision"],
             "test": record["test"],
             "preprocessing": keep.preprocessing(
-                self.spec.task, self.spec.image_size, target.test.image_shape, target.meta,
+                self.spec.task, self.spec.image_size, target.image_shape, target.meta,
                 model.spec.mean, model.spec.std,
             ),
             "timm": timm_info(model, (rm.backbone.plugin, rm.backbone.dist),
