@@ -165,11 +165,14 @@ def test_validate_and_run_pass_the_same_good_study(tmp_path):
     ran = _harness("run", "--study", str(path), "--results-dir", str(results), "--no-report")
     assert ran.exit_code == 0, ran.output
     assert (results / "good" / "optuna.journal").is_file()
-    # how the folder's files were made square is in the provenance
+    # how the folder's files were made square, and at what stored size, is in the provenance
     board = json.loads((results / "good" / "leaderboard.json").read_text())
     pair = board["rows"][0]["pair"]
     resize = {"source": "center-crop", "target": "center-crop"}
-    assert board["provenance"]["preprocessing"] == {pair: {"resize": resize}}
+    stored = {"source": 18, "target": 18}  # 8/7 of image_size 16: crops of 16 to train and test
+    assert board["provenance"]["preprocessing"] == {
+        pair: {"resize": resize, "stored_size": stored, "image_size": 16}
+    }
     assert "- preprocessing: " in (results / "good" / "leaderboard.md").read_text()
 
 
