@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from harness.cli_models import register as register_model_commands
+from harness.cli_rank import register as register_rank_command
 from harness.console import console, out, plugins_table, print_board, run_header
 from harness.errors import HarnessError, StudySpecError
 from harness.registry import BUILTIN_COMMANDS
@@ -417,6 +418,7 @@ def add_plugin_commands(target: typer.Typer = app) -> list[str]:
 
 
 register_model_commands(app)  # export, predict (harness/cli_models.py), after the others in --help
+register_rank_command(app, _parse_sets)  # rank (harness/cli_rank.py)
 
 
 def main() -> None:

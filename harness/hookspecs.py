@@ -61,6 +61,7 @@ DEFAULT_TASKS = {
     "head": ("classification",),
     "dataset": ("classification",),
     "strategy": TASKS,
+    "validator": TASKS,
 }
 
 
@@ -344,6 +345,39 @@ def register_strategies(register: Register) -> None:
 
     With the whole backbone frozen and augmentation `"none"`, the engine serves the backbone's
     features from a cache (`Strategy.cache_features`)."""
+
+
+@hookspec
+def register_validators(register: Register) -> None:
+    """Register selection rules: how a trial is scored so that the search can pick among trials
+    without the target test split.
+
+    `register(name, factory, description="", tasks=("classification", "segmentation"))`; the
+    factory is called with no arguments and returns a `harness.api.Validator`. A study selects
+    with it by name (`selection = ["my-rule", "target-val"]`); every trial records every
+    registered rule's score, and the leaderboard reports how each one ranked the trials.
+
+    A validator declares what it reads (`reads`) from the menu `harness.api.VALIDATOR_INPUTS`:
+    target and source validation logits, their labels, pooled features, or the task's primary
+    metric on a labelled validation split (segmentation provides `target_logits`,
+    `target_metric` and `source_metric`). Reading `target_labels` or `target_metric` makes the
+    rule oracle for methods that claim to need no target labels. `higher_is_better = False`
+    declares a risk: the harness stores and ranks it negated. A `pooled` validator reads
+    `candidates` only and scores all completed trials of a method together, after the search.
+    Example:
+
+    ```python
+    class Confidence(harness.api.Validator):
+        reads = ("target_logits",)
+
+        def score(self, inputs):  # inputs holds exactly what `reads` names
+            return float(inputs["target_logits"].softmax(1).amax(1).mean())
+
+    @hookimpl
+    def register_validators(register):
+        register("confidence", Confidence, description="mean top-class probability")
+    ```
+    """
 
 
 @hookspec

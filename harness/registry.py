@@ -25,6 +25,7 @@ KINDS = {
     "head": "register_heads",
     "dataset": "register_datasets",
     "strategy": "register_strategies",
+    "validator": "register_validators",
     "command": "register_commands",
 }
 #: comma-separated entry-point names; when set, only these plugins load (tests use it for isolation)
@@ -35,6 +36,7 @@ ENV_STRICT = "HARNESS_STRICT_PLUGINS"
 BUILTIN_COMMANDS = frozenset(
     {"run", "leaderboard", "plugins", "validate", "ls", "check-plugin", "index"}
     | {"export", "predict"}  # harness.cli_models
+    | {"rank"}  # harness.cli_rank
 )
 
 _DUPLICATE_HINT = f"uninstall one of the two distributions, or limit plugins with {ENV_PLUGINS}"

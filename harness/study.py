@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from harness.errors import HarnessError, StudySpecError
+from harness.hookspecs import NAME_PATTERN, NAME_RULE
 from harness.study_tables import (  # noqa: F401 - the tables are importable from here too
     AUGMENT_POLICIES,
     Budget,
@@ -34,9 +35,9 @@ from harness.study_tables import (  # noqa: F401 - the tables are importable fro
     Tracking,
 )
 
-#: "auto": target-val for methods that train on target labels, source-val for the others;
-#: the last four are label-free validators on unlabelled target validation images
-SELECTION_RULES = ("auto", "target-val", "source-val", "entropy", "im", "snd", "bnm")
+#: "auto": target-val for methods that train on target labels, source-val for the others; any
+#: other rule is a registered validator (checked against the plugins before anything runs)
+AUTO_RULE = "auto"
 
 
 class Pair(StrictModel):
@@ -79,6 +80,9 @@ class Method(StrictModel):
 
 class StudySpec(StrictModel):
     description: str = ""
+    #: disclosures shown with the results (leaderboard, report, index): how the study came to be
+    #: as it is; it decides nothing, so it is not part of a study's configuration
+    notes: str = ""
     task: Literal["classification", "segmentation"] = "classification"
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=2)
@@ -123,11 +127,12 @@ class StudySpec(StrictModel):
         values = [v] if isinstance(v, str) else v
         if not values:
             raise ValueError(
-                f"expected a rule or a list of rules from {', '.join(SELECTION_RULES)} (empty list)"
+                "expected a rule or a list of rules (`harness plugins --kind validator` lists "
+                "them), got an empty list"
             )
-        bad = [r for r in values if r not in SELECTION_RULES]
+        bad = [r for r in values if r != AUTO_RULE and not NAME_PATTERN.match(r)]
         if bad:
-            raise ValueError(f"unknown rule {bad[0]!r}; allowed: {', '.join(SELECTION_RULES)}")
+            raise ValueError(f"{bad[0]!r} is not a rule name: names are {NAME_RULE}")
         if len(set(values)) != len(values):
             raise ValueError(f"a rule is listed twice in {values}")
         return v
@@ -173,6 +178,8 @@ class StudySpec(StrictModel):
         out["search"] = self.search.config()
         if self.keep_models == "best":
             del out["keep_models"]
+        if not self.notes:
+            del out["notes"]
         if self.data == DataSettings():
             del out["data"]
         for alias in out["datasets"].values():

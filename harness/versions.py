@@ -18,26 +18,27 @@ def package_version(dist: str) -> str | None:
         return None
 
 
+#: the folders whose untracked (not ignored) files count as code: a new module there changes what
+#: a run does before anyone commits it
+CODE_DIRS = ("harness", "plugins", "benchmarks")
+
+
 def git_commit(where: Path) -> str | None:
-    """The checkout's commit, "-dirty" when tracked code differs from it (published results
-    under results/ are outputs, not code, and do not count)."""
+    """The checkout's commit, "-dirty" when tracked code differs from it or an untracked file that
+    git does not ignore lies under :data:`CODE_DIRS` (published results under results/ are
+    outputs, not code, and do not count)."""
+    tracked = ["--untracked-files=no", "--", ":(top,exclude)results"]
+    untracked = ["--untracked-files=all", "--", *(f":(top){d}" for d in CODE_DIRS)]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,exclude)results"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        out = _git(where, "rev-parse", "--short=12", "HEAD")
+        changes = [_git(where, "status", "--porcelain", *args) for args in (tracked, untracked)]
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    dirty = any(c.stdout.strip() for c in changes)
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _git(where: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)

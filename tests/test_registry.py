@@ -181,6 +181,7 @@ def test_every_hook_is_documented_with_an_example():
         "register_datasets",
         "register_heads",
         "register_strategies",
+        "register_validators",
     ]
     for name in names:
         doc = inspect.getdoc(getattr(hookspecs, name))

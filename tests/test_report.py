@@ -266,8 +266,9 @@ def test_bundle_has_study_resolved_spec_best_params_and_rerun_script(published):
     methods = best["pairs"]["digits->digits-m"]
     assert set(methods) == set(published.board["method"])
     for row in published.board.to_dict("records"):
-        entry = methods[row["method"]]
+        entry = methods[row["method"]][row["selection"]]  # one entry per rule
         assert entry["params"] == row["best_params"] and entry["best_trial"] == row["best_trial"]
+        assert entry["test_accuracy_se"] == row["test_accuracy_se"]
         assert {"head.lr", "optimizer.weight_decay", "backbone.freeze_depth"} <= set(
             entry["params"]
         )

@@ -77,6 +77,9 @@ def test_segmentation_study_end_to_end(tmp_path):
     paths = leaderboard.write(tmp_path / "out", spec, board, trials, prov)
     data = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     assert all(len(r["test_per_class_iou"]) == 5 for r in data["rows"])
+    # per-image intersections and unions give each row a bootstrap interval around its mean
+    for r in data["rows"]:
+        assert r["test_miou_ci_low"] <= r["test_miou"] <= r["test_miou_ci_high"]
     md = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "test mIoU %" in md and "pixel acc" in md
     assert len(paths) == 4

@@ -6,6 +6,7 @@ import json
 
 import optuna
 import pytest
+import torch
 from conftest import write_study
 from optuna.trial import TrialState
 from test_search import guarded_runner, make_runner
@@ -13,6 +14,7 @@ from test_search import guarded_runner, make_runner
 from harness.errors import StudySpecError
 from harness.publish import leaderboard
 from harness.publish.agreement import POOLED
+from harness.rules import decode_probabilities
 from harness.store.schema import optuna_study_name
 from harness.study import load_study
 
@@ -80,8 +82,12 @@ def test_every_trial_records_every_rule_and_the_first_rule_drives_the_search(uda
     for study in studies(spec, runner):
         for t in study.get_trials():
             scores = t.user_attrs["scores"]
-            assert set(scores) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
+            assert set(scores) == {"target-val", "source-val", "entropy", "im", "snd", "bnm", "dev"}
             assert t.value == pytest.approx(scores["snd"])
+            # what the pooled rule (EnsV) scores after the search: one row per target val image
+            kept = decode_probabilities(t.user_attrs["target_predictions"])
+            assert kept.shape[0] == runner.domains.pair_data(0)[1].val.x.shape[0]
+            assert torch.allclose(kept.sum(1), torch.ones(len(kept)), atol=1e-2)
 
 
 def test_each_rule_gets_its_row_and_target_labels_flag_oracle(uda_run):
@@ -169,7 +175,8 @@ def test_validator_agreement_pools_the_pair_and_says_when_too_few_trials(tmp_pat
     assert pooled["im"] == pytest.approx(1.0) and pooled["snd"] == pytest.approx(-1.0)
     assert pooled["source-val"] == pytest.approx(0.9)  # one swap among five: 1 - 6 * 2 / (5 * 24)
     assert pooled["entropy"] is None and pooled["bnm"] is None
-    assert pooled["n"] == {"source-val": 5, "entropy": 5, "im": 5, "snd": 5, "bnm": 0}
+    n = {"source-val": 5, "entropy": 5, "im": 5, "snd": 5, "bnm": 0, "dev": 0, "ensv": 0}
+    assert pooled["n"] == n
     assert "no correlation for entropy" in pooled["note"]
 
     assert (one["method"], one["scope"], one["trials"]) == (spec.methods[0].key, "method", 3)
@@ -225,11 +232,13 @@ def test_a_classification_only_strategy_is_refused_for_segmentation(tmp_path):
 
 def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
     path = write_study(tmp_path, "bad", body=UDA_STUDY.replace('"snd", ', '"snd", "oracle", '))
+    runner = make_runner(tmp_path, load_study(str(path)))  # any name could be a plugin's rule
     with pytest.raises(
         StudySpecError,
-        match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm",
+        match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm, "
+        r"dev, ensv",
     ):
-        load_study(str(path))
+        runner.preflight()
 
 
 def test_all_scores_in_one_go_equal_each_rule_scored_alone(uda_run):
@@ -239,10 +248,118 @@ def test_all_scores_in_one_go_equal_each_rule_scored_alone(uda_run):
     rm = runner.methods[0]
     model = runner.models.build_model(rm, "none", target.num_classes).to(runner.device)
     together = runner.scorer.all_scores(model, source, target, runner.precision)
-    assert set(together) == {"target-val", "source-val", "entropy", "im", "snd", "bnm"}
+    assert set(together) == {"target-val", "source-val", "entropy", "im", "snd", "bnm", "dev"}
     for rule, value in together.items():
         assert value == pytest.approx(
             runner.scorer.rule_score(rule, model, source, target, runner.precision),
             rel=1e-5,
             abs=1e-6,
         )
+
+
+ENSV_STUDY = UDA_STUDY.replace(
+    'selection = ["snd", "target-val", "source-val"]', 'selection = ["im", "ensv", "dev"]'
+).replace(
+    """[[methods]]
+backbone = "test_resnet"
+head = "linear"
+strategy = "dann"
+""",
+    "",
+)
+
+
+def test_pooled_ensv_selects_after_the_search_from_stored_predictions(tmp_path):
+    """EnsV scores every completed trial against the ensemble of all of them: its row picks the
+    trial that agrees most with that ensemble, computed here by hand from the stored predictions;
+    DEV (a risk, stored negated) gets its own row; trials.csv and the agreement report both."""
+    from harness_plugins.validators import ensemble_agreement
+
+    spec = load_study(str(write_study(tmp_path, "ensv", body=ENSV_STUDY)))
+    runner = make_runner(tmp_path, spec)
+    runner.run()
+    board, trials, prov = leaderboard.collect(spec, runner.storage_url)
+    study = studies(spec, runner)[0]
+    done = study.get_trials()
+    by_hand = ensemble_agreement(
+        [decode_probabilities(t.user_attrs["target_predictions"]) for t in done]
+    )
+    expected = max(zip(by_hand, done, strict=True), key=lambda vt: (vt[0], -vt[1].number))[1]
+    row = board[board["selection"] == "ensv"].iloc[0]
+    assert row["best_trial"] == expected.number and not row["oracle"]
+    assert list(trials["score:ensv"]) == pytest.approx(by_hand)
+    dev_row = board[board["selection"] == "dev"].iloc[0]
+    best_dev = max(done, key=lambda t: (t.user_attrs["scores"]["dev"], -t.number))
+    assert dev_row["best_trial"] == best_dev.number
+    assert all(t.user_attrs["scores"]["dev"] <= 0 for t in done)  # minus a mean loss
+    pooled = prov["validator_agreement"][0]
+    assert pooled["n"]["ensv"] == pooled["n"]["dev"] == 3
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ('["ensv", "im"]', "'ensv' scores every trial against the others after the search"),
+        ('["imm"]', "unknown validator 'imm'"),
+    ],
+)
+def test_selection_refusals_name_the_key_before_training(tmp_path, selection, message):
+    body = UDA_STUDY.replace('["snd", "target-val", "source-val"]', selection)
+    spec = load_study(str(write_study(tmp_path, "bad", body=body)))
+    runner = make_runner(tmp_path, spec)
+    with pytest.raises(StudySpecError) as err:
+        runner.preflight()
+    assert message in str(err.value) and "selection" in str(err.value)
+    if "imm" in selection:
+        assert "'im'" in str(err.value)
+
+
+def test_a_plugins_rule_selects_and_one_reading_target_labels_is_oracle(tmp_path):
+    """Two rules from a plugin: a label-free one (the search's driver) and one that reads the
+    target labels, which is flagged oracle for a method that claims to need none."""
+    import types
+
+    from test_search import BUILTIN_PLUGINS
+
+    import harness
+    from harness.api import Validator
+    from harness.registry import PluginInfo, Registry
+
+    class Confident(Validator):
+        reads = ("target_logits",)
+
+        def score(self, inputs):
+            return float(inputs["target_logits"].softmax(1).amax(1).mean())
+
+    class Peek(Validator):
+        reads = ("target_logits", "target_labels")
+        higher_is_better = False  # an error rate: stored negated
+
+        def score(self, inputs):
+            wrong = inputs["target_logits"].argmax(1) != inputs["target_labels"]
+            return float(wrong.float().mean())
+
+    @harness.hookimpl
+    def register_validators(register):
+        register("confident", Confident)
+        register("peek", Peek)
+
+    registry = Registry()
+    registry.load_entry_points(only=BUILTIN_PLUGINS.split(","))
+    registry.add_plugin(
+        types.SimpleNamespace(register_validators=register_validators),
+        PluginInfo("mine", "my-rules", "0", "tests"),
+    )
+    body = ENSV_STUDY.replace('["im", "ensv", "dev"]', '["confident", "peek"]').replace(
+        "trials = 3", "trials = 2"
+    )
+    spec = load_study(str(write_study(tmp_path, "mine", body=body)))
+    runner = make_runner(tmp_path, spec, registry=registry)
+    runner.run()
+    board, trials, _ = leaderboard.collect(spec, runner.storage_url)
+    flags = {r["selection"]: r["oracle"] for r in board.to_dict("records")}
+    assert flags == {"confident": False, "peek": True}
+    for t in studies(spec, runner)[0].get_trials():
+        scores = t.user_attrs["scores"]
+        assert t.value == pytest.approx(scores["confident"])
+        assert scores["peek"] == pytest.approx(scores["target-val"] - 1.0, abs=1e-6)

@@ -127,6 +127,7 @@ def test_registry_discovers_the_installed_plugin(
         "dataset": ["example-shapes"],
         "strategy": ["example-entropy"],
         "command": ["example-shapes-info"],
+        "validator": ["example-confidence"],
     }
     assert registry.get("dataset", "example-shapes").meta["domains"] == ["plain", "noisy"]
     assert registry.get("strategy", "example-entropy").dist == DIST
@@ -177,7 +178,12 @@ def test_harness_plugins_kind_strategy(plugin_site: Path, tmp_path: Path) -> Non
 def test_check_plugin_passes_the_installed_plugin(plugin_site: Path, tmp_path: Path) -> None:
     proc = _harness(["check-plugin", ENTRY_POINT], _env(plugin_site), tmp_path, 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for key in ("backbone:example-lenet", "dataset:example-shapes", "strategy:example-entropy"):
+    for key in (
+        "backbone:example-lenet",
+        "dataset:example-shapes",
+        "strategy:example-entropy",
+        "validator:example-confidence",
+    ):
         assert f"{key}: ok" in proc.stdout, proc.stdout
     assert f"plugin {ENTRY_POINT!r} passes every check" in proc.stderr
 

@@ -10,6 +10,7 @@ plugin contract.
 - backbones and heads: ``Backbone``, ``stages_from_prefixes``, ``load_weights_file``,
   ``ImageHead``, ``FeatureMapHead``, ``TransferModel``
 - strategies: ``Strategy``, ``Batch``, ``StepContext``, ``LRScaled``, ``reverse_gradient``
+- selection rules: ``Validator``, ``VALIDATOR_INPUTS`` (the menu a validator reads from)
 - errors: ``HarnessError`` and the ones a plugin raises (``DatasetError``, ``WeightsError``,
   ``PluginContractError``, ``NonFiniteLossError``), and ``OptionError`` (an option refused)
 """
@@ -36,6 +37,8 @@ from harness.api.models import (
     takes_images,
 )
 from harness.api.strategy import Batch, LRScaled, StepContext, Strategy, reverse_gradient
+from harness.api.validation import INPUTS as VALIDATOR_INPUTS
+from harness.api.validation import Validator
 from harness.errors import (
     DataNotFoundError,
     DatasetError,
@@ -53,6 +56,7 @@ __all__ = [
     "IMAGENET_STD",
     "NAME_RULE",
     "TASKS",
+    "VALIDATOR_INPUTS",
     "Backbone",
     "Batch",
     "DataNotFoundError",
@@ -72,6 +76,7 @@ __all__ = [
     "Split",
     "StepContext",
     "Strategy",
+    "Validator",
     "Task",
     "TransferModel",
     "WeightsError",

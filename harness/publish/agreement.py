@@ -6,25 +6,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from optuna.trial import FrozenTrial
-
 from harness.publish.format import finite
-from harness.store.schema import trial_scores
-from harness.validators import VALIDATORS, rank_agreement
+from harness.rules import uses_target_labels
 
-AGREEMENT_RULES = ("source-val", *VALIDATORS)
 #: the method name of the agreement entry that pools every method of a pair
 POOLED = "all methods (pooled)"
 #: a rank correlation over fewer trials is not reported
 MIN_AGREEMENT_TRIALS = 3
 
 
-def agreement(pair: str, method: str, complete: list[FrozenTrial]) -> dict[str, Any]:
-    """Spearman correlation, over completed trials, between each label-free rule's score and the
-    trial's target-val accuracy: one method's trials, or every method's of the pair (``method`` =
-    ``POOLED``). ``n`` counts the trials behind each rule's value (those with both numbers);
+def agreement_rules(task: str, scored: list[dict[str, float]]) -> list[str]:
+    """The rules judged: every registered rule of ``task`` and every recorded one, in that order,
+    except those that read target labels."""
+    from harness.registry import get_registry
+
+    registered = [n for n, e in get_registry().entries["validator"].items() if task in e.tasks]
+    names = dict.fromkeys([*registered, *(name for s in scored for name in s)])
+    return [n for n in names if not uses_target_labels(n)]
+
+
+def agreement(
+    pair: str, method: str, scored: list[dict[str, float]], rules: list[str]
+) -> dict[str, Any]:
+    """Spearman correlation, over completed trials (``scored``: each one's scores), between each
+    label-free rule's score and the trial's target-val accuracy: one method's trials, or every
+    method's of the pair (``method`` = ``POOLED``); ``rules``: from :func:`agreement_rules`. ``n`` counts the trials behind each rule's value (those with both numbers);
     ``note`` says why values are missing."""
-    scored = [trial_scores(t) for t in complete]
     truth = [s.get("target-val") for s in scored]
     out: dict[str, Any] = {
         "pair": pair,
@@ -34,7 +41,7 @@ def agreement(pair: str, method: str, complete: list[FrozenTrial]) -> dict[str, 
         "n": {},
     }
     tied = []
-    for rule in AGREEMENT_RULES:
+    for rule in rules:
         scores = [s.get(rule) for s in scored]
         out["n"][rule] = sum(finite(a) and finite(b) for a, b in zip(scores, truth, strict=True))
         out[rule] = rank_agreement(scores, truth)
@@ -52,3 +59,17 @@ def agreement(pair: str, method: str, complete: list[FrozenTrial]) -> dict[str, 
         )
     out["note"] = "; ".join(notes) or None
     return out
+
+
+def rank_agreement(scores: list[float | None], truth: list[float | None]) -> float | None:
+    """Spearman rank correlation between a rule's scores and the true accuracies of the same
+    trials (ties get average ranks); ``None`` with fewer than three finite pairs or no spread."""
+    import pandas as pd
+
+    pairs = [(s, t) for s, t in zip(scores, truth, strict=True) if finite(s) and finite(t)]
+    if len(pairs) < 3:
+        return None
+    frame = pd.DataFrame(pairs, columns=["score", "truth"]).rank()
+    if frame["score"].nunique() < 2 or frame["truth"].nunique() < 2:
+        return None
+    return float(frame["score"].corr(frame["truth"]))

@@ -1,6 +1,6 @@
 """The re-run bundle, ``results/<study>/bundle/``: the study file byte for byte, the resolved
-study, the best parameters per (pair, method), ``rerun.sh`` (``harness run`` against the storage
-the results came from) and ``README.txt``."""
+study, the best parameters per (pair, method, selection rule), ``rerun.sh`` (``harness run``
+against the storage the results came from) and ``README.txt``."""
 
 from __future__ import annotations
 
@@ -58,16 +58,19 @@ def _best_params_json(spec: StudySpec, board: pd.DataFrame) -> dict[str, Any]:
     metric = primary_metric(spec.task)
     pairs: dict[str, dict[str, Any]] = {}
     for r in records(board):
-        pairs.setdefault(r["pair"], {})[r["method"]] = {
+        rules = pairs.setdefault(r["pair"], {}).setdefault(r["method"], {})
+        rules[r.get("selection") or "-"] = {
             "rank": r.get("rank"),
             "status": r.get("status"),
             "strategy": r.get("strategy"),
             "selection": r.get("selection"),
             "oracle": truthy(r.get("oracle")),
+            "search_saw_target_labels": truthy(r.get("search_saw_target_labels")),
             "best_trial": r.get("best_trial"),
             "val_score": r.get("val_score"),
             f"test_{metric}": r.get(f"test_{metric}"),
             f"test_{metric}_std": r.get(f"test_{metric}_std"),
+            f"test_{metric}_se": r.get(f"test_{metric}_se"),
             "seeds": r.get("seeds"),
             "params": r.get("best_params") if isinstance(r.get("best_params"), dict) else None,
         }
@@ -75,7 +78,9 @@ def _best_params_json(spec: StudySpec, board: pd.DataFrame) -> dict[str, Any]:
         "study": spec.name,
         "task": spec.task,
         "primary_metric": metric,
-        "note": "params of the best trial per (pair, method), chosen on the validation split named by 'selection'",
+        "note": "pairs -> pair -> method -> selection rule -> the trial that rule picked (chosen on "
+        "the validation data the rule names) with its params and its target test metric over the "
+        "final seeds (mean, std, se)",
         "pairs": pairs,
     }
 
@@ -206,8 +211,11 @@ def _files_section(spec: StudySpec, raw: bytes) -> list[str]:
             else ""
         )
         + ".",
-        "best_params.json      per pair and method: the best trial's parameters, its validation score,",
-        f"                      selection rule, rank and target test {metric} (mean, sd and se over the seeds).",
+        "best_params.json      pairs -> pair -> method -> selection rule -> the trial that rule picked:",
+        "                      its parameters (params), validation score (val_score), rank, oracle flag,",
+        "                      whether target labels drove the search (search_saw_target_labels), and",
+        f"                      target test {metric} over the final seeds: test_{metric} (mean),",
+        f"                      test_{metric}_std (sd) and test_{metric}_se (se).",
         "rerun.sh              re-runs the study against its storage (see below).",
         "",
     ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,7 +16,8 @@ import pandas as pd
 from harness.fileio import write_text
 from harness.metrics import LABELS, METRICS
 from harness.publish.bundle import BUNDLE
-from harness.publish.format import finite, pct, pm, trial_counts, truthy, val
+from harness.publish.format import finite, pm, trial_counts, truthy
+from harness.publish.labels import REFERENCE_LABEL, REFERENCE_NOTE, rank_label, rule_label
 from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
 from harness.publish.rank import unfinished
@@ -65,6 +65,8 @@ td.method { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.
 .badge { display: inline-block; padding: 0 0.4rem; margin-left: 0.3rem; border-radius: 0.6rem;
          font-size: 0.75rem; font-weight: 600; }
 .badge.oracle { background: #fde2c4; color: #8a4200; border: 1px solid #f0a050; }
+.badge.reference { background: #e8e8e8; color: #333; border: 1px solid #aaa; }
+p.notes { border-left: 3px solid #f0a050; padding-left: 0.6rem; }
 figure { margin: 0.6rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e2e2e2; }
 figcaption { font-size: 0.85rem; color: #555; }
@@ -103,7 +105,7 @@ def _html(
     out.append(_nav(pairs))
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
-        out += _pair_section(pair, rows, figures.get(pair, {}), m1, m2)
+        out += _pair_section(pair, rows, figures.get(pair, {}), spec.task)
     out.append('<h2 id="files">Files</h2>')
     out.append(_files(results_dir, figures))
     out.append('<h2 id="provenance">Provenance</h2>')
@@ -144,6 +146,8 @@ def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | No
     ]
     if spec.description:
         out.append(f'<p class="lead">{_e(spec.description.strip())}</p>')
+    if spec.notes:
+        out.append(f'<p class="notes"><strong>Notes.</strong> {_e(spec.notes.strip())}</p>')
     if spec.data.protocol == "standard":
         out.append(f"<p>{_e(STANDARD_NOTE)}</p>")
     if missing:
@@ -156,25 +160,33 @@ def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | No
         "unlabelled target validation images (column <em>selection</em>); the test split was read "
         "only by the final runs. Rows marked "
         '<span class="badge oracle">oracle</span> were selected with target labels although the method '
-        "trains without them, and are ranked among themselves.</p>"
+        "trains without them, and are ranked among themselves. Column <em>selecting score</em>: the "
+        "picked trial's score under the row's rule, in % for a labelled validation split, the "
+        "validator's own value for a label-free rule.</p>"
     )
     return out
 
 
-def _pair_section(
-    pair: str, rows: pd.DataFrame, fig: dict[str, Any], m1: str, m2: str | None
-) -> list[str]:
-    """One pair: its table, its plots, and each row's best parameters and search plots."""
+def _pair_section(pair: str, rows: pd.DataFrame, fig: dict[str, Any], task: str) -> list[str]:
+    """One pair: its table, its plots, and each row's best parameters; each method's search plots
+    once, after its first row."""
     own = " (in-domain)" if "in_domain" in rows and rows["in_domain"].fillna(False).any() else ""
-    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair + own)}</h2>', _table(rows, m1, m2)]
+    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair + own)}</h2>', _table(rows, task)]
+    if "reference" in rows and rows["reference"].fillna(False).astype(bool).any():
+        out.append(f'<p class="note">{_e(REFERENCE_NOTE.replace("*", ""))}</p>')
     if "leaderboard" in fig:
         out.append(_figure(fig["leaderboard"]))
     if "freeze" in fig:
         out.append(_figure(fig["freeze"]))
+    shown: set[str] = set()
     for rec in rows.to_dict("records"):
         method = rec["method"]
-        out.append(f"<h3>{_e(method)}</h3>")
-        out.append(_best_params(rec))
+        rule = f", selected by {rec['selection']}" if rec.get("selection") else ""
+        out.append(f"<h3>{_e(method + rule)}</h3>")
+        out.append(_best_params(rec, task))
+        if method in shown:
+            continue
+        shown.add(method)
         history, importance = fig.get("methods", {}).get(method, (None, None))
         out.append(
             '<div class="grid">'
@@ -190,27 +202,26 @@ def _nav(pairs: list[str]) -> str:
     return "<p>" + " · ".join(links) + "</p>"
 
 
-def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
+def _table(rows: pd.DataFrame, task: str) -> str:
+    m1, m2 = (METRICS[task] + (None,))[:2]
     head = ["rank", "method", "strategy", f"test {LABELS[m1]} %"]
     head += [f"test {LABELS[m2]} %"] if m2 else []
-    head += ["val", "selection", "trials ok/pruned/failed", "status"]
+    head += ["selecting score", "selection", "trials ok/pruned/failed", "status"]
     out = [
         "<table>",
         "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>",
         "<tbody>",
     ]
     for r in rows.to_dict("records"):
-        rank = r.get("rank")
-        rank = (
-            "-"
-            if rank is None or rank is pd.NA or (isinstance(rank, float) and math.isnan(rank))
-            else int(rank)
-        )
+        rank = _e(rank_label(r))
+        if truthy(r.get("reference")):
+            rank = f'<span class="badge reference">{_e(REFERENCE_LABEL)}</span>'
         selection = _e(r.get("selection") or "-")
         if truthy(r.get("oracle")):
             selection += ' <span class="badge oracle">oracle</span>'
+        label = rule_label(r.get("selection"), task)
         cells = [
-            f'<td class="num">{_e(rank)}</td>',
+            f'<td class="num">{rank}</td>',
             f'<td class="method">{_e(r.get("method"))}</td>',
             f'<td class="nowrap">{_e(r.get("strategy"))}</td>',
             f'<td class="num">{_e(pm(r, m1))}</td>',
@@ -218,7 +229,7 @@ def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
         if m2:
             cells.append(f'<td class="num">{_e(pm(r, m2))}</td>')
         cells += [
-            f'<td class="num">{_e(val(r))}</td>',
+            f'<td class="num">{_e(label.name)} {_e(label.value(r.get("val_score")))}</td>',
             f'<td class="nowrap">{selection}</td>',
             f'<td class="num">{_e(trial_counts(r))}</td>',
             f"<td>{_e(r.get('status'))}</td>",
@@ -228,7 +239,7 @@ def _table(rows: pd.DataFrame, m1: str, m2: str | None) -> str:
     return "\n".join(out)
 
 
-def _best_params(rec: dict[str, Any]) -> str:
+def _best_params(rec: dict[str, Any], task: str) -> str:
     params = rec.get("best_params")
     if not isinstance(params, dict) or not params:
         return f'<p class="note">{_e(rec.get("status") or "no best trial")}: no best parameters</p>'
@@ -237,8 +248,10 @@ def _best_params(rec: dict[str, Any]) -> str:
     )
     trial = rec.get("best_trial")
     trial = int(trial) if finite(trial) else "-"
+    label = rule_label(rec.get("selection"), task)
+    score = f"{label.name} {label.value(rec.get('val_score'))}"
     return (
-        f'<p class="note">best trial {_e(trial)}, validation score {_e(pct(rec.get("val_score")))} %</p>'
+        f'<p class="note">best trial {_e(trial)} under {_e(rec.get("selection") or "-")}: {_e(score)}</p>'
         f"<table><thead><tr><th>parameter</th><th>value</th></tr></thead><tbody>{items}</tbody></table>"
     )
 

@@ -30,11 +30,13 @@ def write_results_index(results_root: Path) -> Path:
         "# Published results",
         "",
         "Every study published in this folder. *Headline*: the rank-1 row of each source → target pair "
-        "among the rows not flagged oracle, its target **test** primary metric in %, mean ± standard "
-        "error over the seeded final runs, and the rule that selected its trial: a labelled "
+        "among the rows not flagged oracle (reference rows, trained on target labels in a table of "
+        "methods compared without them, are not ranked), its target **test** primary metric in %, "
+        "mean ± standard error over the seeded final runs, and the rule that selected its trial: a labelled "
         "validation split (`target-val`, `source-val`) or a label-free validator scoring unlabelled "
         "target validation images (`im`, `snd`, ...); a method picked by several rules with the same "
-        "result is listed once with all of them. Each study's `index.html` is a self-contained "
+        "result is listed once with all of them. *Notes* after a description are the study's own "
+        "disclosures (its `notes`). Each study's `index.html` is a self-contained "
         "report with plots; `leaderboard.md` the table and provenance.",
         "",
         "This file is generated from each `<study>/leaderboard.json`; do not edit it by hand.",
@@ -75,6 +77,8 @@ def _study_row(board_file: Path) -> tuple[list[str], str | None]:
         data = json.loads(board_file.read_text(encoding="utf-8"))
         records = data.get("rows") or []
         description = data.get("description") or ""
+        if data.get("notes"):
+            description += f" *Notes:* {data['notes']}"
         headline = _headline(records)
         count = str(len(records))
         missing = _missing(data)

@@ -16,15 +16,16 @@ import pandas as pd
 
 from harness.fileio import atomic_path, write_json, write_text
 from harness.models.keep import finalize
-from harness.publish import rank
+from harness.publish import rank, uncertainty
 from harness.publish.format import records
 from harness.publish.markdown import to_markdown
 from harness.publish.provenance import provenance_of
 from harness.publish.results import Results, read_results
+from harness.publish.transferability import section as transfer_section
 from harness.study import StudySpec
 
 #: the columns of the board that hold lists or dicts: JSON only, not in leaderboard.csv
-NESTED = ("best_params", "seeds", "test_per_class_iou")
+NESTED = ("best_params", "seeds", "test_per_class_iou", "test_per_seed")
 
 
 class Tables(NamedTuple):
@@ -36,7 +37,9 @@ class Tables(NamedTuple):
 
 
 def tables(results: Results) -> Tables:
-    return Tables(rank.board(results), rank.trials_frame(results), provenance_of(results))
+    """The three tables; ``trials.csv`` also gets each final run's test value on the trial it re-ran."""
+    trials = uncertainty.with_final_runs(rank.trials_frame(results), results)
+    return Tables(rank.board(results), trials, provenance_of(results))
 
 
 def collect(spec: StudySpec, storage_url: str) -> Tables:
@@ -71,11 +74,15 @@ def write(
     rows = rank.with_models(records(board), finalize(results_dir, spec, board, provenance))
     # an unfinished study says so, and what it lacks; a complete one's file has no such keys
     state = {} if missing is None else {"state": "partial", "missing": missing}
+    ranked = transfer_section(results_dir, rows)  # after `harness rank`: the scores' tau
+    if ranked is not None:
+        provenance = {**provenance, "transferability": ranked[1]}
     write_json(
         path,
         {
             "study": spec.name,
             "description": spec.description,
+            **({"notes": spec.notes} if spec.notes else {}),  # the study's disclosures
             **state,
             "rows": rows,
             "provenance": provenance,
@@ -83,6 +90,6 @@ def write(
     )
     paths.append(path)
     path = results_dir / "leaderboard.md"
-    write_text(path, to_markdown(spec, board, provenance))
+    write_text(path, to_markdown(spec, board, provenance) + (f"\n{ranked[0]}" if ranked else ""))
     paths.append(path)
     return paths

@@ -9,9 +9,12 @@ from typing import Any
 import pandas as pd
 
 from harness.metrics import LABELS, METRICS
-from harness.publish.agreement import AGREEMENT_RULES, MIN_AGREEMENT_TRIALS, POOLED
+from harness.publish.agreement import MIN_AGREEMENT_TRIALS, POOLED
+from harness.publish.flags import SEARCH_LEGEND, search_mark, search_marked
 from harness.publish.format import finite, pm, trial_counts, truthy, val
+from harness.publish.labels import REFERENCE_NOTE, rank_label
 from harness.publish.rank import unfinished
+from harness.publish.uncertainty import CI_LABEL, NA, RESAMPLES, ci_cell
 from harness.study import StudySpec
 
 #: what a board of the ``standard`` protocol says under its title
@@ -33,6 +36,8 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
     lines = [f"# Leaderboard: {spec.name}" + protocol_title(spec, missing), ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
+    if spec.notes:
+        lines += [f"**Notes.** {spec.notes.strip()}", ""]
     if spec.data.protocol == "standard":
         lines += [STANDARD_NOTE, ""]
     if missing:
@@ -49,6 +54,8 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         "(higher is better) for a label-free rule.",
         "",
     ]
+    if "reference" in board and board["reference"].fillna(False).any():
+        lines += [REFERENCE_NOTE, ""]
     for pair, group in board.groupby("pair", sort=False):
         own = " (in-domain)" if "in_domain" in group and group["in_domain"].any() else ""
         lines += [f"## {pair}{own}", "", _pair_table(group, m1, m2), ""]
@@ -80,21 +87,30 @@ def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
     records = group.to_dict("records")
     table = pd.DataFrame(
         {
-            "rank": group.get("rank", pd.Series(dtype="Int64")).astype("string").fillna("-"),
+            "rank": [rank_label(r) for r in records],
             "method": group["method"],
             "strategy": group["strategy"],
             f"test {LABELS[m1]} %": [pm(r, m1) for r in records],
+            f"{CI_LABEL} %": [ci_cell(r, m1) for r in records],
             f"test {LABELS[m2]} %": [pm(r, m2) for r in records],
             "val": [val(r) for r in records],
             "selection": [
-                (r.get("selection") or "-") + (" **oracle**" if truthy(r.get("oracle")) else "")
+                (r.get("selection") or "-")
+                + (" **oracle**" if truthy(r.get("oracle")) else "")
+                + search_mark(r)
                 for r in records
             ],
             "trials (ok/pruned/failed)": [trial_counts(r) for r in records],
             "status": group["status"],
         }
     )
-    return table.to_markdown(index=False)
+    legend = (
+        f"± is the standard error over the final seeds. *{CI_LABEL}*: test {LABELS[m1]}, 95% "
+        f"bootstrap interval over test images and seeds ({RESAMPLES} resamples); {NA} where the "
+        "storage has no per-image test outcomes."
+    )
+    marked = [SEARCH_LEGEND] if any(search_marked(r) for r in records) else []
+    return "\n\n".join([table.to_markdown(index=False), legend, *marked])
 
 
 def _provenance_markdown(p: dict[str, Any]) -> list[str]:
@@ -120,6 +136,11 @@ def _provenance_markdown(p: dict[str, Any]) -> list[str]:
     ]
 
 
+def _judged(agreement: list[dict[str, Any]]) -> list[str]:
+    """The rules the agreement entries judge, in their order."""
+    return list(dict.fromkeys(rule for a in agreement for rule in a.get("n", {})))
+
+
 def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
     if not agreement:
         return []
@@ -128,7 +149,7 @@ def _agreement_markdown(agreement: list[dict[str, Any]]) -> list[str]:
             "pair": [a["pair"] for a in agreement],
             "method": [a.get("method", "-") for a in agreement],
             "trials": [str(a.get("trials", 0)) for a in agreement],
-            **{rule: [_rho_cell(a, rule) for a in agreement] for rule in AGREEMENT_RULES},
+            **{rule: [_rho_cell(a, rule) for a in agreement] for rule in _judged(agreement)},
             "note": [a.get("note") or "" for a in agreement],
         }
     )

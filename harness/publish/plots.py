@@ -7,6 +7,7 @@ Every plot is a function of :class:`~harness.publish.results.Results` and the ta
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.fileio import atomic_path
 from harness.metrics import LABELS, primary_metric
 from harness.publish.format import finite, pm, truthy
+from harness.publish.labels import RuleLabel, rule_label, rules_label
 from harness.publish.results import Results, StoredStudy
 from harness.study import StudySpec
 
@@ -33,6 +35,8 @@ PLOTS = "plots"
 #: matplotlib's default first colour: the bars of non-oracle rows
 BAR_COLOUR = "#1f77b4"
 ORACLE_COLOUR = "#ff7f0e"
+#: reference rows (trained on target labels, not ranked): grey
+REFERENCE_COLOUR = "#8c8c8c"
 
 
 @dataclass
@@ -68,9 +72,12 @@ def draw(
     figures: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
+        drivers = {
+            e.method.key: driving_rule(e.study) for e in results.entries if e.pair.key == pair
+        }
         entry: dict[str, Any] = {
             "leaderboard": _leaderboard_plot(results_dir, spec, pair, rows, names),
-            "freeze": _freeze_depth_plot(results_dir, spec, pair, rows, trials, names),
+            "freeze": _freeze_depth_plot(results_dir, spec, pair, drivers, trials, names),
             "methods": {},
         }
         for e in results.entries:
@@ -82,6 +89,12 @@ def draw(
         figures[pair] = entry
     _remove_stale_plots(results_dir, names.used)
     return figures
+
+
+def driving_rule(study: StoredStudy | None) -> str | None:
+    """The rule whose score is a study's trial values (the first rule, resolved for the method):
+    what the sampler and pruner saw, and what the history and freeze-depth plots show."""
+    return None if study is None else study.config.get("selection") or None
 
 
 class _Names:
@@ -139,8 +152,11 @@ def _leaderboard_plot(
     results_dir: Path, spec: StudySpec, pair: str, rows: pd.DataFrame, names: _Names
 ) -> Figure:
     metric = primary_metric(spec.task)
-    col, std_col = f"test_{metric}", f"test_{metric}_std"
-    title = f"{pair}: target test {LABELS[metric]} %, mean ± sd over seeds"
+    col, se_col = f"test_{metric}", f"test_{metric}_se"
+    title = (
+        f"{pair}: target test {LABELS[metric]} %, mean ± standard error over seeds, "
+        "of the trial each row's selection rule picked"
+    )
     records = [r for r in rows.to_dict("records") if finite(r.get(col))]
     if not records:
         return Figure(title, note="no row has a test score yet (no final run finished)")
@@ -148,40 +164,51 @@ def _leaderboard_plot(
     with _pyplot() as plt:
         fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(records)))
         means = [100 * float(r[col]) for r in records]
-        stds = [100 * float(r[std_col]) if finite(r.get(std_col)) else 0.0 for r in records]
-        labels = [
-            str(r["method"])
-            + (" (oracle)" if truthy(r.get("oracle")) else "")
-            + ("" if r.get("status") == "final" else f" [{r.get('status')}]")
-            for r in records
-        ]
-        colours = [ORACLE_COLOUR if truthy(r.get("oracle")) else BAR_COLOUR for r in records]
+        ses = [100 * float(r[se_col]) if finite(r.get(se_col)) else 0.0 for r in records]
+        labels = [_bar_label(r) for r in records]
+        colours = [_bar_colour(r) for r in records]
         y = list(range(len(records)))
         ax.barh(
-            y, means, xerr=stds, color=colours, capsize=4, height=0.6, error_kw={"elinewidth": 1.2}
+            y, means, xerr=ses, color=colours, capsize=4, height=0.6, error_kw={"elinewidth": 1.2}
         )
-        for yi, m, s, r in zip(y, means, stds, records, strict=True):
+        for yi, m, s, r in zip(y, means, ses, records, strict=True):
             ax.text(min(m + s, 100) + 1, yi, pm(r, metric), va="center", fontsize=8)
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 115)
         ax.set_xticks(range(0, 101, 20))
         ax.set_xlabel(f"target test {LABELS[metric]} %")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title.replace(", of the", ",\nof the"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         return _save(results_dir, fig, names(pair, "leaderboard"), title)
+
+
+def _bar_label(r: dict[str, Any]) -> str:
+    """A bar's label: the method, the rule that picked its trial, and its flags."""
+    flags = [str(r.get("selection") or "-")]
+    flags += ["oracle"] if truthy(r.get("oracle")) else []
+    flags += ["reference: target labels"] if truthy(r.get("reference")) else []
+    status = "" if r.get("status") == "final" else f" [{r.get('status')}]"
+    return f"{r['method']} ({', '.join(flags)}){status}"
+
+
+def _bar_colour(r: dict[str, Any]) -> str:
+    if truthy(r.get("reference")):
+        return REFERENCE_COLOUR
+    return ORACLE_COLOUR if truthy(r.get("oracle")) else BAR_COLOUR
 
 
 def _freeze_depth_plot(
     results_dir: Path,
     spec: StudySpec,
     pair: str,
-    rows: pd.DataFrame,
+    drivers: dict[str, str | None],
     trials: pd.DataFrame,
     names: _Names,
 ) -> Figure:
-    metric = primary_metric(spec.task)
-    title = f"{pair}: freeze depth vs trial validation {LABELS[metric]}"
+    """Each method's trial values by freeze depth: the score of the rule that drove its search."""
+    shown = rules_label([r for r in drivers.values() if r], spec.task)
+    title = f"{pair}: freeze depth vs trial value ({shown.axis})"
     needed = {"pair", "method", "state", "value", "backbone.freeze_depth"}
     if trials is None or trials.empty or not needed <= set(trials.columns):
         return Figure(title, note="no trial recorded a freeze depth")
@@ -191,14 +218,12 @@ def _freeze_depth_plot(
     t = t[t["value"].map(finite) & t["depth"].map(finite)]
     if t.empty:
         return Figure(title, note="no completed trial with a freeze depth and a finite value")
-    selection = (
-        dict(zip(rows["method"], rows["selection"], strict=False)) if "selection" in rows else {}
-    )
+    labels = {m: rule_label(r, spec.task) for m, r in drivers.items()}
     with _pyplot() as plt:
         fig, ax = plt.subplots(figsize=(7.5, 4))
-        _freeze_depth_axes(ax, t, selection)
+        _freeze_depth_axes(ax, t, labels)
         ax.set_xlabel("backbone.freeze_depth (stages frozen, stem first)")
-        ax.set_ylabel(f"trial value: validation {LABELS[metric]} %")
+        ax.set_ylabel(f"trial value: {shown.axis}")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(
@@ -207,9 +232,9 @@ def _freeze_depth_plot(
         return _save(results_dir, fig, names(pair, "freeze-depth"), title)
 
 
-def _freeze_depth_axes(ax: Any, t: pd.DataFrame, selection: dict[str, Any]) -> None:
+def _freeze_depth_axes(ax: Any, t: pd.DataFrame, labels: dict[str, RuleLabel]) -> None:
     """One box and one scatter per method and depth: methods may be selected on different
-    splits, so their trial values are not pooled."""
+    splits, so their trial values are not pooled; each in its own rule's unit (``labels``)."""
     methods = list(dict.fromkeys(t["method"]))
     depths = sorted({int(d) for d in t["depth"]})
     width = min(0.8 / max(1, len(methods)), 0.35)
@@ -219,30 +244,42 @@ def _freeze_depth_axes(ax: Any, t: pd.DataFrame, selection: dict[str, Any]) -> N
         offset = (j - (len(methods) - 1) / 2) * width
         colour = f"C{j % 10}"
         present = [d for d in depths if (m["depth"] == d).any()]
-        ax.boxplot([100 * m.loc[m["depth"] == d, "value"].to_numpy(dtype=float) for d in present],
+        label = labels.get(method) or rule_label(None, "classification")
+        values = m["value"].astype(float).map(label.scale)
+        ax.boxplot([values[m["depth"] == d].to_numpy(dtype=float) for d in present],
                    positions=[d + offset for d in present], widths=width * 0.8, showfliers=False,
                    patch_artist=True, manage_ticks=False,
                    boxprops={"facecolor": "none", "edgecolor": colour, "alpha": 0.6},
                    medianprops={"color": colour}, whiskerprops={"color": colour, "alpha": 0.6},
                    capprops={"color": colour, "alpha": 0.6})  # fmt: skip
-        rule = selection.get(method)
-        label = f"{method} ({rule})" if isinstance(rule, str) and rule else str(method)
-        ax.scatter(m["depth"] + offset, 100 * m["value"], s=26, alpha=0.9, marker=markers[j % len(markers)],
-                   color=colour, label=label, zorder=3)  # fmt: skip
+        ax.scatter(m["depth"] + offset, values, s=26, alpha=0.9, marker=markers[j % len(markers)],
+                   color=colour, label=f"{method} ({label.axis})", zorder=3)  # fmt: skip
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.set_xlim(min(depths) - 0.7, max(depths) + 0.7)
 
 
-def _optuna_study(study: StoredStudy) -> optuna.Study:
-    """An in-memory copy of a stored study, trial numbers kept: Optuna's plots take a Study."""
+def _optuna_study(study: StoredStudy, label: RuleLabel | None = None) -> optuna.Study:
+    """An in-memory copy of a stored study, trial numbers kept: Optuna's plots take a Study.
+    With ``label``, completed trials' values are in its unit (a labelled split's score in %)."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
     try:
-        copy = optuna.create_study(study_name=study.name, directions=study.directions)
+        mirror = optuna.create_study(study_name=study.name, directions=study.directions)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    copy.add_trials(study.trials)
-    return copy
+    trials = study.trials
+    if label is not None and label.percent:
+        trials = [_scaled(t, label) for t in trials]
+    mirror.add_trials(trials)
+    return mirror
+
+
+def _scaled(t: FrozenTrial, label: RuleLabel) -> FrozenTrial:
+    if t.state != TrialState.COMPLETE or not finite(t.value):
+        return t
+    scaled = copy.deepcopy(t)
+    scaled.value = label.scale(float(t.value))
+    return scaled
 
 
 def _history_plot(
@@ -253,8 +290,8 @@ def _history_plot(
     study: StoredStudy | None,
     names: _Names,
 ) -> Figure:
-    metric = primary_metric(spec.task)
-    title = f"{method}: optimization history"
+    label = rule_label(driving_rule(study), spec.task)
+    title = f"{method}: optimization history, trial value = {label.axis}"
     if study is None:
         return Figure(title, note="not started: no Optuna study in the storage")
     if not study.completed():
@@ -262,12 +299,10 @@ def _history_plot(
     from optuna.visualization.matplotlib import plot_optimization_history
 
     with _pyplot():
-        ax = plot_optimization_history(
-            _optuna_study(study), target_name=f"validation {LABELS[metric]}"
-        )
+        ax = plot_optimization_history(_optuna_study(study, label), target_name=label.axis)
         fig = ax.figure
         fig.set_size_inches(6.5, 3.4)
-        ax.set_title(f"{pair} | {method}\noptimization history", fontsize=9)
+        ax.set_title(f"{pair} | {method}\noptimization history ({label.axis})", fontsize=9)
         return _save(results_dir, fig, names(pair, method, "history"), title)
 
 
@@ -295,8 +330,8 @@ def _importance_plot(
     study: StoredStudy | None,
     names: _Names,
 ) -> Figure:
-    metric = primary_metric(spec.task)
-    title = f"{method}: parameter importances"
+    label = rule_label(driving_rule(study), spec.task)
+    title = f"{method}: parameter importances for the trial value ({label.name})"
     if study is None:
         return Figure(title, note="not started: no Optuna study in the storage")
     note = importance_note(study.completed())
@@ -304,12 +339,12 @@ def _importance_plot(
         return Figure(title, note=note)
     from optuna.visualization.matplotlib import plot_param_importances
 
-    copy = _optuna_study(study)
+    mirror = _optuna_study(study)
     with _pyplot() as plt, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            ax = plot_param_importances(copy, target_name=f"validation {LABELS[metric]}")
+            ax = plot_param_importances(mirror, target_name=label.name)
         except (RuntimeError, ValueError) as exc:  # e.g. a search space that changed between trials
             plt.close("all")
             return Figure(
@@ -325,7 +360,8 @@ def _importance_plot(
         fig.set_size_inches(6.5, 1.4 + 0.35 * max(n, 2))
         ax.set_title("", loc="left")  # Optuna's own title, replaced by a centred one
         ax.set_title(
-            f"{pair} | {method}\nparameter importances ({len(study.completed())} completed trials)",
+            f"{pair} | {method}\nparameter importances for {label.name} "
+            f"({len(study.completed())} completed trials)",
             fontsize=9,
         )
         figure = _save(results_dir, fig, names(pair, method, "importance"), title)

@@ -10,12 +10,12 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from harness.publish.agreement import POOLED, agreement
+from harness.publish.agreement import POOLED, agreement, agreement_rules
 from harness.publish.format import shown_storage
 from harness.publish.results import Results
-from harness.store.schema import PRUNER, SAMPLER, final_seeds
+from harness.store.schema import GIT_COMMIT, PRUNER, SAMPLER, WEIGHTS_FILES, final_seeds
 from harness.study import StudySpec
 from harness.versions import HARNESS_VERSION as __version__
 from harness.versions import git_commit, package_version
@@ -44,6 +44,7 @@ def provenance_of(results: Results) -> dict[str, Any]:
         "harness_version": __version__,
         "git_commit": git_commit(Path(spec.path).parent if spec.path else Path.cwd()),
         "final_runs_git_commits": sorted(runs["commits"]),
+        "trial_git_commits": _trial_commits(results),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {p: package_version(p) for p in PACKAGES},
@@ -58,6 +59,7 @@ def provenance_of(results: Results) -> dict[str, Any]:
         "data_fingerprints": _fingerprints(results),
         **_preprocessing(results),
         "plugins": _plugins(results),
+        **_weights_files(results),
         "budget": spec.budget.model_dump(),
         "trial_counts": _trial_counts(results),
         "compute_seconds": round(runs["compute_s"], 1),
@@ -128,17 +130,43 @@ def _runs(results: Results) -> dict[str, Any]:
     }
 
 
+def _trial_commits(results: Results) -> list[str]:
+    """The commits the trials a board is made of ran at ("unknown" for trials stored before
+    trials recorded theirs)."""
+    return sorted(
+        {
+            t.user_attrs.get(GIT_COMMIT) or "unknown"
+            for e in results.entries
+            if e.study is not None
+            for t in e.study.budgeted
+        }
+    )
+
+
+def _weights_files(results: Results) -> dict[str, Any]:
+    """Per (pair, method) study, the weights files its trials started from, with their sha256
+    (source-pretrained weights, or the study's own file), where any."""
+    found = {
+        e.study.name: e.study.attrs[WEIGHTS_FILES]
+        for e in results.entries
+        if e.study is not None and e.study.attrs.get(WEIGHTS_FILES)
+    }
+    return {"weights_files": found} if found else {}
+
+
 def _agreement(results: Results) -> list[dict[str, Any]]:
     """Per pair: the pooled entry first (it rests on several times more trials), then each method."""
     out: list[dict[str, Any]] = []
+    every = [s for e in results.entries if e.study for s in e.study.scores.values()]
+    rules = agreement_rules(results.spec.task, every)
     for pair in results.spec.pairs:
-        pooled: list[FrozenTrial] = []  # completed trials of every method of the pair
+        pooled: list[dict[str, float]] = []  # scores of every method's completed trials
         per_method = []
         for e in results.of_pair(pair):
-            complete = e.study.complete if e.study else []
-            per_method.append(agreement(pair.key, e.method.key, complete))
-            pooled += complete
-        out += [agreement(pair.key, POOLED, pooled), *per_method]
+            scored = [e.study.scores.get(t.number, {}) for t in e.study.complete] if e.study else []
+            per_method.append(agreement(pair.key, e.method.key, scored, rules))
+            pooled += scored
+        out += [agreement(pair.key, POOLED, pooled, rules), *per_method]
     return out
 
 

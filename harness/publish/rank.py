@@ -10,7 +10,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.metrics import METRICS, primary_metric
+from harness.publish import uncertainty
 from harness.publish.format import finite
+from harness.publish.labels import label_free
 from harness.publish.results import Entry, Results, Selection, StoredStudy
 from harness.store.schema import (
     ERROR,
@@ -71,7 +73,8 @@ def _trial_counts(study: StoredStudy, config: dict[str, Any]) -> dict[str, Any]:
 
 def _rule_row(spec: StudySpec, row: dict[str, Any], sel: Selection) -> dict[str, Any]:
     """The row of one selection rule: the trial it picked and its final runs' test metrics."""
-    rule_row = {**row, "selection": sel.rule, "oracle": sel.oracle}
+    rule_row = {**row, "selection": sel.rule, "oracle": sel.oracle,
+                "search_saw_target_labels": sel.search_saw_target_labels}  # fmt: skip
     best, finals = sel.best, sel.finals
     if best is None:
         return {**rule_row, "status": "no completed trial"}
@@ -99,30 +102,48 @@ def _rule_row(spec: StudySpec, row: dict[str, Any], sel: Selection) -> dict[str,
         rule_row["test_per_class_iou"] = [
             None if pd.isna(v) else float(v) for v in frame.mean(skipna=True)
         ]
+    rule_row.update(uncertainty.row_fields(spec.task, sel))  # per-seed values, 95% interval
     return rule_row
 
 
 def _ranked(spec: StudySpec, board: pd.DataFrame) -> pd.DataFrame:
-    """Rank rows with all their final seeds within each pair, oracle rows among themselves; then
-    order each pair's rows: honestly selected ones first, then oracle ones, each in rank order."""
+    """Rank rows with all their final seeds within each pair, oracle rows among themselves and
+    reference rows (:func:`reference_rows`) not at all; then order each pair's rows: honestly
+    selected ones first, then oracle ones, each in rank order, then the reference rows."""
     primary = f"test_{primary_metric(spec.task)}"
     if primary not in board:
         return board
-    # only rows with all their final seeds compete; partial rows stay unranked
-    ranked = board[primary].where(board["status"] == "final")
-    group = (
-        [board["pair"], board["oracle"].fillna(False).astype(bool)]
-        if "oracle" in board
-        else board["pair"]
+    reference = reference_rows(board)
+    if reference.any():  # a column only where some row is a reference
+        board["reference"] = reference
+    # only rows with all their final seeds compete; partial rows and references stay unranked
+    ranked = board[primary].where((board["status"] == "final") & ~reference)
+    oracle = board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
+    board["rank"] = (
+        ranked.groupby([board["pair"], oracle] if "oracle" in board else board["pair"])
+        .rank(ascending=False, method="min")
+        .astype("Int64")
     )
-    board["rank"] = ranked.groupby(group).rank(ascending=False, method="min").astype("Int64")
-    order = ["pair", "_oracle", "rank"] if "oracle" in board else ["pair", "rank"]
-    board["_oracle"] = board["oracle"].fillna(False).astype(bool) if "oracle" in board else False
+    board["_oracle"], board["_reference"] = oracle, reference
     return (
-        board.sort_values(order, na_position="last", kind="stable")
-        .drop(columns="_oracle")
+        board.sort_values(
+            ["pair", "_reference", "_oracle", "rank"], na_position="last", kind="stable"
+        )
+        .drop(columns=["_oracle", "_reference"])
         .reset_index(drop=True)
     )
+
+
+def reference_rows(board: pd.DataFrame) -> pd.Series:
+    """The rows shown apart as references, unranked: in a pair where some row was selected by a
+    label-free validator (a domain-adaptation table: methods compared without target labels),
+    the rows whose strategy trains on target labels (``target_labels`` "few" or "all"), such as
+    fine-tuning on them, the ceiling. Ranked against the rows that use none, they would lead
+    the ranking for what they were given, not for what they do."""
+    if "target_labels" not in board or "selection" not in board:
+        return pd.Series(False, index=board.index)
+    adaptation = board["pair"].isin(board.loc[board["selection"].map(label_free), "pair"])
+    return adaptation & board["target_labels"].isin(["few", "all"])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -136,7 +157,7 @@ def trials_frame(results: Results) -> pd.DataFrame:
     """Every trial of every started study, one row each (``trials.csv``)."""
     return pd.DataFrame(
         [
-            trial_row(e.pair.key, e.method.key, t)
+            trial_row(e.pair.key, e.method.key, t, e.study.scores.get(t.number))
             for e in results.entries
             if e.study is not None
             for t in e.study.trials
@@ -144,7 +165,10 @@ def trials_frame(results: Results) -> pd.DataFrame:
     )
 
 
-def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
+def trial_row(
+    pair: str, method: str, t: FrozenTrial, scores: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """One ``trials.csv`` row; ``scores`` (pooled rules' included) replaces the stored ones."""
     row = {
         "pair": pair,
         "method": method,
@@ -160,7 +184,7 @@ def trial_row(pair: str, method: str, t: FrozenTrial) -> dict[str, Any]:
         "error": t.user_attrs.get(ERROR, ""),
     }
     row.update(trial_params(t))
-    row.update({f"score:{k}": v for k, v in trial_scores(t).items()})
+    row.update({f"score:{k}": v for k, v in (scores or trial_scores(t)).items()})
     # a strategy's own diagnostics (``ctx.log``), at the last epoch trained
     row.update({f"diagnostic:{k}": vs[-1] for k, vs in trial_diagnostics(t).items() if vs})
     return row

@@ -16,6 +16,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.publish.format import finite
+from harness.registry import get_registry
+from harness.rules import rule_set, scores_with_pooled, uses_target_labels
 from harness.store.backends import close_storage, make_storage, study_names
 from harness.store.schema import (
     CONFIG,
@@ -26,8 +28,14 @@ from harness.store.schema import (
     final_runs,
     final_seeds,
     optuna_study_name,
+    per_image_key,
 )
 from harness.study import Method, Pair, StudySpec
+
+
+def reads_target_labels(rule: str) -> bool:
+    """Whether selection rule ``rule`` reads target labels (the labelled target validation split)."""
+    return uses_target_labels(rule)
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class Selection:
     best: FrozenTrial | None
     #: the best trial's final runs, in seed order (missing ones left out)
     finals: list[FinalRun] = field(default_factory=list)
+    #: the search (sampler and pruner) was driven by a rule that reads target labels, whatever
+    #: this rule reads: a label-free rule then only picked among trials that target labels shaped
+    search_saw_target_labels: bool = False
+    #: each final run's per-image test outcomes (:mod:`harness.store.per_image`), aligned with
+    #: ``finals``; None where the storage has none (written before they were kept)
+    per_image: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class StoredStudy:
     #: the budgeted trials that completed with a finite value
     complete: list[FrozenTrial]
     selections: list[Selection]
+    #: every budgeted trial's scores by number, pooled rules' (EnsV) included
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -121,11 +137,19 @@ def _read_study(spec: StudySpec, study: optuna.Study) -> StoredStudy:
     rules = config.get("selection_rules") or [
         {"rule": config.get("selection", ""), "oracle": bool(config.get("oracle", False))}
     ]
+    driver = rules[0]["rule"]  # the first rule drives the search (sampler and pruner)
+    scores = scores_with_pooled(budgeted, rule_set(get_registry(), spec.task))
     selections = []
     for sel in rules:
-        best = best_trial(complete, sel["rule"])
+        best = best_trial(complete, sel["rule"], scores)
         finals = [] if best is None else final_runs(attrs, best.number, final_seeds(spec))
-        selections.append(Selection(sel["rule"], bool(sel["oracle"]), best, finals))
+        outcomes = [attrs.get(per_image_key(f["trial"], f["seed"])) for f in finals]
+        selections.append(
+            Selection(
+                sel["rule"], bool(sel["oracle"]), best, finals,
+                search_saw_target_labels=reads_target_labels(driver), per_image=outcomes,
+            )
+        )  # fmt: skip
     return StoredStudy(
         name=study.study_name,
         attrs=attrs,
@@ -134,4 +158,5 @@ def _read_study(spec: StudySpec, study: optuna.Study) -> StoredStudy:
         budgeted=budgeted,
         complete=complete,
         selections=selections,
+        scores=scores,
     )

@@ -46,6 +46,7 @@ from harness.store.schema import (
     PRECISION,
     PRUNER,
     SAMPLER,
+    WEIGHTS_FILES,
     count_budget,
     has_room,
     is_surplus,
@@ -53,6 +54,7 @@ from harness.store.schema import (
 )
 from harness.study import StudySpec
 from harness.training.engine import Precision
+from harness.training.weights import weights_file_record
 from harness.versions import git_commit
 
 
@@ -185,7 +187,7 @@ class Driver:
             return study
         source, _ = self.domains.pair_data(i)
         weights = self.models.backbone_weights(rm, source)
-        self._set_up(study, rm)
+        self._set_up(study, rm, weights)
         callbacks = [
             progress_callback(
                 self.spec, label, time.perf_counter(), self.log, self.options.progress
@@ -193,7 +195,13 @@ class Driver:
             *tracking_callbacks(self.spec),
         ]
         objective = self.objective(
-            self.ctx, self.models, self.scorer, rm, weights, self.domains.pair_data(i)
+            self.ctx,
+            self.models,
+            self.scorer,
+            rm,
+            weights,
+            self.domains.pair_data(i),
+            commit=self.git_commit,
         )
         # Everything alive now (plugins, registries, data, imports) lives as long as the process:
         # leave it out of the garbage collector's scans, so that the collection after each trial
@@ -215,9 +223,14 @@ class Driver:
                     cb(study, frozen)
         return study
 
-    def _set_up(self, study: optuna.Study, rm: ResolvedMethod) -> None:
+    def _set_up(self, study: optuna.Study, rm: ResolvedMethod, weights: str) -> None:
         """Give ``study`` this process's sampler and pruner, and record them (the first process,
-        or a lone one and worker 0, writes what provenance shows)."""
+        or a lone one and worker 0, writes what provenance shows), with the hash of the weights
+        file its trials start from (every distinct one any process used)."""
+        record = weights_file_record(weights)
+        seen = study.user_attrs.get(WEIGHTS_FILES, [])
+        if record is not None and record not in seen:
+            study.set_user_attr(WEIGHTS_FILES, [*seen, record])
         done = count_budget(study)
         study.sampler = make_sampler(
             self.spec,

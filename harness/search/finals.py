@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness import api
 from harness.errors import NonFiniteLossError
 from harness.metrics import is_finite_number, primary_metric
+from harness.rules import scores_with_pooled
 from harness.search.context import Context, release_memory
 from harness.search.models import ModelFactory
 from harness.search.objective import failure_reason, finite_or_none
@@ -31,6 +32,7 @@ from harness.store.schema import (
     final_key,
     final_seeds,
     parse_final_key,
+    per_image_key,
     trial_params,
 )
 from harness.training.engine import Trainer, seed_everything
@@ -62,8 +64,9 @@ class FinalRuns:
         """The trials the study's rules select, by number (rules may agree)."""
         budgeted = budget_trials(trials, self.spec.budget.trials)
         picks: dict[int, FrozenTrial] = {}
+        scores = scores_with_pooled(budgeted, self.scorer.rules)
         for rule, _ in selection_rules(self.spec, rm.new_strategy()):
-            best = best_trial(budgeted, rule)
+            best = best_trial(budgeted, rule, scores)
             if best is not None:
                 picks.setdefault(best.number, best)
         return picks
@@ -162,7 +165,8 @@ class FinalRuns:
         weights: str,
         data: Data,
     ) -> None:
-        """Train ``best``'s parameters with ``seed``, score it, and store the record under ``key``."""
+        """Train ``best``'s parameters with ``seed``, score it, and store the record under ``key``
+        (and its per-image test outcomes beside it)."""
         source, target = data
         strategy = rm.new_strategy()
         rule, _ = selection_rule(self.spec, strategy)
@@ -175,7 +179,7 @@ class FinalRuns:
         trainer.fit()
         metric = primary_metric(self.spec.task)
         scores = self.scorer.all_scores(trainer.model, source, target, cfg.precision)
-        test = self.scorer.evaluate_test(trainer, target)
+        test, outcomes = self.scorer.evaluate_test(trainer, target)
         if not (is_finite_number(scores[rule]) and is_finite_number(test[metric])):
             raise NonFiniteLossError(f"final run scored a non-finite {rule} or test {metric}")
         device = self.ctx.device
@@ -195,6 +199,8 @@ class FinalRuns:
         staged = self._stage(study.study_name, rm, trainer.model, target, params, record)
         if staged is not None:
             record["model"] = staged
+        # the outcomes first: a stored record always has them (storages from before them do not)
+        study.set_user_attr(per_image_key(best.number, seed), outcomes)
         study.set_user_attr(key, record)
         self.log(
             f"{study.study_name}: final seed {seed} of trial {best.number}: target test {metric} {test[metric]:.4f}"

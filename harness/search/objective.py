@@ -22,6 +22,8 @@ from harness.store.schema import (
     DIAGNOSTICS,
     ERROR,
     FAIL_REASON,
+    GIT_COMMIT,
+    PREDICTIONS,
     SCORES,
     TRAIN_LOSS,
 )
@@ -58,15 +60,19 @@ class Objective:
         rm: ResolvedMethod,
         weights: str,
         data: tuple[api.DomainData, api.DomainData],
+        commit: str | None = None,
     ) -> None:
         self.ctx, self.spec, self.models, self.scorer = ctx, ctx.spec, models, scorer
         self.rm, self.weights = rm, weights
         self.source, self.target = data
+        #: the commit of the code the trials run at (``harness.versions.git_commit``)
+        self.commit = commit
 
     def __call__(self, trial: optuna.Trial) -> float:
         strategy = self.rm.new_strategy()
         rule, _ = selection_rule(self.spec, strategy)
         try:
+            trial.set_user_attr(GIT_COMMIT, self.commit)  # failed and pruned trials too
             return self._train(trial, strategy, rule)
         except (optuna.TrialPruned, UpdateFinishedTrialError):
             raise  # pruned; or reaped by another process, which wrote the reason
@@ -101,7 +107,10 @@ class Objective:
 
         def on_epoch(epoch: int, m: TransferModel) -> float:
             if epoch == cfg.epochs - 1:  # the final model: every rule's score in one go
-                last.update(scorer.all_scores(m, source, target, cfg.precision))
+                scores, kept = scorer.scores_and_predictions(m, source, target, cfg.precision)
+                last.update(scores)
+                if kept is not None:  # what pooled rules (EnsV) score after the search
+                    trial.set_user_attr(PREDICTIONS, kept)
                 value = last[rule]
             else:
                 value = scorer.rule_score(rule, m, source, target, cfg.precision)

@@ -8,10 +8,11 @@ import torch
 
 from harness.api import DomainData
 from harness.errors import HarnessError, PluginContractError
+from harness.registry import Registry, unknown_message
 from harness.search.domains import DomainCache
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
-from harness.study import StudySpec, spec_error
+from harness.study import AUTO_RULE, StudySpec, spec_error
 from harness.training.inputs import model_input
 from harness.training.weights import build_backbone, source_pretraining_head
 
@@ -100,6 +101,38 @@ def check_protocol(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
             )
 
 
+def check_selection(spec: StudySpec, registry: Registry) -> None:
+    """Every rule of ``selection`` is a validator registered for the study's task, and the first
+    one (it drives the sampler and pruner) is scored per trial, not pooled after the search."""
+    entries = registry.entries["validator"]
+    known = [n for n, e in entries.items() if spec.task in e.tasks]
+    for rule in spec.selection_rules:
+        if rule == AUTO_RULE:
+            continue
+        if rule not in entries:
+            allowed = ", ".join(["auto", *known])
+            raise spec_error(
+                spec,
+                "selection",
+                f"{unknown_message('validator', rule, known)}; allowed: {allowed}",
+            )
+        if rule not in known:
+            raise spec_error(
+                spec,
+                "selection",
+                f"validator {rule!r} serves {', '.join(entries[rule].tasks)}, not {spec.task}; "
+                f"allowed: {', '.join(['auto', *known])}",
+            )
+    first = spec.selection_rules[0]
+    if first != AUTO_RULE and entries[first].factory().pooled:
+        raise spec_error(
+            spec,
+            "selection",
+            f"{first!r} scores every trial against the others after the search, so it cannot "
+            f'drive the search: put a per-trial rule first (selection = ["im", "{first}"])',
+        )
+
+
 def preflight(
     methods: list[ResolvedMethod],
     models: ModelFactory,
@@ -109,6 +142,7 @@ def preflight(
     """Check every (pair, method); a failure is the study file's error, naming the method. Without
     ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
+    check_selection(spec, models.ctx.registry)
     check_search_space(spec, methods)
     check_protocol(spec, methods)
     for i in range(len(spec.pairs)):

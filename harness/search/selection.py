@@ -9,27 +9,42 @@ import torch
 
 from harness import api
 from harness.metrics import primary_metric, score
+from harness.registry import Registry
+from harness.rules import (
+    RuleInputs,
+    encode_probabilities,
+    rule_set,
+    score_all,
+    stored,
+    uses_target_labels,
+)
 from harness.search.context import Context
+from harness.store import per_image
 from harness.study import StudySpec
 from harness.training.engine import Precision, Trainer, TransferModel, predict, unlabelled_logits
-from harness.validators import VALIDATORS, validate
+from harness.training.features import compute_features
 
 
-def resolve_rule(rule: str, strategy: api.Strategy) -> tuple[str, bool]:
+def resolve_rule(
+    rule: str, strategy: api.Strategy, registry: Registry | None = None
+) -> tuple[str, bool]:
     """A study's selection rule for one method, and whether that is oracle selection (target
     labels used by a method that claims not to need them)."""
     if rule == "auto":
         rule = "target-val" if strategy.target_labels != "none" else "source-val"
     # "few" counts too: its trials would be chosen with far more target labels than k per class
-    oracle = rule == "target-val" and strategy.target_labels in ("none", "few")
+    oracle = uses_target_labels(rule, registry) and strategy.target_labels in ("none", "few")
     return rule, oracle
 
 
-def selection_rules(spec: StudySpec, strategy: api.Strategy) -> list[tuple[str, bool]]:
-    """Every rule the study selects with, resolved for ``strategy``; the first drives the search."""
+def selection_rules(
+    spec: StudySpec, strategy: api.Strategy, registry: Registry | None = None
+) -> list[tuple[str, bool]]:
+    """Every rule the study selects with, resolved for ``strategy`` (rules looked up in
+    ``registry``, default the process's); the first drives the search."""
     out: list[tuple[str, bool]] = []
     for rule in spec.selection_rules:
-        resolved = resolve_rule(rule, strategy)
+        resolved = resolve_rule(rule, strategy, registry)
         if resolved not in out:
             out.append(resolved)
     return out
@@ -45,6 +60,7 @@ class Scorer:
 
     def __init__(self, ctx: Context) -> None:
         self.spec, self.device = ctx.spec, ctx.device
+        self.rules = rule_set(ctx.registry, ctx.spec.task)
 
     def rule_score(
         self,
@@ -54,16 +70,10 @@ class Scorer:
         target: api.DomainData,
         precision: Precision,
     ) -> float:
-        """``model``'s score under a selection rule: accuracy (mIoU) on a labelled validation split,
-        or a label-free validator on the unlabelled target validation images."""
-        if rule in ("target-val", "source-val"):
-            split = target.val if rule == "target-val" else source.val
-            return self.split_score(
-                predict(model, split, self.spec.batch_size * 4, self.device, precision),
-                split,
-                target,
-            )
-        return VALIDATORS[rule](self.validator_logits(model, target, precision))
+        """``model``'s stored score under one per-trial rule (higher is better)."""
+        validator = self.rules.per_trial[rule]
+        inputs = self.inputs(model, source, target, precision)
+        return stored(validator, validator.score(inputs.for_rule(validator)))
 
     def all_scores(
         self,
@@ -72,25 +82,63 @@ class Scorer:
         target: api.DomainData,
         precision: Precision,
     ) -> dict[str, float]:
-        """Every rule's score, recorded with each trial: the study's rules select from them, and the
-        label-free validators are later compared with target-val (never used by the search).
+        """Every per-trial rule's score, recorded with each trial: the study's rules select from
+        them, and the label-free ones are later compared with target-val (never used by the
+        search)."""
+        return self.scores_and_predictions(model, source, target, precision)[0]
 
-        Two passes over validation images for classification (the target's logits serve both its
-        accuracy and the validators), three for segmentation (whose predictions are labels)."""
-        batch = self.spec.batch_size * 4
-        target_out = predict(model, target.val, batch, self.device, precision)
-        scores = {
-            "target-val": self.split_score(target_out, target.val, target),
-            "source-val": self.split_score(
-                predict(model, source.val, batch, self.device, precision), source.val, target
-            ),
-        }
-        logits = (
-            target_out
-            if self.spec.task == "classification"
-            else self.validator_logits(model, target, precision)
+    def scores_and_predictions(
+        self,
+        model: TransferModel,
+        source: api.DomainData,
+        target: api.DomainData,
+        precision: Precision,
+    ) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """:meth:`all_scores`, and the compact target probabilities pooled rules read (None when
+        no pooled rule is registered). Each validation split is predicted once."""
+        inputs = self.inputs(model, source, target, precision)
+        scores = score_all(self.rules, inputs)
+        kept = encode_probabilities(inputs.get("target_logits")) if self.rules.pooled else None
+        return scores, kept
+
+    def inputs(
+        self,
+        model: TransferModel,
+        source: api.DomainData,
+        target: api.DomainData,
+        precision: Precision,
+    ) -> RuleInputs:
+        """The validators' menu for ``model``, each item computed on first use."""
+        batch, device, seg = (
+            self.spec.batch_size * 4,
+            self.device,
+            self.spec.task != "classification",
         )
-        return scores | validate(logits)
+        inputs: RuleInputs
+
+        def out(split: api.Split) -> torch.Tensor:
+            return predict(model, split, batch, device, precision)
+
+        def features(split: api.Split) -> torch.Tensor:
+            with torch.no_grad():
+                return compute_features(model, split, precision, device, batch).float().cpu()
+
+        providers = {
+            "target_out": lambda: out(target.val),
+            "source_out": lambda: out(source.val),
+            "target_metric": lambda: self.split_score(inputs.get("target_out"), target.val, target),
+            "source_metric": lambda: self.split_score(inputs.get("source_out"), source.val, target),
+            "target_logits": lambda: (
+                self.validator_logits(model, target, precision) if seg else inputs.get("target_out")
+            ),
+            "target_labels": lambda: target.val.y,
+            "source_logits": lambda: inputs.get("source_out"),
+            "source_labels": lambda: source.val.y,
+            "target_features": lambda: features(target.val),
+            "source_features": lambda: features(source.val),
+        }
+        inputs = RuleInputs(providers)
+        return inputs
 
     def split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:
         """The primary metric of outputs ``out`` on a labelled ``split``."""
@@ -110,6 +158,11 @@ class Scorer:
             model, target.val, batch, self.device, precision, seed=self.spec.seed
         )
 
-    def evaluate_test(self, trainer: Trainer, target: api.DomainData) -> dict[str, Any]:
-        """The only place the target test split is read."""
-        return score(self.spec.task, trainer.predict(target.test), target.test, target.num_classes)
+    def evaluate_test(
+        self, trainer: Trainer, target: api.DomainData
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The only place the target test split is read: the test metrics, and the per-image
+        outcomes they are made of (:mod:`harness.store.per_image`) for the published intervals."""
+        test, out = target.test, trainer.predict(target.test)
+        metrics = score(self.spec.task, out, test, target.num_classes)
+        return metrics, per_image.outcomes(self.spec.task, out, test, target.num_classes)

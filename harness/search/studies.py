@@ -14,7 +14,7 @@ from harness.errors import StudySpecError
 from harness.metrics import primary_metric
 from harness.search.domains import DomainCache
 from harness.search.resolve import ResolvedMethod, plugin_label
-from harness.search.selection import selection_rule, selection_rules
+from harness.search.selection import selection_rules
 from harness.store.backends import (
     close_storage,
     embedded_storage,
@@ -37,11 +37,12 @@ def config_of(
 ) -> dict[str, Any]:
     """What a study of pair ``i`` and method ``rm`` records as its configuration."""
     source, target = domains.pair_data(i)
-    rule, oracle = selection_rule(spec, strategy)
     registry = domains.ctx.registry
+    rules = selection_rules(spec, strategy, registry)
+    rule, oracle = rules[0]
     return {
         **_preprocessing(spec, source, target),
-        "selection_rules": [{"rule": r, "oracle": o} for r, o in selection_rules(spec, strategy)],
+        "selection_rules": [{"rule": r, "oracle": o} for r, o in rules],
         "pair": spec.pairs[i].model_dump(),
         "method": rm.method.model_dump(),
         "task": spec.task,

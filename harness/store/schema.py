@@ -6,7 +6,9 @@ Layout of one storage:
 
 - one Optuna study per (pair, method), named ``"<pair> | <method>"``; its user attributes hold the
   configuration it was begun with (``config``), the study file's hash, the sampler, pruner and
-  precision, and one :data:`FinalRun` record per final seeded run under ``final:<trial>:<seed>``;
+  precision, and one :data:`FinalRun` record per final seeded run under ``final:<trial>:<seed>``,
+  with its per-image test outcomes beside it under ``per_image:<trial>:<seed>``
+  (:mod:`harness.store.per_image`; written first, absent from storages made before them);
 - beside it, on storages several processes share, ``"<pair> | <method> | final runs"``, whose
   trials are claims of final runs (user attribute ``key``: the final run's key);
 - each trial's user attributes: every parameter it trained with (``params``), every selection
@@ -15,6 +17,7 @@ Layout of one storage:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypedDict
 
 import optuna
@@ -33,13 +36,19 @@ STUDY_FILE_HASH = "study_file_hash"
 SAMPLER = "sampler"
 PRUNER = "pruner"
 PRECISION = "precision"
+#: the weights files the method's trials started from (source-pretrained or the study's own):
+#: a list of ``{file, sha256}``, one per distinct file a search used
+WEIGHTS_FILES = "weights_files"
 FINAL_PREFIX = "final:"
+PER_IMAGE_PREFIX = "per_image:"
 
 # ---- trial user attributes
 #: every parameter a trial trained with, suggested or fixed
 PARAMS = "params"
 #: every selection rule's score of the trial's final model
 SCORES = "scores"
+#: a trial's target validation probabilities, compact, for pooled selection rules (EnsV)
+PREDICTIONS = "target_predictions"
 TRAIN_LOSS = "train_loss"
 #: what the strategy logged with ``ctx.log``: name -> per-epoch mean (None for an epoch without it)
 DIAGNOSTICS = "diagnostics"
@@ -47,6 +56,8 @@ FAIL_REASON = "fail_reason"
 ERROR = "error"
 #: a trial queued again after its first run was interrupted or lost: the number of that first run
 RETRY_OF = "retry_of"
+#: the commit of the code the trial ran at (``harness.versions.git_commit``, "-dirty" included)
+GIT_COMMIT = "git_commit"
 #: a final-run claim's key (a trial of the ``final runs`` study)
 CLAIM_KEY = "key"
 
@@ -92,6 +103,11 @@ def final_key(trial: int, seed: int) -> str:
     return f"{FINAL_PREFIX}{trial}:{seed}"
 
 
+def per_image_key(trial: int, seed: int) -> str:
+    """Where the per-image test outcomes of the final run :func:`final_key` names are kept."""
+    return f"{PER_IMAGE_PREFIX}{trial}:{seed}"
+
+
 def parse_final_key(key: str) -> tuple[int, int]:
     """(trial number, seed) of a :func:`final_key`."""
     _, number, seed = key.split(":")
@@ -132,12 +148,22 @@ def fail_reason(trial: FrozenTrial) -> str:
     return trial.user_attrs.get(FAIL_REASON, "")
 
 
-def best_trial(trials: list[FrozenTrial], rule: str) -> FrozenTrial | None:
-    """The completed trial that ``rule`` selects: highest score, then the earliest."""
+def best_trial(
+    trials: list[FrozenTrial],
+    rule: str,
+    scores: Mapping[int, Mapping[str, Any]] | None = None,
+) -> FrozenTrial | None:
+    """The completed trial that ``rule`` selects: highest score, then the earliest. ``scores``
+    (by trial number) replaces the stored ones: pooled rules are scored over all trials."""
+
+    def value(t: FrozenTrial) -> float | None:
+        if scores is None:
+            return trial_score(t, rule)
+        v = scores.get(t.number, {}).get(rule)
+        return v if is_finite_number(v) else None
+
     scored = [
-        (v, t)
-        for t in trials
-        if t.state == TrialState.COMPLETE and (v := trial_score(t, rule)) is not None
+        (v, t) for t in trials if t.state == TrialState.COMPLETE and (v := value(t)) is not None
     ]
     if not scored:
         # storages written before per-rule scores existed: the objective value is the driving rule's

@@ -123,6 +123,7 @@ from harness.testing.heads import check_head
 from harness.testing.parametrize import ContractCheck, parametrize_with_checks
 from harness.testing.plugin import CHECKED_KINDS, check_entry, check_names, check_plugin
 from harness.testing.strategies import check_strategy
+from harness.testing.validators import check_validator
 
 __all__ = [
     "Registry",
@@ -148,5 +149,6 @@ __all__ = [
     "check_names",
     "check_plugin",
     "check_strategy",
+    "check_validator",
     "parametrize_with_checks",
 ]

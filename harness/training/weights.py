@@ -6,8 +6,12 @@ caches the backbone as safetensors, keyed by everything that determines it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
+import inspect
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,19 +91,93 @@ def source_pretraining_head(registry: Any, task: str) -> Any | None:
     return heads[0]
 
 
+#: the harness modules whose code decides source-pretrained weights: this one (the recipe and the
+#: pretraining loop), the engine and what it trains with (augmentation, crops, batches, inputs,
+#: loaders, the model, device and precision); with the backbone plugin's and the pretraining
+#: head's modules, their bytes are hashed into the source-weights key
+PRETRAINING_MODULES = (
+    "harness.training.weights", "harness.training.engine", "harness.training.augment",
+    "harness.training.crops", "harness.training.batches", "harness.training.inputs",
+    "harness.training.loader", "harness.training.model", "harness.training.device",
+)  # fmt: skip
+
+
+def _defining_file(obj: Any) -> Path | None:
+    """The source file that defines ``obj`` (a factory: function, class, method, partial or
+    callable instance); None where it has none (built in, or made at run time)."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    for candidate in (obj, type(obj)):
+        try:
+            found = inspect.getsourcefile(candidate)
+        except TypeError:
+            continue
+        if found:
+            return Path(found).resolve()
+    return None
+
+
+def source_code_files(entry: Any, head: Any = None) -> list[Path]:
+    """The files whose code decides the weights ``weights = "source"`` pretrains: the harness's
+    :data:`PRETRAINING_MODULES`, the backbone plugin's module and the pretraining head's."""
+    files = {Path(importlib.import_module(m).__file__).resolve() for m in PRETRAINING_MODULES}
+    for e in (entry, head):
+        if e is not None and (found := _defining_file(e.factory)) is not None:
+            files.add(found)
+    return sorted(files)
+
+
+@functools.cache
+def _code_sha256(path: Path) -> str:
+    """A code file's sha256, read once per process: the code a process runs is what it imported."""
+    return file_sha256(path)
+
+
+def source_code_hash(files: Iterable[Path]) -> str:
+    """One hash of the bytes of ``files`` (by file name and content, so that the same code in
+    another checkout or site-packages gives the same hash)."""
+    digests = sorted((Path(f).name, _code_sha256(Path(f))) for f in files)
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _weights_sha256(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)
+
+
+def weights_file_record(weights: str) -> dict[str, str] | None:
+    """What the provenance records of a method's weights file (source-pretrained or the study's
+    own): its name and sha256; None for named weights ("none", "imagenet")."""
+    path = Path(weights)
+    if weights in ("none", "imagenet") or not path.is_file():
+        return None
+    st = path.stat()
+    return {"file": path.name, "sha256": _weights_sha256(str(path), st.st_mtime_ns, st.st_size)}
+
+
 def source_weights_key(
     backbone: str,
     source: DomainData,
     recipe: SourceRecipe,
     head: str = SOURCE_LINEAR_HEAD,
     extra: dict[str, Any] | None = None,
+    code: str | None = None,
 ) -> str:
+    """The cache key of source-pretrained weights: everything that determines them, ``code`` the
+    :func:`source_code_hash` of the code that trains them."""
     import importlib.metadata as md
 
     from harness.versions import HARNESS_VERSION as __version__
 
     payload = json.dumps(
         {
+            "code": code,
             "extra": extra or {},
             "timm": md.version("timm"),
             "backbone": backbone,
@@ -141,6 +219,7 @@ def source_pretrained(
             "precision": precision.describe(),
             "device": device.type,
         },
+        source_code_hash(source_code_files(entry, head)),
     )
     path = cache_dir() / "source-weights" / f"{backbone_name.replace('/', '_')}-{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,5 +282,22 @@ def _pretrain(
         f"source_val_{metric}": f"{val[metric]:.4f}",
         "recipe": json.dumps(recipe.as_dict()),
     }
+    if head is None:  # the source classifier, kept for the scores that need one (harness rank)
+        _save_source_head(model.head, path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+
+
+def source_head_path(weights: str | Path) -> Path:
+    """Where the linear layer that pretrained a classification backbone on the source is kept,
+    beside the backbone's weights file (written before it, so that one implies the other)."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".head.safetensors")
+
+
+def _save_source_head(linear: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in linear.state_dict().items()}
+    with atomic_path(source_head_path(path)) as tmp:
+        save_file(state, str(tmp))

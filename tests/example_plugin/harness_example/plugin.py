@@ -1,4 +1,5 @@
-"""The example plugin: a backbone, a dataset, a strategy and a command, registered through hooks.
+"""The example plugin: a backbone, a dataset, a strategy, a selection rule and a command,
+registered through hooks.
 
 How the harness finds this module
 ---------------------------------
@@ -31,9 +32,11 @@ What is registered here
   so that a study can pair ``example-shapes/plain -> example-shapes/noisy``;
 - strategy ``example-entropy``: source cross-entropy plus entropy minimisation on the unlabelled
   target (:class:`EntropyMinimization`);
+- validator ``example-confidence``: the mean top-class probability on the unlabelled target
+  validation images, a selection rule a study names in ``selection`` (:class:`Confidence`);
 - command ``harness example-shapes-info`` (:func:`shapes_info`).
 
-A plugin may implement any subset of the hooks; this one implements four of the five
+A plugin may implement any subset of the hooks; this one implements all but one
 (``register_heads`` is left out: studies use the built-in ``linear`` and ``mlp`` heads). Names
 follow ``harness.api.NAME_RULE``.
 """
@@ -54,6 +57,7 @@ from harness.api import (
     Register,
     StepContext,
     Strategy,
+    Validator,
     WeightsError,
     hookimpl,
     load_weights_file,
@@ -63,6 +67,7 @@ from harness.api import (
 __all__ = [
     "SHAPE_CLASSES",
     "SHAPE_DOMAINS",
+    "Confidence",
     "EntropyMinimization",
     "LeNet",
     "build_lenet",
@@ -70,6 +75,7 @@ __all__ = [
     "register_backbones",
     "register_datasets",
     "register_strategies",
+    "register_validators",
 ]
 
 
@@ -105,6 +111,25 @@ def register_datasets(register: Register) -> None:
 def register_strategies(register: Register) -> None:
     """Register the ``example-entropy`` strategy. The factory is the class itself."""
     register("example-entropy", EntropyMinimization, description=EntropyMinimization.description)
+
+
+@hookimpl
+def register_validators(register: Register) -> None:
+    """Register the ``example-confidence`` selection rule (label-free: it reads target logits)."""
+    register("example-confidence", Confidence, description="mean top-class target probability")
+
+
+class Confidence(Validator):
+    """The mean top-class probability on the target validation images: a confident model is
+    expected to be a better one (a weak rule, kept short as an example of the hook).
+
+    ``reads`` names what the harness computes for it, from ``harness.api.VALIDATOR_INPUTS``;
+    ``score`` receives exactly those items and returns a float, higher meaning better."""
+
+    reads = ("target_logits",)
+
+    def score(self, inputs: dict[str, Any]) -> float:
+        return float(inputs["target_logits"].float().softmax(1).amax(1).mean())
 
 
 @hookimpl
