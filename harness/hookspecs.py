@@ -62,6 +62,7 @@ DEFAULT_TASKS = {
     "dataset": ("classification",),
     "strategy": TASKS,
     "validator": TASKS,
+    "metric": ("classification",),
 }
 
 
@@ -376,6 +377,40 @@ def register_validators(register: Register) -> None:
     @hookimpl
     def register_validators(register):
         register("confidence", Confidence, description="mean top-class probability")
+    ```
+    """
+
+
+@hookspec
+def register_metrics(register: Register) -> None:
+    """Register metrics: what final runs report on the target test split.
+
+    `register(name, factory, description="", tasks=("classification",), label="short name")`;
+    the factory is called as `factory(num_classes=K)` and returns a `harness.api.Metric`: the
+    harness calls `update(outputs, target)` with a split's outputs (classification: float logits
+    `(N, K)` and int64 labels; segmentation: int64 predicted and true classes `(B, H, W)`, a few
+    images at a time, 255 = void) and then `compute()`, a float fraction (shown in %) or one
+    float per class. `label` names it in tables (default: the name). A study reports it with
+    `metrics = ["accuracy", "my-metric"]`; the task's first built-in metric (accuracy, mIoU)
+    stays the one rows are ranked and trials selected by. Example:
+
+    ```python
+    class Top2(harness.api.Metric):
+        def __init__(self, num_classes):
+            super().__init__(num_classes)
+            self.hits, self.rows = 0, 0
+
+        def update(self, outputs, target):
+            top = outputs.topk(min(2, outputs.shape[1]), dim=1).indices
+            self.hits += int((top == target[:, None]).any(1).sum())
+            self.rows += len(target)
+
+        def compute(self):
+            return self.hits / max(self.rows, 1)
+
+    @hookimpl
+    def register_metrics(register):
+        register("top2", Top2, description="true class among the two highest", label="top-2")
     ```
     """
 

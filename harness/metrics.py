@@ -1,8 +1,11 @@
-"""Scores per task, computed with torchmetrics. The first metric of a task selects trials."""
+"""Scores per task through the registered metrics (``register_metrics``; the built-ins are in
+``plugins/metrics.py``). The first metric of a task ranks rows and selects trials."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,53 +31,75 @@ def primary_metric(task: str) -> str:
     return METRICS[task][0]
 
 
+def default_metrics(task: str) -> tuple[str, ...]:
+    """What a study reports without ``metrics`` (segmentation: with the IoU of each class)."""
+    return METRICS[task] + (("per_class_iou",) if task == "segmentation" else ())
+
+
+def reported_metrics(task: str, names: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The metrics a study reports: its ``metrics`` behind the task's primary one, or the
+    defaults; the primary always comes first (rows are ranked by it)."""
+    if not names:
+        return list(default_metrics(task))
+    primary = primary_metric(task)
+    return [primary, *(n for n in dict.fromkeys(names) if n != primary)]
+
+
+def metric_label(name: str) -> str:
+    """A metric's short name in tables: its registered ``label``, else its name."""
+    if name in LABELS:
+        return LABELS[name]
+    from harness.registry import get_registry
+
+    entry = get_registry().entries["metric"].get(name)
+    return str(entry.meta.get("label", name)) if entry is not None else name
+
+
 def score(
-    task: str, outputs: Tensor, y: Tensor | Split, num_classes: int
+    task: str,
+    outputs: Tensor,
+    y: Tensor | Split,
+    num_classes: int,
+    names: list[str] | tuple[str, ...] = (),
 ) -> dict[str, float | list[float]]:
-    """``outputs``: logits ``(N, C)`` for classification, predicted labels ``(N, H, W)`` for
-    segmentation; ``y`` the labels, or the split that holds them (masks are then read a few at
-    a time)."""
+    """The registered metrics ``names`` (default: the task's) of ``outputs``: logits ``(N, C)``
+    for classification, predicted labels ``(N, H, W)`` for segmentation; ``y`` the labels, or
+    the split that holds them (masks are then read a few at a time)."""
+    from harness.registry import get_registry
+
+    names = list(names or default_metrics(task))
+    entries = get_registry().entries["metric"]
+    metrics = {n: entries[n].factory(num_classes=num_classes) for n in names}
     if task == "segmentation":
-        return segmentation_metrics(outputs, y, num_classes)
-    return classification_metrics(outputs, y.y if isinstance(y, Split) else y, num_classes)
+        for truth, pred in _chunks(outputs, y):
+            for m in metrics.values():
+                m.update(pred, truth)
+    else:
+        if not torch.isfinite(outputs).all():
+            raise NonFiniteLossError("non-finite model outputs while scoring")
+        labels = (y.y if isinstance(y, Split) else y).cpu()
+        for m in metrics.values():
+            m.update(outputs, labels)
+    return {n: m.compute() for n, m in metrics.items()}
 
 
-def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy (micro) and macro F1, precision and recall."""
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLossError("non-finite model outputs while scoring")
-    preds, y = logits.argmax(1), y.cpu()
-    kw = {"num_classes": num_classes}
-    return {
-        "accuracy": float(multiclass_accuracy(preds, y, average="micro", **kw)),
-        "macro_f1": float(multiclass_f1_score(preds, y, average="macro", **kw)),
-        "precision": float(multiclass_precision(preds, y, average="macro", **kw)),
-        "recall": float(multiclass_recall(preds, y, average="macro", **kw)),
-    }
+def _chunks(preds: Tensor, y: Tensor | Split, chunk: int = 16) -> Iterator[tuple[Tensor, Tensor]]:
+    """(true, predicted) masks as int64, a few images at a time (whole-image masks at 1024x512
+    and more would not fit as one int64 index)."""
+    for start in range(0, len(y), chunk):
+        stop = start + chunk
+        truth = y.labels_range(start, stop) if isinstance(y, Split) else y[start:stop]
+        yield truth.cpu().long(), preds[start:stop].cpu().long()
 
 
-def segmentation_metrics(
-    preds: Tensor, y: Tensor | Split, num_classes: int
-) -> dict[str, float | list[float]]:
-    """Mean IoU over the classes that occur in prediction or truth (void pixels ignored), pixel
-    accuracy, and the IoU of every class (NaN for a class absent from both)."""
-    cm = confusion_matrix(preds, y, num_classes).double()
-    tp = cm.diagonal()
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    total = cm.sum()
-    return {
-        "miou": float(iou.nanmean()) if (union > 0).any() else 0.0,
-        "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "per_class_iou": [float(v) for v in iou],
-    }
+def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict[str, Any]:
+    """The default classification metrics (accuracy, macro F1, precision and recall)."""
+    return score("classification", logits, y, num_classes)
+
+
+def segmentation_metrics(preds: Tensor, y: Tensor | Split, num_classes: int) -> dict[str, Any]:
+    """The default segmentation metrics (mIoU, pixel accuracy, the IoU of each class)."""
+    return score("segmentation", preds, y, num_classes)
 
 
 def confusion_matrix(preds: Tensor, y: Tensor | Split, num_classes: int, chunk: int = 16) -> Tensor:

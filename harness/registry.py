@@ -26,6 +26,7 @@ KINDS = {
     "dataset": "register_datasets",
     "strategy": "register_strategies",
     "validator": "register_validators",
+    "metric": "register_metrics",
     "command": "register_commands",
 }
 #: comma-separated entry-point names; when set, only these plugins load (tests use it for isolation)

@@ -83,6 +83,8 @@ class StudySpec(StrictModel):
     #: disclosures shown with the results (leaderboard, report, index): how the study came to be
     #: as it is; it decides nothing, so it is not part of a study's configuration
     notes: str = ""
+    #: metrics the final runs report, behind the task's primary one (registered metric names)
+    metrics: list[str] = Field(default_factory=list)
     task: Literal["classification", "segmentation"] = "classification"
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=2)
@@ -137,6 +139,16 @@ class StudySpec(StrictModel):
             raise ValueError(f"a rule is listed twice in {values}")
         return v
 
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not NAME_PATTERN.match(m)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a metric name: names are {NAME_RULE}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a metric is listed twice in {v}")
+        return v
+
     @property
     def selection_rules(self) -> list[str]:
         return [self.selection] if isinstance(self.selection, str) else list(self.selection)
@@ -180,6 +192,8 @@ class StudySpec(StrictModel):
             del out["keep_models"]
         if not self.notes:
             del out["notes"]
+        if not self.metrics:
+            del out["metrics"]
         if self.data == DataSettings():
             del out["data"]
         for alias in out["datasets"].values():

@@ -180,6 +180,7 @@ def test_every_hook_is_documented_with_an_example():
         "register_commands",
         "register_datasets",
         "register_heads",
+        "register_metrics",
         "register_strategies",
         "register_validators",
     ]

@@ -128,6 +128,7 @@ def test_registry_discovers_the_installed_plugin(
         "strategy": ["example-entropy"],
         "command": ["example-shapes-info"],
         "validator": ["example-confidence"],
+        "metric": ["example-top2"],
     }
     assert registry.get("dataset", "example-shapes").meta["domains"] == ["plain", "noisy"]
     assert registry.get("strategy", "example-entropy").dist == DIST
@@ -183,6 +184,7 @@ def test_check_plugin_passes_the_installed_plugin(plugin_site: Path, tmp_path: P
         "dataset:example-shapes",
         "strategy:example-entropy",
         "validator:example-confidence",
+        "metric:example-top2",
     ):
         assert f"{key}: ok" in proc.stdout, proc.stdout
     assert f"plugin {ENTRY_POINT!r} passes every check" in proc.stderr

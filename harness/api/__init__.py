@@ -11,6 +11,7 @@ plugin contract.
   ``ImageHead``, ``FeatureMapHead``, ``TransferModel``
 - strategies: ``Strategy``, ``Batch``, ``StepContext``, ``LRScaled``, ``reverse_gradient``
 - selection rules: ``Validator``, ``VALIDATOR_INPUTS`` (the menu a validator reads from)
+- metrics: ``Metric``
 - errors: ``HarnessError`` and the ones a plugin raises (``DatasetError``, ``WeightsError``,
   ``PluginContractError``, ``NonFiniteLossError``), and ``OptionError`` (an option refused)
 """
@@ -27,6 +28,7 @@ from harness.api.data import (
     random_split,
     stratified_split,
 )
+from harness.api.metric import Metric
 from harness.api.models import (
     Backbone,
     FeatureMapHead,
@@ -77,6 +79,7 @@ __all__ = [
     "StepContext",
     "Strategy",
     "Validator",
+    "Metric",
     "Task",
     "TransferModel",
     "WeightsError",

@@ -14,13 +14,13 @@ from urllib.parse import quote
 import pandas as pd
 
 from harness.fileio import write_text
-from harness.metrics import LABELS, METRICS
+from harness.metrics import metric_label
 from harness.publish.bundle import BUNDLE
 from harness.publish.format import finite, pm, trial_counts, truthy
 from harness.publish.labels import REFERENCE_LABEL, REFERENCE_NOTE, rank_label, rule_label
 from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
-from harness.publish.rank import unfinished
+from harness.publish.rank import shown_metrics, unfinished
 from harness.publish.results import Results
 from harness.study import StudySpec
 
@@ -100,12 +100,12 @@ def _html(
     pairs: list[str],
     figures: dict[str, dict[str, Any]],
 ) -> str:
-    m1, m2 = (METRICS[spec.task] + (None,))[:2]
-    out = _head(spec, m1, m2, unfinished(board))
+    shown = shown_metrics(spec)
+    out = _head(spec, shown, unfinished(board))
     out.append(_nav(pairs))
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
-        out += _pair_section(pair, rows, figures.get(pair, {}), spec.task)
+        out += _pair_section(pair, rows, figures.get(pair, {}), spec.task, shown)
     out.append('<h2 id="files">Files</h2>')
     out.append(_files(results_dir, figures))
     out.append('<h2 id="provenance">Provenance</h2>')
@@ -128,7 +128,7 @@ def _partial_notice(missing: dict[str, Any]) -> str:
     )
 
 
-def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | None) -> list[str]:
+def _head(spec: StudySpec, shown: list[str], missing: dict[str, Any] | None) -> list[str]:
     """The document head, the title and the lead paragraphs (and what an unfinished study lacks)."""
     title = f"Leaderboard: {spec.name}" + protocol_title(spec, missing)
     out = [
@@ -153,8 +153,8 @@ def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | No
     if missing:
         out.append(_partial_notice(missing))
     out.append(
-        f"<p>Target <strong>test</strong> {_e(LABELS[m1])}"
-        + (f" and {_e(LABELS[m2])}" if m2 else "")
+        f"<p>Target <strong>test</strong> {_e(metric_label(shown[0]))}"
+        + "".join(f" and {_e(metric_label(m))}" for m in shown[1:])
         + f" in %, mean ± standard error over {spec.final_seeds} seeded final runs of the trial the row's "
         "selection rule picked. Trials were selected on a validation split or by a label-free validator on "
         "unlabelled target validation images (column <em>selection</em>); the test split was read "
@@ -167,11 +167,13 @@ def _head(spec: StudySpec, m1: str, m2: str | None, missing: dict[str, Any] | No
     return out
 
 
-def _pair_section(pair: str, rows: pd.DataFrame, fig: dict[str, Any], task: str) -> list[str]:
+def _pair_section(
+    pair: str, rows: pd.DataFrame, fig: dict[str, Any], task: str, shown: list[str]
+) -> list[str]:
     """One pair: its table, its plots, and each row's best parameters; each method's search plots
     once, after its first row."""
     own = " (in-domain)" if "in_domain" in rows and rows["in_domain"].fillna(False).any() else ""
-    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair + own)}</h2>', _table(rows, task)]
+    out = [f'<h2 id="{_e(slug(pair))}">{_e(pair + own)}</h2>', _table(rows, task, shown)]
     if "reference" in rows and rows["reference"].fillna(False).astype(bool).any():
         out.append(f'<p class="note">{_e(REFERENCE_NOTE.replace("*", ""))}</p>')
     if "leaderboard" in fig:
@@ -202,10 +204,8 @@ def _nav(pairs: list[str]) -> str:
     return "<p>" + " · ".join(links) + "</p>"
 
 
-def _table(rows: pd.DataFrame, task: str) -> str:
-    m1, m2 = (METRICS[task] + (None,))[:2]
-    head = ["rank", "method", "strategy", f"test {LABELS[m1]} %"]
-    head += [f"test {LABELS[m2]} %"] if m2 else []
+def _table(rows: pd.DataFrame, task: str, shown: list[str]) -> str:
+    head = ["rank", "method", "strategy", *(f"test {metric_label(m)} %" for m in shown)]
     head += ["selecting score", "selection", "trials ok/pruned/failed", "status"]
     out = [
         "<table>",
@@ -224,10 +224,8 @@ def _table(rows: pd.DataFrame, task: str) -> str:
             f'<td class="num">{rank}</td>',
             f'<td class="method">{_e(r.get("method"))}</td>',
             f'<td class="nowrap">{_e(r.get("strategy"))}</td>',
-            f'<td class="num">{_e(pm(r, m1))}</td>',
+            *(f'<td class="num">{_e(pm(r, m))}</td>' for m in shown),
         ]
-        if m2:
-            cells.append(f'<td class="num">{_e(pm(r, m2))}</td>')
         cells += [
             f'<td class="num">{_e(label.name)} {_e(label.value(r.get("val_score")))}</td>',
             f'<td class="nowrap">{selection}</td>',

@@ -8,12 +8,12 @@ from typing import Any
 
 import pandas as pd
 
-from harness.metrics import LABELS, METRICS
+from harness.metrics import metric_label
 from harness.publish.agreement import MIN_AGREEMENT_TRIALS, POOLED
 from harness.publish.flags import SEARCH_LEGEND, search_mark, search_marked
 from harness.publish.format import finite, pm, trial_counts, truthy, val
 from harness.publish.labels import REFERENCE_NOTE, rank_label
-from harness.publish.rank import unfinished
+from harness.publish.rank import shown_metrics, unfinished
 from harness.publish.uncertainty import CI_LABEL, NA, RESAMPLES, ci_cell
 from harness.study import StudySpec
 
@@ -42,9 +42,11 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         lines += [STANDARD_NOTE, ""]
     if missing:
         lines += [_partial_notice(missing), ""]
-    m1, m2 = METRICS[spec.task][:2]
+    shown = shown_metrics(spec)
+    named = ", ".join(metric_label(m) for m in shown[:-1]) + f" and {metric_label(shown[-1])}"
     lines += [
-        f"Target **test** {LABELS[m1]} and {LABELS[m2]} in %, mean ± standard error over "
+        f"Target **test** {named if len(shown) > 1 else metric_label(shown[0])} in %, mean ± "
+        "standard error over "
         f"{spec.final_seeds} seeded final runs of the trial that the row's selection rule picked "
         "(standard deviations are in leaderboard.csv/json). Trials were selected on a validation split "
         "or by a label-free validator on unlabelled target validation images (column *selection*); the "
@@ -58,7 +60,7 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
         lines += [REFERENCE_NOTE, ""]
     for pair, group in board.groupby("pair", sort=False):
         own = " (in-domain)" if "in_domain" in group and group["in_domain"].any() else ""
-        lines += [f"## {pair}{own}", "", _pair_table(group, m1, m2), ""]
+        lines += [f"## {pair}{own}", "", _pair_table(group, shown), ""]
     lines += _agreement_markdown(provenance.get("validator_agreement") or [])
     lines += _provenance_markdown(provenance)
     return "\n".join(lines)
@@ -83,16 +85,17 @@ def _partial_notice(missing: dict[str, Any]) -> str:
     )
 
 
-def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
+def _pair_table(group: pd.DataFrame, shown: list[str]) -> str:
     records = group.to_dict("records")
+    m1 = shown[0]
     table = pd.DataFrame(
         {
             "rank": [rank_label(r) for r in records],
             "method": group["method"],
             "strategy": group["strategy"],
-            f"test {LABELS[m1]} %": [pm(r, m1) for r in records],
+            f"test {metric_label(m1)} %": [pm(r, m1) for r in records],
             f"{CI_LABEL} %": [ci_cell(r, m1) for r in records],
-            f"test {LABELS[m2]} %": [pm(r, m2) for r in records],
+            **{f"test {metric_label(m)} %": [pm(r, m) for r in records] for m in shown[1:]},
             "val": [val(r) for r in records],
             "selection": [
                 (r.get("selection") or "-")
@@ -105,7 +108,7 @@ def _pair_table(group: pd.DataFrame, m1: str, m2: str) -> str:
         }
     )
     legend = (
-        f"± is the standard error over the final seeds. *{CI_LABEL}*: test {LABELS[m1]}, 95% "
+        f"± is the standard error over the final seeds. *{CI_LABEL}*: test {metric_label(m1)}, 95% "
         f"bootstrap interval over test images and seeds ({RESAMPLES} resamples); {NA} where the "
         "storage has no per-image test outcomes."
     )

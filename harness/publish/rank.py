@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.metrics import METRICS, primary_metric
+from harness.metrics import primary_metric, reported_metrics
 from harness.publish import uncertainty
 from harness.publish.format import finite
 from harness.publish.labels import label_free
@@ -90,7 +90,7 @@ def _rule_row(spec: StudySpec, row: dict[str, Any], sel: Selection) -> dict[str,
         best_params=trial_params(best),
         precision=", ".join(sorted({str(f.get("precision", "?")) for f in finals})),
     )
-    for metric in METRICS[spec.task]:
+    for metric in table_metrics(spec):
         values = [f["test"][metric] for f in finals if finite(f["test"].get(metric))]
         mean, std = _mean_std(values)
         rule_row[f"test_{metric}"] = mean
@@ -104,6 +104,17 @@ def _rule_row(spec: StudySpec, row: dict[str, Any], sel: Selection) -> dict[str,
         ]
     rule_row.update(uncertainty.row_fields(spec.task, sel))  # per-seed values, 95% interval
     return rule_row
+
+
+def table_metrics(spec: StudySpec) -> list[str]:
+    """The metrics a study reports as mean ± standard error columns (one number per run)."""
+    return [m for m in reported_metrics(spec.task, spec.metrics) if m != "per_class_iou"]
+
+
+def shown_metrics(spec: StudySpec) -> list[str]:
+    """The metrics the Markdown and HTML tables show: the first two by default, every one a
+    study names in ``metrics``."""
+    return table_metrics(spec) if spec.metrics else table_metrics(spec)[:2]
 
 
 def _ranked(spec: StudySpec, board: pd.DataFrame) -> pd.DataFrame:

@@ -133,6 +133,20 @@ def check_selection(spec: StudySpec, registry: Registry) -> None:
         )
 
 
+def check_metrics(spec: StudySpec, registry: Registry) -> None:
+    """Every name of ``metrics`` is a metric registered for the study's task."""
+    entries = registry.entries["metric"]
+    known = [n for n, e in entries.items() if spec.task in e.tasks]
+    for name in spec.metrics:
+        if name not in known:
+            why = (
+                f"metric {name!r} serves {', '.join(entries[name].tasks)}, not {spec.task}"
+                if name in entries
+                else unknown_message("metric", name, known)
+            )
+            raise spec_error(spec, "metrics", f"{why}; allowed: {', '.join(known)}")
+
+
 def preflight(
     methods: list[ResolvedMethod],
     models: ModelFactory,
@@ -143,6 +157,7 @@ def preflight(
     ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
     check_selection(spec, models.ctx.registry)
+    check_metrics(spec, models.ctx.registry)
     check_search_space(spec, methods)
     check_protocol(spec, methods)
     for i in range(len(spec.pairs)):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from harness import api
-from harness.metrics import primary_metric, score
+from harness.metrics import primary_metric, reported_metrics, score
 from harness.registry import Registry
 from harness.rules import (
     RuleInputs,
@@ -164,5 +164,8 @@ class Scorer:
         """The only place the target test split is read: the test metrics, and the per-image
         outcomes they are made of (:mod:`harness.store.per_image`) for the published intervals."""
         test, out = target.test, trainer.predict(target.test)
-        metrics = score(self.spec.task, out, test, target.num_classes)
+        names = reported_metrics(self.spec.task, self.spec.metrics)
+        if self.spec.task == "segmentation" and "per_class_iou" not in names:
+            names.append("per_class_iou")  # the board's per-class IoU row
+        metrics = score(self.spec.task, out, test, target.num_classes, names)
         return metrics, per_image.outcomes(self.spec.task, out, test, target.num_classes)

@@ -120,6 +120,7 @@ from harness.testing.core import (
 )
 from harness.testing.datasets import check_dataset
 from harness.testing.heads import check_head
+from harness.testing.metrics import check_metric
 from harness.testing.parametrize import ContractCheck, parametrize_with_checks
 from harness.testing.plugin import CHECKED_KINDS, check_entry, check_names, check_plugin
 from harness.testing.strategies import check_strategy
@@ -150,5 +151,6 @@ __all__ = [
     "check_plugin",
     "check_strategy",
     "check_validator",
+    "check_metric",
     "parametrize_with_checks",
 ]

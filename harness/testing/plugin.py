@@ -11,17 +11,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from harness.registry import KINDS, Entry, Registry, unknown_message
-from harness.testing import backbones, commands, datasets, heads, strategies, validators
+from harness.testing import backbones, commands, datasets, heads, metrics, strategies, validators
 from harness.testing.backbones import check_backbone
 from harness.testing.commands import check_command
 from harness.testing.core import MAX_BACKBONES, SKIPPED, CheckResult, Checks
 from harness.testing.datasets import check_dataset
 from harness.testing.heads import check_head, declared_options_match
+from harness.testing.metrics import check_metric
 from harness.testing.strategies import check_strategy
 from harness.testing.validators import check_validator
 
 #: the kinds of entry the kit checks (a kind added to the registry later is reported as unchecked)
-CHECKED_KINDS = ("backbone", "head", "dataset", "strategy", "command", "validator")
+CHECKED_KINDS = ("backbone", "head", "dataset", "strategy", "command", "validator", "metric")
 #: what to do about a name another installed plugin claims too
 _RENAME = "rename yours, or uninstall one of the two distributions"
 
@@ -52,6 +53,8 @@ def check_entry(entry: Entry, **kwargs: Any) -> list[CheckResult]:
         return check_command(entry, **kwargs)
     if entry.kind == "validator":
         return check_validator(entry, **kwargs)
+    if entry.kind == "metric":
+        return check_metric(entry, **kwargs)
     raise ValueError(f"the kit has no checks for {entry.kind} entries ({entry.name!r})")
 
 
@@ -76,6 +79,8 @@ def check_names(entry: Entry, **kwargs: Any) -> list[str]:
         return strategies.check_names()
     if entry.kind == "validator":
         return validators.check_names()
+    if entry.kind == "metric":
+        return metrics.check_names()
     return commands.check_names()
 
 

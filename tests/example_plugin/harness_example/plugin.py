@@ -1,5 +1,5 @@
-"""The example plugin: a backbone, a dataset, a strategy, a selection rule and a command,
-registered through hooks.
+"""The example plugin: a backbone, a dataset, a strategy, a selection rule, a metric and a
+command, registered through hooks.
 
 How the harness finds this module
 ---------------------------------
@@ -34,6 +34,7 @@ What is registered here
   target (:class:`EntropyMinimization`);
 - validator ``example-confidence``: the mean top-class probability on the unlabelled target
   validation images, a selection rule a study names in ``selection`` (:class:`Confidence`);
+- metric ``example-top2``: the true class among the two highest logits (:class:`TopTwo`);
 - command ``harness example-shapes-info`` (:func:`shapes_info`).
 
 A plugin may implement any subset of the hooks; this one implements all but one
@@ -54,6 +55,7 @@ from harness.api import (
     Batch,
     DatasetError,
     DomainData,
+    Metric,
     Register,
     StepContext,
     Strategy,
@@ -69,11 +71,13 @@ __all__ = [
     "SHAPE_DOMAINS",
     "Confidence",
     "EntropyMinimization",
+    "TopTwo",
     "LeNet",
     "build_lenet",
     "build_shapes",
     "register_backbones",
     "register_datasets",
+    "register_metrics",
     "register_strategies",
     "register_validators",
 ]
@@ -130,6 +134,29 @@ class Confidence(Validator):
 
     def score(self, inputs: dict[str, Any]) -> float:
         return float(inputs["target_logits"].float().softmax(1).amax(1).mean())
+
+
+@hookimpl
+def register_metrics(register: Register) -> None:
+    """Register the ``example-top2`` metric; a study reports it with ``metrics = ["example-top2"]``."""
+    register("example-top2", TopTwo, description="true class among the two highest", label="top-2")
+
+
+class TopTwo(Metric):
+    """The fraction of images whose true class is among the two highest logits. The harness
+    calls ``update`` with logits and labels (possibly several times) and then ``compute``."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.hits, self.rows = 0, 0
+
+    def update(self, outputs: Tensor, target: Tensor) -> None:
+        top = outputs.topk(min(2, outputs.shape[1]), dim=1).indices
+        self.hits += int((top == target[:, None]).any(1).sum())
+        self.rows += len(target)
+
+    def compute(self) -> float:
+        return self.hits / max(self.rows, 1)
 
 
 @hookimpl
