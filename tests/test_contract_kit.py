@@ -210,6 +210,8 @@ def test_the_example_plugin_passes(example_plugin: types.ModuleType) -> None:
         "dataset:example-shapes",
         "strategy:example-entropy",
         "command:example-shapes-info",
+        "validator:example-confidence",
+        "metric:example-top2",
     }
     assert_passes(results)
     names = {r.name for r in results["dataset:example-shapes"]}

@@ -102,7 +102,7 @@ def test_an_in_domain_pair_is_labelled_in_the_board_and_its_heading(tmp_path):
     assert "## digits->digits (in-domain)\n" in to_markdown(spec, board, prov)
     from harness.publish.html import _pair_section
 
-    section = "".join(_pair_section("digits->digits", board, {}, "accuracy", None))
+    section = "".join(_pair_section("digits->digits", board, {}, "classification", ["accuracy"]))
     assert ">digits-&gt;digits (in-domain)</h2>" in section
     # a study without it: no column, the heading as before
     plain = load_study(str(path))
