@@ -22,6 +22,7 @@ from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
 from harness.publish.rank import shown_metrics, unfinished
 from harness.publish.results import Results
+from harness.publish.uncertainty import CI_LABEL, ci_cell
 from harness.study import StudySpec
 
 LEADERBOARD_FILES = ("leaderboard.csv", "leaderboard.json", "leaderboard.md", "trials.csv")
@@ -205,7 +206,8 @@ def _nav(pairs: list[str]) -> str:
 
 
 def _table(rows: pd.DataFrame, task: str, shown: list[str]) -> str:
-    head = ["rank", "method", "strategy", *(f"test {metric_label(m)} %" for m in shown)]
+    head = ["rank", "method", "strategy", f"test {metric_label(shown[0])} %", f"{CI_LABEL} %"]
+    head += [f"test {metric_label(m)} %" for m in shown[1:]]
     head += ["selecting score", "selection", "trials ok/pruned/failed", "status"]
     out = [
         "<table>",
@@ -224,7 +226,9 @@ def _table(rows: pd.DataFrame, task: str, shown: list[str]) -> str:
             f'<td class="num">{rank}</td>',
             f'<td class="method">{_e(r.get("method"))}</td>',
             f'<td class="nowrap">{_e(r.get("strategy"))}</td>',
-            *(f'<td class="num">{_e(pm(r, m))}</td>' for m in shown),
+            f'<td class="num">{_e(pm(r, shown[0]))}</td>',
+            f'<td class="num">{_e(ci_cell(r, shown[0]))}</td>',
+            *(f'<td class="num">{_e(pm(r, m))}</td>' for m in shown[1:]),
         ]
         cells += [
             f'<td class="num">{_e(label.name)} {_e(label.value(r.get("val_score")))}</td>',
