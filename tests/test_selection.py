@@ -363,3 +363,25 @@ def test_a_plugins_rule_selects_and_one_reading_target_labels_is_oracle(tmp_path
         scores = t.user_attrs["scores"]
         assert t.value == pytest.approx(scores["confident"])
         assert scores["peek"] == pytest.approx(scores["target-val"] - 1.0, abs=1e-6)
+
+
+def test_without_the_builtin_rules_and_metrics_a_study_is_refused_before_training(tmp_path):
+    """HARNESS_PLUGINS can leave the built-in validators or metrics out: a study whose rules
+    ("auto" as each method resolves it) or metrics are then missing stops in preflight, naming
+    the plugin to load, instead of failing inside a trial."""
+    from test_search import BUILTIN_PLUGINS
+
+    from harness.registry import Registry
+
+    spec = load_study(str(write_study(tmp_path, "auto", body=UDA_STUDY.replace(
+        'selection = ["snd", "target-val", "source-val"]', 'selection = "auto"'
+    ))))  # fmt: skip
+    for left_out, message in (
+        ("validators", "unknown validator 'source-val'"),
+        ("metrics", "unknown metric 'accuracy'"),
+    ):
+        registry = Registry()
+        registry.load_entry_points(only=[p for p in BUILTIN_PLUGINS.split(",") if p != left_out])
+        with pytest.raises(StudySpecError) as err:
+            make_runner(tmp_path, spec, registry=registry).preflight()
+        assert message in str(err.value) and f"the {left_out!r} plugin" in str(err.value)

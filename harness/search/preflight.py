@@ -8,10 +8,12 @@ import torch
 
 from harness.api import DomainData
 from harness.errors import HarnessError, PluginContractError
+from harness.metrics import default_metrics, reported_metrics
 from harness.registry import Registry, unknown_message
 from harness.search.domains import DomainCache
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
+from harness.search.selection import resolve_rule
 from harness.study import AUTO_RULE, StudySpec, spec_error
 from harness.training.inputs import model_input
 from harness.training.weights import build_backbone, source_pretraining_head
@@ -101,27 +103,35 @@ def check_protocol(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
             )
 
 
-def check_selection(spec: StudySpec, registry: Registry) -> None:
-    """Every rule of ``selection`` is a validator registered for the study's task, and the first
-    one (it drives the sampler and pruner) is scored per trial, not pooled after the search."""
+#: the rules and metrics the harness's own plugins register, and those plugins' entry-point names
+BUILTIN_RULES = ("target-val", "source-val", "entropy", "im", "snd", "bnm", "dev", "ensv")
+VALIDATORS_PLUGIN, METRICS_PLUGIN = "validators", "metrics"
+
+
+def check_selection(spec: StudySpec, registry: Registry, methods: list[ResolvedMethod]) -> None:
+    """Every rule of ``selection`` (``auto`` as each method resolves it) is a validator registered
+    for the study's task, and the first one (it drives the sampler and pruner) is scored per
+    trial, not pooled after the search."""
     entries = registry.entries["validator"]
     known = [n for n, e in entries.items() if spec.task in e.tasks]
-    for rule in spec.selection_rules:
-        if rule == AUTO_RULE:
-            continue
+    allowed = ", ".join(["auto", *known])
+    auto = (
+        {r for rm in methods for r in _auto_rules(spec, rm)}
+        if AUTO_RULE in spec.selection_rules
+        else set()
+    )
+    for rule in [*(r for r in spec.selection_rules if r != AUTO_RULE), *sorted(auto)]:
         if rule not in entries:
-            allowed = ", ".join(["auto", *known])
-            raise spec_error(
-                spec,
-                "selection",
-                f"{unknown_message('validator', rule, known)}; allowed: {allowed}",
-            )
+            why = unknown_message("validator", rule, known)
+            if rule in BUILTIN_RULES:  # HARNESS_PLUGINS left the built-in rules out
+                why += f" (the built-in rules come from the {VALIDATORS_PLUGIN!r} plugin: load it)"
+            raise spec_error(spec, "selection", f"{why}; allowed: {allowed}")
         if rule not in known:
             raise spec_error(
                 spec,
                 "selection",
                 f"validator {rule!r} serves {', '.join(entries[rule].tasks)}, not {spec.task}; "
-                f"allowed: {', '.join(['auto', *known])}",
+                f"allowed: {allowed}",
             )
     first = spec.selection_rules[0]
     if first != AUTO_RULE and entries[first].factory().pooled:
@@ -133,17 +143,24 @@ def check_selection(spec: StudySpec, registry: Registry) -> None:
         )
 
 
+def _auto_rules(spec: StudySpec, rm: ResolvedMethod) -> list[str]:
+    """What ``selection = "auto"`` means for one method: target-val or source-val."""
+    return [resolve_rule(AUTO_RULE, rm.new_strategy())[0]]
+
+
 def check_metrics(spec: StudySpec, registry: Registry) -> None:
     """Every name of ``metrics`` is a metric registered for the study's task."""
     entries = registry.entries["metric"]
     known = [n for n, e in entries.items() if spec.task in e.tasks]
-    for name in spec.metrics:
+    for name in reported_metrics(spec.task, spec.metrics):
         if name not in known:
             why = (
                 f"metric {name!r} serves {', '.join(entries[name].tasks)}, not {spec.task}"
                 if name in entries
                 else unknown_message("metric", name, known)
             )
+            if name not in entries and name in default_metrics(spec.task):
+                why += f" (the built-in metrics come from the {METRICS_PLUGIN!r} plugin: load it)"
             raise spec_error(spec, "metrics", f"{why}; allowed: {', '.join(known)}")
 
 
@@ -156,7 +173,7 @@ def preflight(
     """Check every (pair, method); a failure is the study file's error, naming the method. Without
     ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
-    check_selection(spec, models.ctx.registry)
+    check_selection(spec, models.ctx.registry, methods)
     check_metrics(spec, models.ctx.registry)
     check_search_space(spec, methods)
     check_protocol(spec, methods)
