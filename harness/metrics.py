@@ -107,11 +107,8 @@ def confusion_matrix(preds: Tensor, y: Tensor | Split, num_classes: int, chunk: 
     read a chunk at a time), void truth left out, accumulated a few images at a time (whole-image
     masks at 1024x512 and more would not fit as one int64 index)."""
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    for start in range(0, len(y), chunk):
-        stop = start + chunk
-        truth = y.labels_range(start, stop) if isinstance(y, Split) else y[start:stop]
-        t = truth.cpu().long().flatten()
-        p = preds[start : start + chunk].cpu().long().flatten()
+    for truth, pred in _chunks(preds, y, chunk):
+        t, p = truth.flatten(), pred.flatten()
         keep = t != IGNORE_INDEX
         cm += torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes * num_classes)
     return cm.view(num_classes, num_classes)
