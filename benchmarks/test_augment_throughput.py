@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from harness.training.augment import augment, get_policy
+from harness.training.augment import augment, get_policy, randaugment_policy, trivialaugment_policy
 from harness.training.engine import Precision, resolve_device
 
 N, SIZE, BATCH = 512, 32, 64
@@ -75,6 +75,67 @@ def test_batched_augmentation_vs_per_sample_dataloader(benchmark):
     print(f"\nstrong policy, {SIZE}px: per-sample DataLoader {N / per_sample:.0f} img/s, "
           f"batched on device {N / batched:.0f} img/s, speed-up {ratio:.1f}x")  # fmt: skip
     assert batched > 0  # reported, not asserted: see benchmarks/README.md
+
+
+class _Torchvision(Dataset):
+    """torchvision's own searched policy, one image at a time."""
+
+    def __init__(self, x: torch.Tensor, transform) -> None:
+        self.x, self.t = x, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.t(self.x[i])
+
+
+#: the ops of torchvision's RandAugment and TrivialAugmentWide, under this harness's names
+TORCHVISION_OPS = (
+    "identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
+    "saturation", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize",
+)  # fmt: skip
+
+#: the strongest searched policy (3 ops at magnitude 15, over all 22 ops and over torchvision's
+#: 14) and TrivialAugment, each against torchvision's own applied per sample in a DataLoader
+SEARCHED = {
+    "randaugment": (randaugment_policy(3, 15.0), lambda: v2.RandAugment(num_ops=3, magnitude=15)),
+    "randaugment-same-ops": (
+        randaugment_policy(3, 15.0, TORCHVISION_OPS),
+        lambda: v2.RandAugment(num_ops=3, magnitude=15),
+    ),
+    "trivialaugment": (trivialaugment_policy(), v2.TrivialAugmentWide),
+    "trivialaugment-same-ops": (trivialaugment_policy(TORCHVISION_OPS), v2.TrivialAugmentWide),
+}
+
+
+@pytest.mark.parametrize("kind", list(SEARCHED))
+def test_searched_policy_vs_torchvision_per_sample(benchmark, kind):
+    policy, make = SEARCHED[kind]
+    x = torch.rand(N, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(_Torchvision(x, make()), batch_size=BATCH, num_workers=0)
+    per_sample = _best_of(lambda: [None for _ in loader])
+
+    def batched() -> None:
+        for batch in x.split(BATCH):
+            augment(batch, policy, generator=g)
+
+    batched()  # warm-up
+    benchmark.pedantic(batched, rounds=5, iterations=1)
+    ours = benchmark.stats.stats.min
+    ratio = per_sample / ours
+    benchmark.extra_info.update(
+        {
+            "policy": kind,
+            "per_sample_images_per_s": round(N / per_sample, 1),
+            "batched_images_per_s": round(N / ours, 1),
+            "speedup_batched_over_per_sample": round(ratio, 2),
+        }
+    )
+    print(f"\n{kind}, {SIZE}px: torchvision per-sample DataLoader {N / per_sample:.0f} img/s, "
+          f"batched on device {N / ours:.0f} img/s, speed-up {ratio:.1f}x")  # fmt: skip
+    assert ours > 0  # reported, not asserted: see benchmarks/README.md
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "resnet18"])

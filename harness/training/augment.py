@@ -24,24 +24,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["POLICIES", "Policy", "augment", "get_policy"]
+from harness.training.augment_kernels import RGB_TO_YIQ as _RGB_TO_YIQ
+from harness.training.augment_kernels import YIQ_TO_RGB as _YIQ_TO_RGB
+from harness.training.augment_kernels import affine_grid as _affine_grid  # noqa: F401 - tests
+from harness.training.augment_kernels import constant as _constant
+from harness.training.augment_kernels import sample_affine
+from harness.training.augment_policies import (
+    AUGMENT_OPS,
+    MAX_MAGNITUDE,
+    SearchedPolicy,
+    apply_searched,
+    check_ops,
+    rand_policy,
+    randaugment_policy,
+    trivialaugment_policy,
+)
 
-# Luma row of RGB -> YIQ; the I and Q rows each sum to zero, so a grey pixel has I = Q = 0.
-_RGB_TO_YIQ = (
-    (0.299, 0.587, 0.114),
-    (0.596, -0.274, -0.322),
-    (0.211, -0.523, 0.312),
-)
-# Inverted once on the CPU: linalg.inv on CUDA would synchronise to check for singularity.
-_YIQ_TO_RGB = tuple(
-    tuple(row) for row in torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
-)
+__all__ = [
+    "AUGMENT_OPS",
+    "MAX_MAGNITUDE",
+    "POLICIES",
+    "Policy",
+    "SearchedPolicy",
+    "augment",
+    "check_ops",
+    "get_policy",
+    "rand_policy",
+    "randaugment_policy",
+    "trivialaugment_policy",
+]
+
 _PROBABILITIES = ("hflip", "grayscale", "invert", "blur", "cutout")
 
 
@@ -142,18 +159,21 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def get_policy(name: str) -> Policy:
-    """Return the built-in policy called ``name``; ``ValueError`` names the known ones."""
+def get_policy(name: str) -> Policy | SearchedPolicy:
+    """Return the preset called ``name``, or ``randaugment``/``trivialaugment`` with torchvision's
+    defaults; ``ValueError`` names the known ones."""
     try:
         return POLICIES[name]
     except KeyError:
-        known = ", ".join(sorted(POLICIES))
+        if name in ("randaugment", "trivialaugment"):
+            return rand_policy(name)
+        known = ", ".join([*sorted(POLICIES), "randaugment", "trivialaugment"])
         raise ValueError(f"unknown augmentation policy {name!r}; known policies: {known}") from None
 
 
 def augment(
     x: Tensor,
-    policy: Policy | str,
+    policy: Policy | SearchedPolicy | str,
     *,
     generator: torch.Generator | None = None,
     mask: Tensor | None = None,
@@ -164,7 +184,8 @@ def augment(
 
     ``generator`` must live on ``x.device`` (``None`` uses torch's global generator). ``mask`` is
     an optional ``(N, H, W)`` integer mask moved jointly with the image; when it is given,
-    ``(x, mask)`` is returned. An identity policy returns the inputs themselves.
+    ``(x, mask)`` is returned. An identity policy returns the inputs themselves. A
+    :class:`SearchedPolicy` (RandAugment, TrivialAugment) runs in ``augment_policies``.
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
@@ -174,6 +195,16 @@ def augment(
         raise ValueError(
             f"mask must have shape (N, H, W) = {(x.shape[0], *x.shape[2:])}, got {tuple(mask.shape)}"
         )
+    if isinstance(policy, SearchedPolicy):
+        out, mask = apply_searched(
+            x,
+            policy,
+            generator=generator,
+            mask=mask,
+            allow_flip=allow_flip,
+            ignore_index=ignore_index,
+        )
+        return out if mask is None else (out, mask)
     flip_p = policy.hflip if allow_flip else 0.0
     if not (flip_p or policy.changes_beyond_flip):
         return x if mask is None else (x, mask)
@@ -198,12 +229,6 @@ def augment(
         out = _cutout(out, policy.cutout, generator)
     out = out.clamp(0.0, 1.0) if out is x else out.clamp_(0.0, 1.0)
     return out if mask is None else (out, mask)
-
-
-@lru_cache(maxsize=64)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A cached constant: a blocking host-to-device copy on every call would stall CUDA."""
-    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _uniform(
@@ -263,25 +288,6 @@ def _affine_theta(
     return torch.cat([linear, offset], dim=-1)
 
 
-def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
-    """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` written as two broadcast
-    multiply-adds per output coordinate. Torch's version multiplies an ``(N, H*W, 3)`` base grid
-    by ``theta`` in a batched matmul whose inner size of 3 runs about 4x slower on the CPU. The sums
-    run in the same order, so the coordinates are the same floats (``tests/test_augment.py``)."""
-    n = theta.shape[0]
-
-    def steps(k: int) -> Tensor:  # pixel centres in normalized units, as torch's base grid has them
-        return torch.linspace(-1, 1, k, device=theta.device, dtype=theta.dtype) * (k - 1) / k
-
-    xs, ys = steps(width).view(1, 1, width), steps(height).view(1, height, 1)
-    t = theta.reshape(n, 6, 1, 1)
-    grid = torch.empty(n, height, width, 2, device=theta.device, dtype=theta.dtype)
-    # x = (t00 x + t01 y) + t02, y = (t10 x + t11 y) + t12, summed in torch's order
-    for k in (0, 1):
-        torch.add(t[:, 3 * k] * xs, t[:, 3 * k + 1] * ys, out=grid[..., k]).add_(t[:, 3 * k + 2])
-    return grid
-
-
 def _affine(
     x: Tensor,
     mask: Tensor | None,
@@ -292,23 +298,7 @@ def _affine(
 ) -> tuple[Tensor, Tensor | None]:
     n, c, h, w = x.shape
     theta = _affine_theta(policy, flip_p, n, h, w, generator, x.device)
-    grid = _affine_grid(theta, h, w)
-    # Half-precision grids quantize coordinates, and the CPU bf16/fp16 kernel of grid_sample
-    # returns NaN/inf for some pixels (seen with torch 2.14), so those dtypes sample in float32.
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    out = F.grid_sample(
-        work, grid.to(work.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    out = out.to(x.dtype)
-    if mask is not None:
-        # Shift by one so that zero padding marks pixels that came from outside the image.
-        shifted = (mask + 1).to(torch.float32).unsqueeze(1)
-        sampled = F.grid_sample(
-            shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False
-        )
-        sampled = sampled.squeeze(1).to(mask.dtype) - 1
-        mask = torch.where(sampled < 0, torch.full_like(sampled, ignore_index), sampled)
-    return out, mask
+    return sample_affine(x, mask, theta, ignore_index)
 
 
 def _flip(
