@@ -265,9 +265,9 @@ def register_datasets(register: Register) -> None:
 
     Augmentation policies (`augment.policy`): `none`; `light` rotates up to 10 degrees, shifts
     10 %, zooms 0.9-1.1, flips, and jitters brightness and contrast; `strong` rotates up to 20
-    degrees and adds shear, colour, grayscale, invert, noise, blur and cutout. A dataset whose
-    labels depend on orientation beyond that (a rotated-digits angle) should say so in its
-    description: rotation cannot be switched off per dataset.
+    degrees and adds shear, colour, grayscale, invert, noise, blur and cutout; `randaugment` and
+    `trivialaugment` draw per image from `AUGMENT_OPS`, rotating up to 30 or 135 degrees. A dataset
+    whose labels depend on orientation should say so: rotation cannot be switched off per dataset.
 
     Example:
 

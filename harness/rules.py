@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.api.validation import SEGMENTATION_INPUTS, Validator, declaration_problem
+from harness.api.validation import (
+    HELD_OUT_SOURCES,
+    SEGMENTATION_INPUTS,
+    Validator,
+    declaration_problem,
+)
 from harness.errors import PluginContractError
 from harness.registry import Registry
 from harness.store.schema import PREDICTIONS, trial_scores
@@ -40,6 +45,33 @@ class RuleSet:
     @property
     def pooled(self) -> dict[str, Validator]:
         return {n: v for n, v in self.validators.items() if v.pooled}
+
+
+#: validator inputs made of target images (their labels aside)
+TARGET_IMAGE_INPUTS = ("target_logits", "target_features", "candidates")
+
+
+def reads_unlabelled_target(validator: type[Validator] | Validator) -> bool:
+    """Whether a rule reads target images without their labels (a label-free rule): what a
+    strategy that sees no target image (``target_images = "none"``) cannot be selected by."""
+    reads = validator.reads
+    return any(r in TARGET_IMAGE_INPUTS for r in reads) and not validator.uses_target_labels()
+
+
+def rules_for(
+    rules: RuleSet, selection: list[str], sees_target: bool, several_sources: bool
+) -> RuleSet:
+    """The rules a method's trials are scored under: every registered rule, less the label-free
+    ones for a method that sees no target image, and less the rules that train once more per
+    source (leave-one-source-out) unless the study selects with them on a pair of several
+    sources."""
+
+    def kept(name: str, v: Validator) -> bool:
+        if not sees_target and reads_unlabelled_target(v):
+            return False
+        return HELD_OUT_SOURCES not in v.reads or (several_sources and name in selection)
+
+    return RuleSet({n: v for n, v in rules.validators.items() if kept(n, v)})
 
 
 def rule_set(registry: Registry, task: str) -> RuleSet:

@@ -15,15 +15,20 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     Field,
-    SerializerFunctionWrapHandler,
+    PrivateAttr,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from harness.errors import HarnessError, StudySpecError
 from harness.hookspecs import NAME_PATTERN, NAME_RULE
+from harness.study_pairs import (  # noqa: F401 - importable from here too
+    LEAVE_ONE_OUT,
+    Pair,
+    expand_leave_one_out,
+    pair_domain_problem,
+)
 from harness.study_tables import (  # noqa: F401 - the tables are importable from here too
     AUGMENT_POLICIES,
     Budget,
@@ -38,26 +43,6 @@ from harness.study_tables import (  # noqa: F401 - the tables are importable fro
 #: "auto": target-val for methods that train on target labels, source-val for the others; any
 #: other rule is a registered validator (checked against the plugins before anything runs)
 AUTO_RULE = "auto"
-
-
-class Pair(StrictModel):
-    source: str = Field(min_length=1)
-    target: str = Field(min_length=1)
-    #: source and target are one domain on purpose (an in-domain reference): allowed, and its rows
-    #: are labelled in-domain; without it such a pair is refused as a mistake
-    in_domain: bool = False
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # written only when set: the configuration of every study begun before it stays the same
-        data = handler(self)
-        if not self.in_domain:
-            data.pop("in_domain", None)
-        return data
-
-    @property
-    def key(self) -> str:
-        return f"{self.source}->{self.target}"
 
 
 class Method(StrictModel):
@@ -109,6 +94,9 @@ class StudySpec(StrictModel):
     tracking: Tracking = Field(default_factory=Tracking)
     data: DataSettings = Field(default_factory=DataSettings)
     datasets: dict[str, DatasetAlias] = Field(default_factory=dict)
+
+    #: each pair's key in the file, where ``leave_one_out`` tables were expanded
+    _pair_keys: list[str] = PrivateAttr(default_factory=list)
 
     # filled in by load_study, not by the file
     name: str = ""
@@ -164,6 +152,17 @@ class StudySpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _mixing_task(self) -> StudySpec:
+        """MixUp and CutMix mix class labels: classification only."""
+        for key in ("mixup_alpha", "cutmix_alpha", "mix_prob"):
+            if self.task != "classification" and getattr(self.search, key) is not None:
+                raise ValueError(
+                    f"search.{key}: MixUp/CutMix mix class labels, for classification only; "
+                    f"this study's task is {self.task} (leave {key} out)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _stored_size(self) -> StudySpec:
         sizes = {"data.stored_size": self.data.stored_size}
         sizes |= {f"datasets.{k}.stored_size": a.stored_size for k, a in self.datasets.items()}
@@ -213,16 +212,32 @@ class StudySpec(StrictModel):
         grown = from_files and self.task == "classification"
         return round(self.image_size * 8 / 7) if grown else self.image_size
 
-    @model_validator(mode="after")
-    def _two_domains(self) -> StudySpec:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _expand_pairs(cls, data: Any, handler: Any) -> StudySpec:
+        """``leave_one_out`` tables become their pairs before validation; afterwards each pair's
+        domains are checked to be distinct, naming the table of the file they came from."""
+        where = None
+        if isinstance(data, dict) and isinstance(data.get("pairs"), list):
+            pairs, where = expand_leave_one_out(data["pairs"])
+            data = {**data, "pairs": pairs}
+        spec = handler(data)
+        if where is not None:
+            spec._pair_keys = where
+        spec._check_domains()
+        return spec
+
+    def pair_where(self, i: int, side: str = "") -> str:
+        """The key of pair ``i`` in the study file (``pairs[2].leave_one_out`` for an expanded
+        one), with ``side`` ("source", "target") appended for a pair written out."""
+        key = self._pair_keys[i] if i < len(self._pair_keys) else f"pairs[{i}]"
+        return f"{key}.{side}" if side and not key.endswith("leave_one_out") else key
+
+    def _check_domains(self) -> None:
         for i, p in enumerate(self.pairs):
-            if not p.in_domain and self.domain_identity(p.source) == self.domain_identity(p.target):
-                same = repr(p.source) if p.source == p.target else f"{p.source!r} and {p.target!r}"
-                raise ValueError(
-                    f"pairs[{i}]: source and target are the same domain ({same}), not a transfer; "
-                    "set in_domain = true on the pair if that is meant"
-                )
-        return self
+            problem = pair_domain_problem(p, self.domain_identity, self.pair_where(i))
+            if problem is not None:
+                raise ValueError(problem)
 
     def domain_identity(self, text: str) -> tuple[str, str, str]:
         """What a pair's ``source`` or ``target`` names: the dataset plugin (through an alias of
@@ -381,7 +396,8 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
             break
         model = nxt
     hidden = {"name", "path", "file_hash", "overrides"} if model is StudySpec else set()
-    return [k for k in model.model_fields if k not in hidden]
+    extra = [LEAVE_ONE_OUT] if model is Pair else []  # a table of its own, expanded into pairs
+    return [k for k in model.model_fields if k not in hidden] + extra
 
 
 def spec_error(spec: StudySpec, key: str, error: HarnessError | str) -> StudySpecError:

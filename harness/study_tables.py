@@ -3,16 +3,70 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
 )
 
 AUGMENT_POLICIES = ("none", "light", "strong")
+#: what ``[search] augment`` chooses among: the presets and the two searched policies
+SEARCH_POLICIES = (*AUGMENT_POLICIES, "randaugment", "trivialaugment")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "step")
+#: the training-recipe settings of ``[search]`` added with issue 20: left out of a study's
+#: configuration while unset, so that the configurations of earlier studies read the same
+RECIPE_KEYS = (
+    "augment_ops",
+    "num_ops",
+    "magnitude",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "mix_prob",
+    "optimizer",
+    "schedule",
+    "warmup",
+    "label_smoothing",
+    "drop_path",
+    "ema",
+    "ema_decay",
+    "batch_size",
+)
+#: the bounds of each numeric recipe setting: (low, high, high excluded, low excluded)
+_BOUNDS = {
+    "magnitude": (0.0, 30.0, False, False),
+    "mixup_alpha": (0.0, math.inf, False, False),
+    "cutmix_alpha": (0.0, math.inf, False, False),
+    "mix_prob": (0.0, 1.0, False, False),
+    "warmup": (0.0, 0.5, True, False),
+    "label_smoothing": (0.0, 0.5, True, False),
+    "drop_path": (0.0, 0.5, True, False),
+    "ema_decay": (0.0, 1.0, True, True),
+}
+
+
+def _interval(key: str) -> str:
+    lo, hi, hi_open, lo_open = _BOUNDS[key]
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _choices(v: list[Any] | Any, allowed: tuple[Any, ...], what: str) -> list[Any] | Any:
+    """One of ``allowed``, or a non-empty list of distinct ones to search."""
+    values = v if isinstance(v, list) else [v]
+    shown = ", ".join(str(a).lower() if isinstance(a, bool) else a for a in allowed)
+    if not values:
+        raise ValueError(f"expected one {what} or a list of them ({shown}); got an empty list")
+    bad = [x for x in values if x not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad[0]!r}; allowed: {shown}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"a {what} is listed twice in {v}")
+    return v
 
 
 class StrictModel(BaseModel):
@@ -50,6 +104,33 @@ class SearchSpace(StrictModel):
     #: smallest share of the stored image's area a crop may take, or [low, high] to search it
     #: (unset: a plain random crop of image_size, as the adaptation literature trains)
     crop_scale: list[float] | float | None = None
+    #: seed each (pair, method) search with the best configurations of the same method: "pairs"
+    #: (the study's pairs whose search finished) or a bundle's best_params.json (relative to the
+    #: study file) from a study with the same search space; unset: every search starts cold
+    warm_start: str | None = Field(None, min_length=1)
+    # the training recipe (README, "The [search] table"): a value pins, [low, high] or a list
+    # searches; unset keeps the recipe every earlier study trained with
+    #: the operations RandAugment and TrivialAugment draw from (default: all of them)
+    augment_ops: list[str] | None = None
+    #: RandAugment's operations per image (default 2) and its magnitude on torchvision's 0..30
+    #: scale (default 9)
+    num_ops: list[int] | int | None = None
+    magnitude: list[float] | float | None = None
+    #: MixUp's and CutMix's Beta(alpha, alpha) (0 = off) and the share of batches mixed (default 1)
+    mixup_alpha: list[float] | float | None = None
+    cutmix_alpha: list[float] | float | None = None
+    mix_prob: list[float] | float | None = None
+    optimizer: list[str] | str | None = None
+    schedule: list[str] | str | None = None
+    #: share of the steps with a linear learning-rate warm-up
+    warmup: list[float] | float | None = None
+    label_smoothing: list[float] | float | None = None
+    drop_path: list[float] | float | None = None
+    #: evaluate an exponential moving average of the weights (decay default 0.999)
+    ema: list[bool] | bool | None = None
+    ema_decay: list[float] | float | None = None
+    #: batch sizes to search (unset: the study's batch_size)
+    batch_size: list[int] | int | None = None
 
     @field_validator("crop_scale")
     @classmethod
@@ -64,7 +145,9 @@ class SearchSpace(StrictModel):
     def config(self) -> dict[str, Any]:
         """The search space as a study's configuration records it (settings added since the
         first published studies appear only when set, so those configurations read the same)."""
-        return self.model_dump(exclude={"crop_scale"} if self.crop_scale is None else set())
+        optional = ("crop_scale", "warm_start", *RECIPE_KEYS)
+        unset = {k for k in optional if getattr(self, k) is None}
+        return self.model_dump(exclude=unset)
 
     @field_validator("backbone_lr", "head_lr", "weight_decay")
     @classmethod
@@ -106,11 +189,117 @@ class SearchSpace(StrictModel):
     def _augment(cls, v: list[str] | str) -> list[str] | str:
         values = [v] if isinstance(v, str) else v
         if not values:
-            raise ValueError(f"expected at least one of {', '.join(AUGMENT_POLICIES)} (empty list)")
-        bad = [p for p in values if p not in AUGMENT_POLICIES]
+            raise ValueError(f"expected at least one of {', '.join(SEARCH_POLICIES)} (empty list)")
+        bad = [p for p in values if p not in SEARCH_POLICIES]
         if bad:
-            raise ValueError(f"unknown policy {bad[0]!r}; allowed: {', '.join(AUGMENT_POLICIES)}")
+            raise ValueError(f"unknown policy {bad[0]!r}; allowed: {', '.join(SEARCH_POLICIES)}")
         return v
+
+    @field_validator(*_BOUNDS)
+    @classmethod
+    def _bounded(cls, v: list[float] | float | None, info: ValidationInfo) -> Any:
+        """A number or [low, high] within the setting's bounds."""
+        if v is None:
+            return v
+        lo, hi, hi_open, lo_open = _BOUNDS[info.field_name or ""]
+        values = v if isinstance(v, list) else [v]
+        allowed = (
+            f"a number or [low, high] in {_interval(info.field_name or '')}"
+            if math.isfinite(hi)
+            else f"a number >= {lo:g} or [low, high] of such numbers"
+        )
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError(f"expected {allowed} with low <= high, got {v}")
+        if not all(
+            (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi) for x in values
+        ):
+            raise ValueError(f"expected {allowed}, got {v}")
+        return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: list[str] | str | None) -> Any:
+        return v if v is None else _choices(v, OPTIMIZERS, "optimizer")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: list[str] | str | None) -> Any:
+        return v if v is None else _choices(v, SCHEDULES, "schedule")
+
+    @field_validator("ema")
+    @classmethod
+    def _ema(cls, v: list[bool] | bool | None) -> Any:
+        return v if v is None else _choices(v, (False, True), "value")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_sizes(cls, v: list[int] | int | None) -> Any:
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"expected a list of distinct batch sizes (integers >= 2), got {v}")
+        if not all(b >= 2 for b in values):
+            raise ValueError(f"expected batch sizes of at least 2, got {v}")
+        return v
+
+    @field_validator("augment_ops")
+    @classmethod
+    def _ops(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            from harness.training.augment import check_ops  # torch: only when the key is set
+
+            check_ops(v)
+        return v
+
+    @field_validator("augment_ops", "num_ops", "magnitude", "mix_prob", "ema_decay")
+    @classmethod
+    def _paired(cls, v: Any, info: ValidationInfo) -> Any:
+        """Settings that mean something only beside another one (validated before them)."""
+        key, data = info.field_name, info.data
+        augment = data.get("augment", [])
+        policies = {augment} if isinstance(augment, str) else set(augment)
+        needs = {
+            "augment_ops": (
+                "augment",
+                "randaugment or trivialaugment",
+                {"randaugment", "trivialaugment"} & policies,
+            ),
+            "num_ops": ("augment", "randaugment", "randaugment" in policies),
+            "magnitude": ("augment", "randaugment", "randaugment" in policies),
+            "mix_prob": ("mixup_alpha", "an alpha above 0 (or cutmix_alpha)", _mixes(data)),
+            "ema_decay": ("ema", "true", data.get("ema") not in (None, False)),
+        }
+        other, wanted, ok = needs[str(key)]
+        if v is not None and not ok:
+            raise ValueError(
+                f"applies only when search.{other} has {wanted}; set it or leave {key} out"
+            )
+        if key == "num_ops" and v is not None:
+            ops = data.get("augment_ops")
+            top = len(ops) if ops else _op_count()
+            values = v if isinstance(v, list) else [v]
+            shaped = not isinstance(v, list) or (len(v) == 2 and v[0] <= v[1])
+            if not shaped or not all(1 <= n <= top for n in values):
+                raise ValueError(
+                    f"expected an integer or [low, high] within 1..{top} (the operations "
+                    f"searched), got {v}"
+                )
+        return v
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the study asks for MixUp or CutMix (an alpha above 0 anywhere in its range)."""
+        return _mixes({"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha})
+
+
+def _mixes(data: dict[str, Any]) -> bool:
+    alphas = (data.get("mixup_alpha"), data.get("cutmix_alpha"))
+    return any((max(a) if isinstance(a, list) else a) > 0 for a in alphas if a is not None)
+
+
+def _op_count() -> int:
+    from harness.training.augment import AUGMENT_OPS
+
+    return len(AUGMENT_OPS)
 
 
 class Pretrain(StrictModel):

@@ -1,17 +1,17 @@
 """Strategies for a labelled source and a target: the baseline and the supervised fine-tuning family
 (fine-tuning, linear probing, LP-FT, L2-SP).
 
-The same code serves classification and segmentation: cross-entropy ignores void pixels (255).
+The same code serves classification and segmentation: cross-entropy (``ctx.supervised_loss``, with
+the trial's label smoothing) ignores void pixels (255), and takes MixUp/CutMix's soft labels.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from harness import hookimpl
-from harness.api import IGNORE_INDEX, Batch, Option, StepContext, Strategy
+from harness.api import Batch, Option, StepContext, Strategy
 
 #: the options of the fine-tuning family (``FineTune.__init__``)
 SHOTS = {
@@ -27,11 +27,12 @@ class SourceOnly(Strategy):
     uses_source = True
     uses_target = False
     target_labels = "none"
+    mixed_labels = True
     description = "train on source labels, evaluate on the target (baseline)"
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.source
-        return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+        return ctx.supervised_loss(model(x), y)
 
 
 class FineTune(Strategy):
@@ -39,6 +40,7 @@ class FineTune(Strategy):
 
     uses_source = False
     uses_target = True
+    mixed_labels = True
     description = "train on target labels from the pretrained/source weights"
 
     def __init__(self, shots: int | None = None) -> None:
@@ -57,7 +59,7 @@ class FineTune(Strategy):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.target
-        return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+        return ctx.supervised_loss(model(x), y)
 
 
 class LinearProbe(FineTune):
@@ -98,7 +100,7 @@ class LPFT(FineTune):
                 model.train()
                 self._probed = False
             logits = model(x)
-        return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+        return ctx.supervised_loss(logits, y)
 
 
 class _StartingPoint(nn.Module):
@@ -138,7 +140,7 @@ class L2SP(FineTune):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.target
-        ce = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+        ce = ctx.supervised_loss(model(x), y)
         return ce + 0.5 * float(ctx.params.get("strategy.alpha", 0.01)) * ctx.extra.distance(model)
 
 

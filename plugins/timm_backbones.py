@@ -35,15 +35,14 @@ def register_backbones(register):
 
 
 def build_timm_backbone(name: str, *, weights: str = "none", in_chans: int = 3) -> Backbone:
-    import timm
 
     weights = str(weights)
     if weights == "none":
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        model = _create(name, in_chans, pretrained=False)
     elif weights == "imagenet":
         model = _pretrained(name, in_chans)
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        model = _create(name, in_chans, pretrained=False)
         _load_local(model, Path(weights).expanduser(), name)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return Backbone(
@@ -57,12 +56,30 @@ def build_timm_backbone(name: str, *, weights: str = "none", in_chans: int = 3) 
     )
 
 
-def _pretrained(name: str, in_chans: int):
+def _create(name: str, in_chans: int, *, pretrained: bool):
+    """``timm.create_model``, with DropPath modules where the model has them: built at
+    ``drop_path_rate=1`` so that timm places them, each one's rate kept as its share of the
+    rate a run sets (``backbone.drop_path``), then 0 until a run does. The weights are the
+    same either way (no random draw depends on the rate)."""
     import timm
+    from timm.layers import DropPath
 
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=0, in_chans=in_chans, drop_path_rate=1.0
+        )
+    except TypeError:  # a model without drop path
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+    for m in model.modules():
+        if isinstance(m, DropPath):
+            m.drop_path_share, m.drop_prob = m.drop_prob, 0.0
+    return model
+
+
+def _pretrained(name: str, in_chans: int):
     with _offline_unless_hub_reachable() as endpoint:
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans)
+            return _create(name, in_chans, pretrained=True)
         except Exception as exc:  # noqa: BLE001 - hub, network and missing-tag failures alike
             detail = (
                 f"the model hub ({endpoint}) cannot be reached and the weights are not in the "

@@ -104,8 +104,12 @@ class _Unsupervised(Strategy):
 
 
 class _Discriminator(nn.Module):
-    def __init__(self, in_features: int, hidden: int, lr_scale: float) -> None:
+    """An MLP over features: one logit (source vs target), or ``outputs`` logits (which of several
+    domains, as ``dg``'s DANN across source domains uses it)."""
+
+    def __init__(self, in_features: int, hidden: int, lr_scale: float, outputs: int = 1) -> None:
         super().__init__()
+        self.outputs = outputs
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden),
             nn.ReLU(inplace=True),
@@ -113,13 +117,14 @@ class _Discriminator(nn.Module):
             nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, outputs),
         )
         #: the discriminator's learning rate is the head's times this (``harness.api.LRScaled``)
         self.lr_scale = lr_scale
 
     def forward(self, f: Tensor) -> Tensor:
-        return self.net(f.float()).squeeze(1)
+        out = self.net(f.float())
+        return out.squeeze(1) if self.outputs == 1 else out
 
 
 class DANN(_Unsupervised):

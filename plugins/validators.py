@@ -128,6 +128,10 @@ class SourceVal(Labelled):
     reads = ("source_metric",)
 
 
+class LeaveOneSourceOut(Labelled):
+    reads = ("held_out_source_metric",)
+
+
 class OnTargetLogits(Validator):
     fn: Any = None
 
@@ -177,6 +181,12 @@ class EnsembleValidation(Validator):
 def register_validators(register: Any) -> None:
     register("target-val", TargetVal, "primary metric on the labelled target validation split")
     register("source-val", SourceVal, "primary metric on the labelled source validation split")
+    register(
+        "leave-one-source-out",
+        LeaveOneSourceOut,
+        "several sources: mean primary metric on each source's validation split of a model "
+        "trained without it (one more training per source)",
+    )
     register("entropy", Entropy, "minus the mean entropy of target predictions")
     register(
         "im",

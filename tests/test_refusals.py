@@ -211,3 +211,98 @@ def test_cli_run_whose_every_trial_fails_publishes_then_exits_1(tmp_path, monkey
     ]
     with pytest.raises(SearchFailedError):
         check_outcome(spec, storage, out / "trials.csv")
+
+
+# ------------------------------------------------------------------ the training recipe
+
+RECIPE_REFUSALS = [
+    (
+        {"search.augment": "randaugment", "search.augment_ops": ["rotate", "spin"]},
+        "search.augment_ops: unknown augmentation op 'spin'; allowed: identity, rotate,",
+    ),
+    (
+        {"search.augment_ops": ["rotate"]},
+        "search.augment_ops: applies only when search.augment has randaugment or trivialaugment",
+    ),
+    (
+        {"search.augment": "randaugment", "search.magnitude": 31},
+        "search.magnitude: expected a number or [low, high] in [0, 30], got 31.0",
+    ),
+    (
+        {"search.augment": "randaugment", "search.augment_ops": ["rotate"], "search.num_ops": 2},
+        "search.num_ops: expected an integer or [low, high] within 1..1 (the operations searched)",
+    ),
+    (
+        {"task": "segmentation", "search.mixup_alpha": 0.2},
+        "search.mixup_alpha: MixUp/CutMix mix class labels, for classification only; "
+        "this study's task is segmentation (leave mixup_alpha out)",
+    ),
+    (
+        {"task": "segmentation", "search.cutmix_alpha": [0, 1.0]},
+        "search.cutmix_alpha: MixUp/CutMix mix class labels, for classification only;",
+    ),
+    ({"search.mixup_alpha": -1}, "search.mixup_alpha: expected a number >= 0 or [low, high]"),
+    ({"search.mix_prob": 0.5}, "search.mix_prob: applies only when search.mixup_alpha has"),
+    (
+        {"search.ema": True, "search.ema_decay": 1.0},
+        "search.ema_decay: expected a number or [low, high] in (0, 1), got 1.0",
+    ),
+    (
+        {"search.ema": [False, True], "search.ema_decay": [0.0, 0.9]},
+        "search.ema_decay: expected a number or [low, high] in (0, 1), got [0.0, 0.9]",
+    ),
+    ({"search.ema_decay": 0.99}, "search.ema_decay: applies only when search.ema has true"),
+    (
+        {"search.optimizer": "adam"},
+        "search.optimizer: unknown optimizer 'adam'; allowed: adamw, sgd",
+    ),
+    (
+        {"search.schedule": ["cosine", "linear"]},
+        "search.schedule: unknown schedule 'linear'; allowed: cosine, constant, step",
+    ),
+    (
+        {"search.warmup": 0.5},
+        "search.warmup: expected a number or [low, high] in [0, 0.5), got 0.5",
+    ),
+    (
+        {"search.label_smoothing": [0, 0.6]},
+        "search.label_smoothing: expected a number or [low, high] in [0, 0.5)",
+    ),
+    ({"search.drop_path": -0.1}, "search.drop_path: expected a number or [low, high] in [0, 0.5)"),
+    (
+        {"search.batch_size": [1, 8]},
+        "search.batch_size: expected batch sizes of at least 2, got [1, 8]",
+    ),
+    ({"search.augment": ["none", "autoaugment"]}, "search.augment: unknown policy 'autoaugment'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), RECIPE_REFUSALS)
+def test_a_bad_recipe_setting_is_one_line_naming_the_file_and_key(tmp_path, overrides, expected):
+    path = write_study(tmp_path)
+    with pytest.raises(StudySpecError) as err:
+        load_study(str(path), overrides)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {expected}") and "\n" not in message
+
+
+def test_cli_refuses_mixup_for_segmentation_with_exit_2_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    from harness import cli
+
+    path = write_study(tmp_path, "seg", extra_top='task = "segmentation"')
+    path.write_text(path.read_text().replace("[search]\n", "[search]\nmixup_alpha = 0.2\n"))
+    results = tmp_path / "r"
+    monkeypatch.setattr(
+        sys, "argv", ["harness", "run", "--study", str(path), "--results-dir", str(results)]
+    )
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert lines == [
+        f"error: {path}: search.mixup_alpha: MixUp/CutMix mix class labels, for classification "
+        "only; this study's task is segmentation (leave mixup_alpha out)"
+    ]
+    assert not results.exists() or not any(results.rglob("*.db"))  # nothing trained or stored

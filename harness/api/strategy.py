@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.api.data import IGNORE_INDEX
 from harness.api.models import TransferModel
+from harness.errors import PluginContractError
 
 if TYPE_CHECKING:
     import optuna
@@ -25,6 +28,9 @@ class Batch:
 
     source: tuple[Tensor, Tensor] | None = None
     target: tuple[Tensor, Tensor | None] | None = None
+    #: int64 (B,): each source image's domain, its index in the pair's list of sources (None for
+    #: a pair with one source)
+    source_domain: Tensor | None = None
 
 
 @dataclass
@@ -41,8 +47,21 @@ class StepContext:
     total_steps: int
     num_classes: int
     extra: nn.Module | None = None
+    #: how many source domains the pair has (``Batch.source_domain`` indexes them)
+    num_source_domains: int = 1
     #: name -> the values logged so far (the engine passes one dict per epoch)
     logged: dict[str, list[Tensor | float]] = field(default_factory=dict)
+    #: the trial's label smoothing (``loss.label_smoothing``), which ``supervised_loss`` applies
+    label_smoothing: float = 0.0
+
+    def supervised_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy with the trial's label smoothing: ``y`` holds class indices (void
+        pixels, 255, ignored), or (B, C) float class probabilities (MixUp/CutMix targets)."""
+        if y.is_floating_point():
+            return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            logits, y, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
+        )
 
     @property
     def progress(self) -> float:
@@ -73,6 +92,9 @@ class Strategy:
     uses_target: ClassVar[bool] = False
     #: which target training labels the strategy reads: "none", "few" or "all"
     target_labels: ClassVar[Literal["none", "few", "all"]] = "none"
+    #: whether the strategy sees target images at all: "none" for domain generalization (never a
+    #: target batch, no ``adapt``, no label-free selection rule; only the oracle target-val)
+    target_images: ClassVar[Literal["train", "none"]] = "train"
     #: hyperparameters the strategy pins instead of searching, e.g. {"freeze_depth": "all"}
     fixed: ClassVar[dict[str, Any]] = {}
     #: may the engine compute a fully frozen, unaugmented backbone's features once and serve them
@@ -81,6 +103,16 @@ class Strategy:
     #: the strategy changes the backbone's weights or BatchNorm statistics during training (AdaBN)
     #: or otherwise needs the backbone to really run on every step.
     cache_features: ClassVar[bool] = True
+    #: how many source domains the pair being trained has (``Batch.source_domain`` indexes them);
+    #: set on the instance by the engine before ``setup``, so modules can be sized by it
+    num_source_domains: int = 1
+    #: True: ``training_step`` takes soft (B, C) float source labels (the labelled target for a
+    #: strategy without source data) and computes its supervised loss with
+    #: ``ctx.supervised_loss``; only such a strategy is given MixUp/CutMix batches
+    mixed_labels: ClassVar[bool] = False
+    #: "swa": the engine averages the weights at the end of each epoch of the second half of
+    #: training and scores (and returns) the average; None trains and scores the weights as they are
+    weight_average: ClassVar[Literal["swa"] | None] = None
     description: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -160,9 +192,16 @@ def run_setup(
     num_classes: int,
     params: dict[str, Any],
     feature_dim: int | None,
+    num_source_domains: int = 1,
 ) -> nn.Module | None:
-    """``strategy.setup`` with the feature width; a strategy written before ``setup`` took it (three
-    parameters) is still called as it was, with a warning that says what to change."""
+    """``strategy.setup`` with the feature width (and ``strategy.num_source_domains`` set first);
+    a strategy written before ``setup`` took it (three
+    parameters) is still called as it was, with a warning that says what to change. A strategy
+    whose declarations contradict each other (:func:`declaration_problem`) is refused first."""
+    problem = declaration_problem(strategy)
+    if problem is not None:
+        raise PluginContractError(f"strategy {type(strategy).__name__}: {problem}")
+    strategy.num_source_domains = num_source_domains
     try:
         inspect.signature(strategy.setup).bind(model, num_classes, params, feature_dim)
     except TypeError:
@@ -174,3 +213,18 @@ def run_setup(
         )
         return strategy.setup(model, num_classes, params)
     return strategy.setup(model, num_classes, params, feature_dim)
+
+
+def declaration_problem(strategy: Strategy | type[Strategy]) -> str | None:
+    """Why a strategy's class declarations contradict each other, or None: one that sees no
+    target image (``target_images = "none"``) can neither use the target nor read its labels."""
+    if strategy.target_images not in ("train", "none"):
+        return f"target_images must be 'train' or 'none', got {strategy.target_images!r}"
+    if strategy.target_images == "none" and strategy.uses_target:
+        return (
+            "declares uses_target = True and target_images = 'none'; a strategy that sees no "
+            "target image gets no target batch"
+        )
+    if strategy.target_images == "none" and strategy.target_labels != "none":
+        return f"declares target_labels = {strategy.target_labels!r} and target_images = 'none'"
+    return None

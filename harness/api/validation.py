@@ -29,11 +29,21 @@ INPUTS: dict[str, str] = {
     "target_metric": "the task's primary metric on the labelled target validation split "
     "(accuracy or mIoU; reading it makes the rule oracle)",
     "source_metric": "the task's primary metric on the labelled source validation split",
+    "held_out_source_metric": "pairs of several sources only: the task's primary metric on each "
+    "source's validation split, of a model trained on the other sources with the trial's "
+    "parameters and seed, averaged over the sources (costs one more training per source)",
     "candidates": "pooled validators only: a list of every completed trial's target "
     "probabilities (N, C), the same rows in every trial",
 }
 #: what segmentation provides (features and source pixels are not computed for it)
-SEGMENTATION_INPUTS = ("target_logits", "target_metric", "source_metric")
+SEGMENTATION_INPUTS = (
+    "target_logits",
+    "target_metric",
+    "source_metric",
+    "held_out_source_metric",
+)
+#: read by leave-one-source-out: trains once more per source of the pair
+HELD_OUT_SOURCES = "held_out_source_metric"
 #: reading one of these uses target labels
 TARGET_LABELLED = ("target_labels", "target_metric")
 

@@ -78,6 +78,9 @@ def _best_params_json(spec: StudySpec, board: pd.DataFrame) -> dict[str, Any]:
         "study": spec.name,
         "task": spec.task,
         "primary_metric": metric,
+        # the space the params were searched in: `[search] warm_start` takes only a file whose
+        # space is the seeded study's
+        "search": spec.search.config(),
         "note": "pairs -> pair -> method -> selection rule -> the trial that rule picked (chosen on "
         "the validation data the rule names) with its params and its target test metric over the "
         "final seeds (mean, std, se)",
@@ -215,7 +218,8 @@ def _files_section(spec: StudySpec, raw: bytes) -> list[str]:
         "                      its parameters (params), validation score (val_score), rank, oracle flag,",
         "                      whether target labels drove the search (search_saw_target_labels), and",
         f"                      target test {metric} over the final seeds: test_{metric} (mean),",
-        f"                      test_{metric}_std (sd) and test_{metric}_se (se).",
+        f"                      test_{metric}_std (sd) and test_{metric}_se (se); under `search`, the",
+        "                      search space, so that another study's `[search] warm_start` can use it.",
         "rerun.sh              re-runs the study against its storage (see below).",
         "",
     ]

@@ -16,12 +16,15 @@ import pandas as pd
 from harness.fileio import write_text
 from harness.metrics import metric_label
 from harness.publish.bundle import BUNDLE
+from harness.publish.domainbed import html_sections
 from harness.publish.format import finite, pm, trial_counts, truthy
 from harness.publish.labels import REFERENCE_LABEL, REFERENCE_NOTE, rank_label, rule_label
 from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
 from harness.publish.rank import shown_metrics, unfinished
 from harness.publish.results import Results
+from harness.publish.seeded import seeded_note
+from harness.publish.trainings import trainings_note
 from harness.publish.uncertainty import CI_LABEL, ci_cell
 from harness.study import StudySpec
 
@@ -104,9 +107,13 @@ def _html(
     shown = shown_metrics(spec)
     out = _head(spec, shown, unfinished(board))
     out.append(_nav(pairs))
+    out += html_sections(spec, board)  # DomainBed's tables, for leave-one-out groups only
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
         out += _pair_section(pair, rows, figures.get(pair, {}), spec.task, shown)
+        for note in (seeded_note(provenance, pair), trainings_note(provenance, pair)):
+            if note:
+                out.append(f'<p class="note">{_e(note)}</p>')
     out.append('<h2 id="files">Files</h2>')
     out.append(_files(results_dir, figures))
     out.append('<h2 id="provenance">Provenance</h2>')

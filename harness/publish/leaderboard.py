@@ -16,7 +16,7 @@ import pandas as pd
 
 from harness.fileio import atomic_path, write_json, write_text
 from harness.models.keep import finalize
-from harness.publish import rank, uncertainty
+from harness.publish import domainbed, rank, uncertainty
 from harness.publish.format import records
 from harness.publish.markdown import to_markdown
 from harness.publish.provenance import provenance_of
@@ -85,6 +85,8 @@ def write(
             **({"notes": spec.notes} if spec.notes else {}),  # the study's disclosures
             **state,
             "rows": rows,
+            # DomainBed's tables, only for a study with leave-one-out groups
+            **({"domainbed": held} if (held := domainbed.tables(spec, board)) else {}),
             "provenance": provenance,
         },
     )

@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 from harness.publish.agreement import POOLED, agreement, agreement_rules
 from harness.publish.format import shown_storage
 from harness.publish.results import Results
+from harness.publish.seeded import warm_start
+from harness.publish.trainings import trainings
 from harness.store.schema import GIT_COMMIT, PRUNER, SAMPLER, WEIGHTS_FILES, final_seeds
 from harness.study import StudySpec
 from harness.versions import HARNESS_VERSION as __version__
@@ -53,12 +55,15 @@ def provenance_of(results: Results) -> dict[str, Any]:
         "precision": sorted(runs["precisions"]),
         "seeds": _seeds(spec),
         **_search(results),
+        **warm_start(results),  # only where the study warm-starts its searches
+        **trainings(results),  # only where a rule trained more than once per trial
         "selection_rule": spec.selection,
         "selection_note": SELECTION_NOTE,
         "validator_agreement": _agreement(results),
         "data_fingerprints": _fingerprints(results),
         **_preprocessing(results),
         "plugins": _plugins(results),
+        **_target_images(results),
         **_weights_files(results),
         "budget": spec.budget.model_dump(),
         "trial_counts": _trial_counts(results),
@@ -67,6 +72,17 @@ def provenance_of(results: Results) -> dict[str, Any]:
         "storage": shown_storage(results.storage_url),
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _target_images(results: Results) -> dict[str, Any]:
+    """Which methods saw target images ("train") and which never did ("none": domain
+    generalization), written when a study has one of the latter."""
+    seen = {
+        e.method.key: e.study.config.get("target_images", "train")
+        for e in results.entries
+        if e.study is not None
+    }
+    return {"target_images": seen} if "none" in seen.values() else {}
 
 
 def _seeds(spec: StudySpec) -> dict[str, Any]:
@@ -190,7 +206,8 @@ def _plugins(results: Results) -> list[str]:
     plugins: set[str] = set()
     for e in results.entries:
         if e.study is not None:
-            plugins.update((e.study.config.get("plugins") or {}).values())
+            for label in (e.study.config.get("plugins") or {}).values():
+                plugins.update([label] if isinstance(label, str) else label)  # several sources
     return sorted(plugins)
 
 

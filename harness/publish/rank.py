@@ -17,6 +17,8 @@ from harness.publish.results import Entry, Results, Selection, StoredStudy
 from harness.store.schema import (
     ERROR,
     RETRY_OF,
+    SEEDED_FROM,
+    TRAININGS,
     counts,
     fail_reason,
     trial_diagnostics,
@@ -50,7 +52,7 @@ def _identity(entry: Entry) -> dict[str, Any]:
     pair, method = entry.pair, entry.method
     return {
         "pair": pair.key,
-        "source": pair.source,
+        "source": pair.source_name,
         "target": pair.target,
         "method": method.key,
         "backbone": method.backbone,
@@ -191,6 +193,10 @@ def trial_row(
         # only a failed trial has a reason (a trial may finish just as another process reaps it)
         "fail_reason": fail_reason(t) if t.state == TrialState.FAIL else "",
         "retry_of": t.user_attrs.get(RETRY_OF),
+        # a column only where ``[search] warm_start`` queued some trial: where it came from
+        **({"seeded_from": t.user_attrs[SEEDED_FROM]} if SEEDED_FROM in t.user_attrs else {}),
+        # a column only where a rule trained a trial more than once (leave-one-source-out)
+        **({"trainings": t.user_attrs[TRAININGS]} if TRAININGS in t.user_attrs else {}),
         "counted": counts(t),
         "error": t.user_attrs.get(ERROR, ""),
     }

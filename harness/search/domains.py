@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from harness import api
 from harness.data.domains import as_domain
 from harness.data.placement import place
+from harness.data.pooled import pool_domains
 from harness.errors import DatasetError, HarnessError
 from harness.search.context import Context
 from harness.search.resolve import DomainRef, resolve_domain
@@ -22,24 +23,70 @@ class DomainCache:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.spec = ctx, ctx.spec
-        self.refs: dict[tuple[int, str], DomainRef] = {
-            (i, side): resolve_domain(
-                self.spec, ctx.registry, getattr(p, side), f"pairs[{i}].{side}"
+        #: pair ``i``'s sources, in the pair's order (one for most pairs)
+        self.source_refs: dict[int, list[DomainRef]] = {}
+        #: ``(i, "source")`` is the pair's first source (its only one, for most pairs)
+        self.refs: dict[tuple[int, str], DomainRef] = {}
+        for i, p in enumerate(self.spec.pairs):
+            key = self.spec.pair_where(i, "source")
+            self.source_refs[i] = [
+                resolve_domain(self.spec, ctx.registry, s, key) for s in p.sources
+            ]
+            self.refs[(i, "source")] = self.source_refs[i][0]
+            self.refs[(i, "target")] = resolve_domain(
+                self.spec, ctx.registry, p.target, self.spec.pair_where(i, "target")
             )
-            for i, p in enumerate(self.spec.pairs)
-            for side in ("source", "target")
-        }
         self._data: dict[str, api.DomainData] = {}
 
     def domain(self, i: int, side: str) -> api.DomainData:
-        """Pair ``i``'s ``side`` ("source" or "target"), placed for the run's device."""
-        ref = self.refs[(i, side)]
+        """Pair ``i``'s ``side`` ("source" or "target"), placed for the run's device; several
+        sources are pooled into one domain (:func:`harness.data.pooled.pool_domains`)."""
+        if side == "source" and len(self.source_refs[i]) > 1:
+            return self._pooled(i)
+        return self._one(i, side, self.refs[(i, side)])
+
+    def _one(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
         key = plugin_key(ref) + json.dumps(ref.stored_size)
         if self.spec.data.protocol == "standard":  # a domain splits by the side it is on
             key += side
         if key not in self._data:
             self._data[key] = self._build(i, side, ref)
         return self._data[key]
+
+    def _pooled(self, i: int) -> api.DomainData:
+        """Pair ``i``'s sources as one domain; they must share their classes and image shape."""
+        refs = self.source_refs[i]
+        key = json.dumps(["pooled", [plugin_key(r) + json.dumps(r.stored_size) for r in refs]])
+        if key in self._data:
+            return self._data[key]
+        parts = [self._one(i, "source", r) for r in refs]
+        for part in parts[1:]:
+            if part.class_names != parts[0].class_names:
+                raise spec_error(
+                    self.spec,
+                    self.spec.pair_where(i, "source"),
+                    f"sources {parts[0].name!r} and {part.name!r} have different classes "
+                    f"({class_difference(parts[0].class_names, part.class_names)}); the domains "
+                    "of a pair must share their classes",
+                )
+            if part.image_shape != parts[0].image_shape:
+                raise spec_error(
+                    self.spec,
+                    self.spec.pair_where(i, "source"),
+                    f"sources {parts[0].name!r} and {part.name!r} have images of different "
+                    f"shapes ({parts[0].image_shape} and {part.image_shape}); give them one "
+                    "stored_size",
+                )
+        name = self.spec.pairs[i].source_name
+        pooled = place(
+            pool_domains(name, parts),
+            self.ctx.device,
+            self.spec.data.placement,
+            self.spec.data.device_share,
+            self.ctx.log,
+        )
+        self._data[key] = pooled
+        return pooled
 
     def _build(self, i: int, side: str, ref: DomainRef) -> api.DomainData:
         made, spec = self._made(i, side, ref), self.spec
@@ -58,7 +105,7 @@ class DomainCache:
                 what=f"dataset factory of plugin {ref.entry.plugin!r} ({ref.entry.dist})",
             )
         except DatasetError as exc:
-            raise spec_error(spec, f"pairs[{i}].{side}", exc) from None
+            raise spec_error(spec, spec.pair_where(i, side), exc) from None
         data = api.DomainData(
             name=ref.text,
             task=data.task,
@@ -82,10 +129,10 @@ class DomainCache:
             return ref.entry.factory(ref.sub, image_size=size, seed=self.spec.seed, **ref.options)
         except TypeError as exc:
             raise spec_error(
-                self.spec, f"pairs[{i}].{side}", f"dataset {ref.entry.name!r}: {exc}"
+                self.spec, self.spec.pair_where(i, side), f"dataset {ref.entry.name!r}: {exc}"
             ) from None
         except HarnessError as exc:
-            raise spec_error(self.spec, f"pairs[{i}].{side}", exc) from None
+            raise spec_error(self.spec, self.spec.pair_where(i, side), exc) from None
 
     def pair_data(self, i: int) -> tuple[api.DomainData, api.DomainData]:
         """Pair ``i``'s source and target; they must have the same classes."""
@@ -93,7 +140,7 @@ class DomainCache:
         if source.class_names != target.class_names:
             raise spec_error(
                 self.spec,
-                f"pairs[{i}]",
+                self.spec.pair_where(i),
                 f"source {source.name!r} and target {target.name!r} have different classes "
                 f"({class_difference(source.class_names, target.class_names)})",
             )

@@ -30,7 +30,9 @@ from harness.search.progress import progress_callback, tracking_callbacks
 from harness.search.pruning import describe_pruner, make_pruner, make_sampler
 from harness.search.resolve import ResolvedMethod, resolve_methods
 from harness.search.selection import Scorer
+from harness.search.space import mixing_refused
 from harness.search.studies import check_stored, open_study
+from harness.search.warm import WarmStart
 from harness.store.backends import (
     lock_sqlite,
     open_run_storage,
@@ -86,6 +88,8 @@ class Driver:
         self._started = False
         self._announced: set[str] = set()
         self._deadlines: dict[str, float] = {}
+        #: ``[search] warm_start``: the seeds queued as each search begins
+        self.warm = WarmStart(ctx)
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +123,7 @@ class Driver:
     def preflight(self) -> None:
         """Everything that can fail before training: data, weights, heads, options; then the
         storage is opened, so that a refused study leaves none behind."""
+        self.warm.check()
         preflight(self.methods, self.models, self.domains)
         self.open_storage()  # here: the workers then share a storage that exists
         self._started = True
@@ -128,6 +133,7 @@ class Driver:
         ``weights = "source"`` is checked with random weights instead of being pretrained, and
         the studies already in the storage a run would resume are read (none is created) to refuse
         those whose configuration changed. Returns what the check could not cover."""
+        self.warm.check()
         preflight(self.methods, self.models, self.domains, pretrain=False)
         o = self.options
         check_stored(self.spec, o.storage, o.results_dir, self.domains, self.methods)
@@ -188,6 +194,11 @@ class Driver:
         source, _ = self.domains.pair_data(i)
         weights = self.models.backbone_weights(rm, source)
         self._set_up(study, rm, weights)
+        self.warm.seed(study, self.storage, i, rm)
+        refused = mixing_refused(self.spec, rm.new_strategy())
+        if refused and f"mixing:{rm.method.key}" not in self._announced:
+            self._announced.add(f"mixing:{rm.method.key}")
+            self.log(f"{rm.method.key}: {refused}")  # once per method
         callbacks = [
             progress_callback(
                 self.spec, label, time.perf_counter(), self.log, self.options.progress

@@ -18,6 +18,7 @@ from harness.errors import NonFiniteLossError
 from harness.metrics import is_finite_number, primary_metric
 from harness.rules import scores_with_pooled
 from harness.search.context import Context, release_memory
+from harness.search.held_out import recorded_provider
 from harness.search.models import ModelFactory
 from harness.search.objective import failure_reason, finite_or_none
 from harness.search.resolve import ResolvedMethod
@@ -178,7 +179,10 @@ class FinalRuns:
         trainer = Trainer(model, strategy, source, target, cfg)
         trainer.fit()
         metric = primary_metric(self.spec.task)
-        scores = self.scorer.all_scores(trainer.model, source, target, cfg.precision)
+        rules = self.scorer.method_rules(strategy, source)
+        scores = self.scorer.all_scores(
+            trainer.model, source, target, cfg.precision, rules, recorded_provider(best)
+        )
         test, outcomes = self.scorer.evaluate_test(trainer, target)
         if not (is_finite_number(scores[rule]) and is_finite_number(test[metric])):
             raise NonFiniteLossError(f"final run scored a non-finite {rule} or test {metric}")

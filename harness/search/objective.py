@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 
 from harness import api
+from harness.api.validation import HELD_OUT_SOURCES
+from harness.data.pooled import num_domains
 from harness.errors import NonFiniteLossError
 from harness.metrics import is_finite_number
+from harness.rules import RuleSet
 from harness.search.context import Context, release_memory
+from harness.search.held_out import held_out_metrics, held_out_provider
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
 from harness.search.selection import Scorer, selection_rule
@@ -102,16 +107,23 @@ class Objective:
             self.models.precision_for(rm),
         )
         trainer = Trainer(model, strategy, source, target, cfg)
+        rules, extra = self._rules(trial, strategy, params, cfg.seed)
+        # a rule that trains once more per source scores the final model only (never pruned)
+        each_epoch = HELD_OUT_SOURCES not in scorer.rules.validators[rule].reads
 
         last: dict[str, float] = {}
 
-        def on_epoch(epoch: int, m: TransferModel) -> float:
+        def on_epoch(epoch: int, m: TransferModel) -> float | None:
             if epoch == cfg.epochs - 1:  # the final model: every rule's score in one go
-                scores, kept = scorer.scores_and_predictions(m, source, target, cfg.precision)
+                scores, kept = scorer.scores_and_predictions(
+                    m, source, target, cfg.precision, rules, extra
+                )
                 last.update(scores)
                 if kept is not None:  # what pooled rules (EnsV) score after the search
                     trial.set_user_attr(PREDICTIONS, kept)
                 value = last[rule]
+            elif not each_epoch:
+                return None
             else:
                 value = scorer.rule_score(rule, m, source, target, cfg.precision)
             if not math.isfinite(value):
@@ -125,7 +137,9 @@ class Objective:
 
         result = trainer.fit(on_epoch)
         # the model is unchanged since the last epoch's scores
-        scores = last or scorer.all_scores(trainer.model, source, target, cfg.precision)
+        scores = last or scorer.all_scores(
+            trainer.model, source, target, cfg.precision, rules, extra
+        )
         # (the epochs it trained are its reported intermediate values: no attribute of their own)
         trial.set_user_attr(SCORES, finite_or_none(scores))
         trial.set_user_attr(TRAIN_LOSS, result.train_loss[-1])
@@ -136,3 +150,20 @@ class Objective:
                 f"the trial ended with {rule} {result.history[-1]}, loss {result.train_loss[-1]}"
             )
         return result.history[-1]
+
+    def _rules(
+        self, trial: optuna.Trial, strategy: api.Strategy, params: dict[str, Any], seed: int
+    ) -> tuple[RuleSet, dict[str, Any]]:
+        """The rules this method's trials are scored under, and what only a trial can provide
+        them (leave-one-source-out's held-out trainings, when a rule reads them)."""
+        rules = self.scorer.method_rules(strategy, self.source)
+        if not any(HELD_OUT_SOURCES in v.reads for v in rules.validators.values()):
+            return rules, {}
+        data = (self.source, self.target)
+
+        def compute() -> list[float]:
+            return held_out_metrics(
+                self.models, self.rm, self.weights, data, params, seed, self.scorer.split_score
+            )
+
+        return rules, held_out_provider(trial, compute, num_domains(self.source))

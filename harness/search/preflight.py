@@ -7,13 +7,16 @@ from __future__ import annotations
 import torch
 
 from harness.api import DomainData
+from harness.api.strategy import declaration_problem
+from harness.api.validation import HELD_OUT_SOURCES
 from harness.errors import HarnessError, PluginContractError
 from harness.metrics import default_metrics, reported_metrics
 from harness.registry import Registry, unknown_message
+from harness.rules import reads_unlabelled_target
 from harness.search.domains import DomainCache
 from harness.search.models import ModelFactory
 from harness.search.resolve import ResolvedMethod
-from harness.search.selection import resolve_rule
+from harness.search.selection import resolve_rule, selection_rules
 from harness.study import AUTO_RULE, StudySpec, spec_error
 from harness.training.inputs import model_input
 from harness.training.weights import build_backbone, source_pretraining_head
@@ -143,6 +146,67 @@ def check_selection(spec: StudySpec, registry: Registry, methods: list[ResolvedM
         )
 
 
+def check_target_images(spec: StudySpec, registry: Registry, methods: list[ResolvedMethod]) -> None:
+    """A strategy that sees no target image declares nothing that contradicts it, and no rule
+    of ``selection`` reads target images without labels for it (source-val and the oracle
+    target-val do not)."""
+    entries = registry.entries["validator"]
+    label_free = {n for n, e in entries.items() if reads_unlabelled_target(e.factory())}
+    allowed = [n for n, e in entries.items() if spec.task in e.tasks and n not in label_free]
+    for j, rm in enumerate(methods):
+        strategy = rm.new_strategy()
+        problem = declaration_problem(strategy)
+        if problem is not None:
+            raise spec_error(
+                spec, f"methods[{j}].strategy", f"strategy {rm.method.strategy!r}: {problem}"
+            )
+        if strategy.target_images != "none":
+            continue
+        bad = [r for r, _ in selection_rules(spec, strategy, registry) if r in label_free]
+        if bad:
+            raise spec_error(
+                spec,
+                "selection",
+                f"{bad[0]!r} reads unlabelled target images, but strategy "
+                f"{rm.method.strategy!r} (methods[{j}]) sees no target image "
+                f'(target_images = "none"); allowed for it: auto, {", ".join(allowed)} '
+                "(target-val is oracle)",
+            )
+
+
+def check_held_out_sources(
+    spec: StudySpec, registry: Registry, methods: list[ResolvedMethod]
+) -> None:
+    """A rule that trains once more per source (leave-one-source-out) needs every pair to have
+    several sources, and backbones that never saw the held-out source (not pretrained on the
+    pooled sources)."""
+    entries = registry.entries["validator"]
+    rules = [
+        r
+        for r in spec.selection_rules
+        if r in entries and HELD_OUT_SOURCES in entries[r].factory().reads
+    ]
+    if not rules:
+        return
+    for i, pair in enumerate(spec.pairs):
+        if len(pair.sources) < 2:
+            raise spec_error(
+                spec,
+                "selection",
+                f"{rules[0]!r} holds out one source at a time, but {spec.pair_where(i)} "
+                f"({pair.key}) has one source; use it on pairs of several sources only",
+            )
+    for j, rm in enumerate(methods):
+        if rm.method.weights == "source":
+            raise spec_error(
+                spec,
+                f"methods[{j}].weights",
+                f'{rules[0]!r} scores each source held out, but weights = "source" pretrains '
+                "the backbone on every source, the held-out one too; allowed with it: none, "
+                "imagenet or a weights file",
+            )
+
+
 def _auto_rules(spec: StudySpec, rm: ResolvedMethod) -> list[str]:
     """What ``selection = "auto"`` means for one method: target-val or source-val."""
     return [resolve_rule(AUTO_RULE, rm.new_strategy())[0]]
@@ -174,6 +238,8 @@ def preflight(
     ``pretrain`` (``harness validate``) nothing is trained: see :func:`_weights`."""
     spec = models.spec
     check_selection(spec, models.ctx.registry, methods)
+    check_target_images(spec, models.ctx.registry, methods)
+    check_held_out_sources(spec, models.ctx.registry, methods)
     check_metrics(spec, models.ctx.registry)
     check_search_space(spec, methods)
     check_protocol(spec, methods)

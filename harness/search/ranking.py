@@ -103,7 +103,7 @@ def rank_study(
             records.append(
                 {
                     "pair": pair.key,
-                    "source": pair.source,
+                    "source": pair.source_name,
                     "backbone": rm.method.backbone,
                     "weights": rm.method.weights,
                     "label": backbone_label(rm.method),

@@ -3,17 +3,21 @@ scores a model under them; the target test split is read by :meth:`Scorer.evalua
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from harness import api
+from harness.data.pooled import num_domains
 from harness.metrics import primary_metric, reported_metrics, score
 from harness.registry import Registry
 from harness.rules import (
     RuleInputs,
+    RuleSet,
     encode_probabilities,
     rule_set,
+    rules_for,
     score_all,
     stored,
     uses_target_labels,
@@ -62,6 +66,16 @@ class Scorer:
         self.spec, self.device = ctx.spec, ctx.device
         self.rules = rule_set(ctx.registry, ctx.spec.task)
 
+    def method_rules(self, strategy: api.Strategy, source: api.DomainData) -> RuleSet:
+        """The rules ``strategy``'s models are scored under on a pair with ``source``
+        (:func:`harness.rules.rules_for`)."""
+        return rules_for(
+            self.rules,
+            self.spec.selection_rules,
+            strategy.target_images != "none",
+            num_domains(source) > 1,
+        )
+
     def rule_score(
         self,
         rule: str,
@@ -81,11 +95,13 @@ class Scorer:
         source: api.DomainData,
         target: api.DomainData,
         precision: Precision,
+        rules: RuleSet | None = None,
+        extra: Mapping[str, Callable[[], Any]] | None = None,
     ) -> dict[str, float]:
-        """Every per-trial rule's score, recorded with each trial: the study's rules select from
-        them, and the label-free ones are later compared with target-val (never used by the
-        search)."""
-        return self.scores_and_predictions(model, source, target, precision)[0]
+        """Every rule's score (of ``rules``, default every registered one), recorded with each
+        trial: the study's rules select from them, and the label-free ones are later compared
+        with target-val (never used by the search)."""
+        return self.scores_and_predictions(model, source, target, precision, rules, extra)[0]
 
     def scores_and_predictions(
         self,
@@ -93,12 +109,16 @@ class Scorer:
         source: api.DomainData,
         target: api.DomainData,
         precision: Precision,
+        rules: RuleSet | None = None,
+        extra: Mapping[str, Callable[[], Any]] | None = None,
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
         """:meth:`all_scores`, and the compact target probabilities pooled rules read (None when
-        no pooled rule is registered). Each validation split is predicted once."""
-        inputs = self.inputs(model, source, target, precision)
-        scores = score_all(self.rules, inputs)
-        kept = encode_probabilities(inputs.get("target_logits")) if self.rules.pooled else None
+        no pooled rule is scored). Each validation split is predicted once; ``extra`` adds
+        items of the menu only the caller can compute (``held_out_source_metric``)."""
+        rules = self.rules if rules is None else rules
+        inputs = self.inputs(model, source, target, precision, extra)
+        scores = score_all(rules, inputs)
+        kept = encode_probabilities(inputs.get("target_logits")) if rules.pooled else None
         return scores, kept
 
     def inputs(
@@ -107,6 +127,7 @@ class Scorer:
         source: api.DomainData,
         target: api.DomainData,
         precision: Precision,
+        extra: Mapping[str, Callable[[], Any]] | None = None,
     ) -> RuleInputs:
         """The validators' menu for ``model``, each item computed on first use."""
         batch, device, seg = (
@@ -137,7 +158,7 @@ class Scorer:
             "target_features": lambda: features(target.val),
             "source_features": lambda: features(source.val),
         }
-        inputs = RuleInputs(providers)
+        inputs = RuleInputs({**providers, **(extra or {})})
         return inputs
 
     def split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:

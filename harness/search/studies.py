@@ -59,14 +59,22 @@ def config_of(
         "reuse_backbone": spec.reuse_backbone,
         "data": {"source": source.fingerprint, "target": target.fingerprint},
         "target_labels": strategy.target_labels,
+        # written only for a strategy that sees no target image: older configurations stay as
+        # they were
+        **({"target_images": "none"} if strategy.target_images == "none" else {}),
         "plugins": {
-            "source": plugin_label(domains.refs[(i, "source")].entry, registry),
+            "source": _labels([plugin_label(r.entry, registry) for r in domains.source_refs[i]]),
             "target": plugin_label(domains.refs[(i, "target")].entry, registry),
             "backbone": plugin_label(rm.backbone, registry),
             "head": plugin_label(rm.head, registry),
             "strategy": plugin_label(rm.strategy, registry),
         },
     }
+
+
+def _labels(labels: list[str]) -> str | list[str]:
+    """One source's plugin label as it always was, several sources' as a list."""
+    return labels[0] if len(labels) == 1 else labels
 
 
 def _preprocessing(

@@ -29,7 +29,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.store.optuna_compat import storage_of, study_id, trial_id
-from harness.store.schema import CLAIM_KEY, FAIL_REASON, LEASE, RETRY_OF
+from harness.store.schema import CLAIM_KEY, FAIL_REASON, LEASE, RETRY_OF, SEEDED_FROM
 
 
 def heartbeat_s() -> float:
@@ -245,7 +245,8 @@ def requeue(study: optuna.Study, t: FrozenTrial) -> bool:
     """Queue a trial that did not finish on its own once more, with the same parameters."""
     if RETRY_OF in t.user_attrs:  # retried at most once
         return False
-    study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number})
+    seeded = {SEEDED_FROM: t.user_attrs[SEEDED_FROM]} if SEEDED_FROM in t.user_attrs else {}
+    study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number, **seeded})
     return True
 
 

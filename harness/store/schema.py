@@ -39,6 +39,9 @@ PRECISION = "precision"
 #: the weights files the method's trials started from (source-pretrained or the study's own):
 #: a list of ``{file, sha256}``, one per distinct file a search used
 WEIGHTS_FILES = "weights_files"
+#: how ``[search] warm_start`` seeded the study: the setting, the seeds queued (their origins)
+#: and the configurations skipped with the reason
+WARM_START = "warm_start"
 FINAL_PREFIX = "final:"
 PER_IMAGE_PREFIX = "per_image:"
 
@@ -50,6 +53,10 @@ SCORES = "scores"
 #: a trial's target validation probabilities, compact, for pooled selection rules (EnsV)
 PREDICTIONS = "target_predictions"
 TRAIN_LOSS = "train_loss"
+#: leave-one-source-out: each source's primary validation metric when held out, in source order
+HELD_OUT_METRICS = "held_out_metrics"
+#: trainings a trial took where more than one (1 + one per source under leave-one-source-out)
+TRAININGS = "trainings"
 #: what the strategy logged with ``ctx.log``: name -> per-epoch mean (None for an epoch without it)
 DIAGNOSTICS = "diagnostics"
 FAIL_REASON = "fail_reason"
@@ -58,6 +65,9 @@ ERROR = "error"
 RETRY_OF = "retry_of"
 #: the commit of the code the trial ran at (``harness.versions.git_commit``, "-dirty" included)
 GIT_COMMIT = "git_commit"
+#: a trial queued by ``[search] warm_start``: where its configuration came from ("pair A->B
+#: trial 3", "file best_params.json:A->B/method/rule")
+SEEDED_FROM = "seeded_from"
 #: a final-run claim's key (a trial of the ``final runs`` study)
 CLAIM_KEY = "key"
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.api import IGNORE_INDEX, Batch, DomainData, StepContext, Strategy
+from harness.api.strategy import declaration_problem
 from harness.testing.core import (
     CPU,
     KNOWN_FIXED,
@@ -136,6 +137,9 @@ def _strategy_declarations(s: Strategy, task: str) -> str | None:
             f"target_labels={labels!r} but uses_target=False: the strategy never receives target "
             "batches; declare target_labels='none' (it is reported as oracle otherwise)"
         )
+    problem = declaration_problem(s)
+    if problem is not None:
+        raise Fail(problem)
     fixed = s.fixed
     if not isinstance(fixed, Mapping):
         raise Fail(f"fixed must be a dict of pinned hyperparameters, got {type(fixed).__name__}")

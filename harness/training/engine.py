@@ -19,12 +19,13 @@ from torch import Tensor
 
 from harness.api import Batch, DomainData, Split, StepContext, Strategy
 from harness.api.strategy import run_setup
+from harness.data.pooled import num_domains, source_domain
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
 from harness.training import augment as aug
-from harness.training import crops
+from harness.training import averaging, crops, recipe
 from harness.training import features as feat
-from harness.training.batches import Batches, few_shot_indices  # noqa: F401 - re-exported
+from harness.training.batches import Batches, DomainBatches, batch_order, few_shot_indices  # noqa: F401
 from harness.training.device import (  # noqa: F401 - re-exported
     Precision,
     generators_kept,
@@ -36,6 +37,7 @@ from harness.training.evaluate import predict, unlabelled_logits  # noqa: F401 -
 from harness.training.inputs import image_batches, model_input, normalized, unit_pixels
 from harness.training.loader import Gathered, Loader, Take
 from harness.training.model import TransferModel, resolve_freeze_depth  # noqa: F401 - re-exported
+from harness.training.recipe import Recipe
 
 
 @dataclass
@@ -58,6 +60,8 @@ class TrainConfig:
     #: gather batches on a thread ahead of use even when the splits are on the device (the path
     #: a domain too large for the device takes; ``[data] placement = "stream"``)
     stream: bool = False
+    #: optimizer, schedule, label smoothing, drop path, EMA, MixUp/CutMix (default: none of them)
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 @dataclass
@@ -80,7 +84,7 @@ class _Data:
     source: Split | None
     target: Split | None
     primary: Split
-    primary_batches: Batches
+    primary_batches: Batches | DomainBatches
     paired: Batches | None
     target_labels: bool
     aug_gen: torch.Generator
@@ -89,6 +93,7 @@ class _Data:
     target_feats: Tensor | None = None
     source_x: Tensor | None = None
     target_x: Tensor | None = None
+    source_domain: Tensor | None = None  # each source image's domain, with several sources
 
 
 class Trainer:
@@ -118,7 +123,11 @@ class Trainer:
         ):
             model.to(memory_format=torch.channels_last)
         model.freeze(cfg.freeze_depth)
-        self.extra = run_setup(strategy, model, self.num_classes, cfg.params, model.feature_dim)
+        recipe.prepare(model, strategy, cfg.recipe)  # drop path; refuses what cannot train
+        self.policy = recipe.augment_policy(cfg.augment, cfg.params)
+        self.extra = run_setup(
+            strategy, model, self.num_classes, cfg.params, model.feature_dim, num_domains(source)
+        )
         if self.extra is not None:
             self.extra.to(self.device)
         self.optimizer = self._optimizer()
@@ -135,6 +144,7 @@ class Trainer:
             self.cfg.cache_features
             and bool(self.strategy.cache_features)
             and self.cfg.augment == "none"
+            and not self.cfg.recipe.mixes
             and m.task == "classification"
             and not m.head_takes_images
             and m._frozen_modules == [m.backbone]
@@ -166,36 +176,15 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        groups = [g for g in self._backbone_groups() if g["params"]]
+        groups = recipe.backbone_groups(self.model, cfg.params, cfg.backbone_lr)
+        groups = [g for g in groups if g["params"]]
         groups.append({"params": self.model.head_parameters(), "lr": cfg.head_lr})
         if self.extra is not None:
             extra = self.strategy.param_groups(self.extra, cfg.head_lr, cfg.weight_decay)
             # a group's params may be a generator (module.parameters()): listed once, here
             extra = [{**g, "params": list(g["params"])} for g in extra]
             groups += [g for g in extra if g["params"]]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
-
-    def _backbone_groups(self) -> list[dict[str, Any]]:
-        """Trainable backbone parameters, one group per stage when ``backbone.lr_decay`` < 1:
-        the last stage gets ``backbone_lr``, each earlier one ``lr_decay`` times the next."""
-        decay = float(self.cfg.params.get("backbone.lr_decay", 1.0))
-        named = dict(self.model.backbone.named_parameters())
-        if decay == 1.0:
-            return [
-                {
-                    "params": [p for p in named.values() if p.requires_grad],
-                    "lr": self.cfg.backbone_lr,
-                }
-            ]
-        stages = self.model.spec.stages
-        return [
-            {
-                "params": [named[n] for n in stage if named[n].requires_grad],
-                "lr": self.cfg.backbone_lr * decay ** (len(stages) - 1 - i),
-            }
-            for i, stage in enumerate(stages)
-        ]
+        return recipe.make_optimizer(groups, cfg.recipe.optimizer, cfg.weight_decay, self.device)
 
     def target_images(self, split: Split) -> Iterator[Tensor]:
         """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt``."""
@@ -210,9 +199,9 @@ class Trainer:
         x, y = self._cropped(unit_pixels(x_uint8), y, g)
         if self.cfg.augment != "none":
             if y is not None and y.ndim == 3:
-                x, y = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip, mask=y)
+                x, y = aug.augment(x, self.policy, generator=g, allow_flip=self.hflip, mask=y)
             else:
-                x = aug.augment(x, self.cfg.augment, generator=g, allow_flip=self.hflip)
+                x = aug.augment(x, self.policy, generator=g, allow_flip=self.hflip)
         return normalized(x, self.model, self.cfg.precision.channels_last), y
 
     def _cropped(
@@ -248,9 +237,11 @@ class Trainer:
         data = self._data()
         total = len(data.primary_batches.epoch()) * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total))),
+            self.optimizer, recipe.lr_factor(cfg.recipe, total)
         )
+        r, task = cfg.recipe, self.model.task
+        self._mixer = recipe.mixer(r, strategy, task, self.num_classes, cfg.seed + 2)
+        self._average = averaging.weight_average(self.model, r.ema_decay, strategy.weight_average)
         frozen_state = self._cache_features(data)
         history: list[float] = []
         losses: list[float] = []
@@ -271,13 +262,17 @@ class Trainer:
                 )
             losses.append(mean_loss)
             _collect(diagnostics, logged, epoch)
-            if data.target is not None:
-                with torch.no_grad(), cfg.precision.autocast(device):
-                    strategy.adapt(self.model, self.target_images(data.target))
-            if on_epoch is not None:
-                value = on_epoch(epoch, self.model)
-                if value is not None:
-                    history.append(value)
+            average = self._average
+            if average is not None:  # scored (and, after the last epoch, kept) instead
+                average.epoch_ended(self.model, epoch, cfg.epochs)
+            with average.applied(self.model, epoch == cfg.epochs - 1) if average else nullcontext():
+                if data.target is not None:
+                    with torch.no_grad(), cfg.precision.autocast(device):
+                        strategy.adapt(self.model, self.target_images(data.target))
+                if on_epoch is not None:
+                    value = on_epoch(epoch, self.model)
+                    if value is not None:
+                        history.append(value)
         return TrainResult(cfg.epochs, history, losses, diagnostics)
 
     def _data(self) -> _Data:
@@ -303,14 +298,17 @@ class Trainer:
             raise ValueError(
                 f"strategy {type(strategy).__name__} uses neither source nor target data"
             )
-        primary_batches = Batches(len(primary), cfg.batch_size, index_gen)
+        domains = source_domain(self.source) if source_split is not None else None
+        primary_batches = batch_order(len(primary), cfg.batch_size, index_gen, domains)
         paired = (
             Batches(len(target_split), cfg.batch_size, index_gen)
             if source_split is not None and target_split is not None
             else None
         )
         labels = strategy.target_labels != "none"
-        return _Data(source_split, target_split, primary, primary_batches, paired, labels, aug_gen)
+        data = _Data(source_split, target_split, primary, primary_batches, paired, labels, aug_gen)
+        data.source_domain = None if domains is None else domains.to(device)
+        return data
 
     def _cache_features(self, data: _Data) -> str | None:
         """For a cached frozen backbone: fill ``data`` with the splits' features and preprocessed
@@ -349,6 +347,8 @@ class Trainer:
         with swap:
             for (idx, tidx), parts in zip(steps, gathered, strict=True):
                 batch = self._batch(idx, tidx, parts, data)
+                if self._mixer is not None:
+                    batch = self._mixer(batch)
                 ctx = StepContext(
                     params=cfg.params,
                     epoch=epoch,
@@ -358,6 +358,8 @@ class Trainer:
                     num_classes=self.num_classes,
                     extra=self.extra,
                     logged=logged,
+                    label_smoothing=cfg.recipe.label_smoothing,
+                    num_source_domains=num_domains(self.source),
                 )
                 with cfg.precision.autocast(device):
                     loss = self.strategy.training_step(self.model, batch, ctx)
@@ -365,6 +367,8 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 scheduler.step()
+                if self._average is not None and self._average.per_step:
+                    self._average.update(self.model)
                 loss_sum += loss.detach().float()
                 n_steps += 1
         return loss_sum, n_steps, logged
@@ -398,6 +402,8 @@ class Trainer:
         batch = Batch()
         if data.source is not None:
             batch.source = self._pair(parts[0], idx, data.source_x, data.source_feats, data)
+            if data.source_domain is not None:
+                batch.source_domain = data.source_domain[idx.to(data.source_domain.device)]
             if tidx is not None:
                 batch.target = self._pair(parts[1], tidx, data.target_x, data.target_feats, data)
         else:

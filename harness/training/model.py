@@ -93,3 +93,27 @@ def resolve_freeze_depth(value: Any, num_stages: int) -> int:
     if value == "all":
         return num_stages
     return max(0, min(int(value), num_stages))
+
+
+#: the attribute a backbone plugin may set on a DropPath module: its share of the model's rate
+#: (timm's linear profile over depth); the timm plugin records it when it builds a model
+DROP_PATH_SHARE = "drop_path_share"
+
+
+def set_drop_path(module: nn.Module, rate: float) -> int:
+    """Set the drop probability of every timm ``DropPath`` in ``module`` in place: ``rate`` at
+    the deepest block, less in earlier ones as timm's ``drop_path_rate`` spreads it (each
+    module's recorded share, else (i + 1) / n for the i-th of n blocks that hold one, timm's
+    profile when the first block, at rate 0, has none). Returns how many modules were set."""
+    from timm.layers import DropPath  # the only drop-path modules the harness knows
+
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, DropPath)]
+    blocks: dict[str, int] = {}
+    for name, _ in found:
+        blocks.setdefault(name.rpartition(".")[0], len(blocks))
+    for name, m in found:
+        share = getattr(m, DROP_PATH_SHARE, None)
+        if share is None:
+            share = (blocks[name.rpartition(".")[0]] + 1) / len(blocks)
+        m.drop_prob = float(rate) * float(share)
+    return len(found)

@@ -97,6 +97,8 @@ def source_pretraining_head(registry: Any, task: str) -> Any | None:
 #: head's modules, their bytes are hashed into the source-weights key
 PRETRAINING_MODULES = (
     "harness.training.weights", "harness.training.engine", "harness.training.augment",
+    "harness.training.augment_kernels", "harness.training.augment_policies",
+    "harness.training.augment_ops", "harness.training.mixing",
     "harness.training.crops", "harness.training.batches", "harness.training.inputs",
     "harness.training.loader", "harness.training.model", "harness.training.device",
 )  # fmt: skip
