@@ -16,15 +16,13 @@ Registration by callback
 Each ``register_*`` hook receives a ``register`` function (typed as ``Register`` below) owned by
 the harness and calls it once per thing it provides. The harness records which plugin and which
 distribution gave each entry, refuses a second entry of the same kind and name (naming both
-plugins), and answers an unknown name with the closest registered names.
-
-Names: ``NAME_RULE`` below is the one statement of what a registered name may be.
+plugins), and answers an unknown name with the closest registered names. ``NAME_RULE`` below is
+the one statement of what a registered name may be.
 
 A plugin module never imports the search driver, the engine or the CLI: everything it needs is
-in ``harness`` (``hookimpl``) and ``harness.api`` (types, errors, helpers).
-
-Hooks are called once per process, one plugin at a time; an exception raised inside one plugin's
-hook is reported with that plugin's name and does not stop the others.
+in ``harness`` (``hookimpl``) and ``harness.api`` (types, errors, helpers). Hooks are called once
+per process, one plugin at a time; an exception raised inside one plugin's hook is reported with
+that plugin's name and does not stop the others.
 
 This module stays free of torch so that ``import harness`` is fast; ``docs/plugins.md`` carries
 each hook's docstring verbatim (``docs/hook_reference.py`` writes it, a test keeps them equal).
@@ -310,7 +308,7 @@ def register_strategies(register: Register) -> None:
             p = model(xt).softmax(1)
             ent = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
             ctx.log("target_entropy", ent)
-            return F.cross_entropy(model(xs), ys) + ctx.params["strategy.weight"] * ent
+            return ctx.supervised_loss(model(xs), ys) + ctx.params["strategy.weight"] * ent
 
         # optional: setup(model, num_classes, params, feature_dim) -> extra module or None,
         # param_groups(extra, lr, weight_decay), adapt(model, target_images)
@@ -327,19 +325,19 @@ def register_strategies(register: Register) -> None:
     `harness.api.TransferModel`; `feature_dim` its `feature_dim`: `backbone.num_features` for
     classification, the head's `deepest_channels` for segmentation (`None` without). The module
     it returns is moved to the device, reaches `training_step` as `ctx.extra`, and is optimized
-    by the trial's one optimizer, AdamW (the same for backbone and head, so that trials compare
-    recipes, not optimizers), in the groups `param_groups(extra, lr, weight_decay)` gives: each
-    group may set any AdamW group option (`lr`, `weight_decay`, `betas`, `eps`); the default is
-    one group at the head's `lr` times `extra.lr_scale` if set, with the trial's weight decay. A
-    setup written with three parameters (before `feature_dim`) is still called, with a warning.
+    by the trial's optimizer (AdamW or SGD, `optimizer.name`) in the groups `param_groups(extra,
+    lr, weight_decay)` gives; the default is one group at the head's `lr` times `extra.lr_scale`
+    if set, with the trial's weight decay. A setup of three parameters (no `feature_dim`) warns.
 
     **training_step** receives `batch.source = (images, labels)` and `batch.target = (images,
     labels or None)`, normalized and augmented, and runs, `ctx.extra` included, under the trial's
     autocast (bf16 on most GPUs). `model(x)` gives logits, `model.features(x)` pooled features
     (classification), `model.head(f)` logits from them; `ctx.progress` runs from 0 to 1 over the
     trial; `ctx.log(name, value)` values are averaged per epoch, stored with each completed trial
-    and shown in `trials.csv` (`diagnostic:<name>`, the last epoch's). The model and `ctx.extra` are put in training mode at the start of every epoch (frozen
-    stages stay in eval mode); scoring switches the model to eval mode and back.
+    and shown in `trials.csv` (`diagnostic:<name>`, the last epoch's). The model and `ctx.extra`
+    are put in training mode at the start of every epoch (frozen stages stay in eval mode);
+    scoring switches the model to eval mode and back. Compute the supervised loss with
+    `ctx.supervised_loss(logits, y)`, for label smoothing (docs/plugins.md, *Strategy API*).
 
     **adapt** gets unaugmented, normalized target training batches without labels, under
     `torch.no_grad()` and autocast, the model in training mode (AdaBN re-estimates statistics).
@@ -361,10 +359,12 @@ def register_validators(register: Register) -> None:
     A validator declares what it reads (`reads`) from the menu `harness.api.VALIDATOR_INPUTS`:
     target and source validation logits, their labels, pooled features, or the task's primary
     metric on a labelled validation split (segmentation provides `target_logits`,
-    `target_metric` and `source_metric`). Reading `target_labels` or `target_metric` makes the
-    rule oracle for methods that claim to need no target labels. `higher_is_better = False`
-    declares a risk: the harness stores and ranks it negated. A `pooled` validator reads
-    `candidates` only and scores all completed trials of a method together, after the search.
+    `target_metric` and `source_metric`), or, with several sources, `held_out_source_metric`
+    (each source scored by a model trained on the others). Reading `target_labels` or
+    `target_metric` makes the rule oracle for methods that claim to need no target labels.
+    `higher_is_better = False` declares a risk: the harness stores and ranks it negated. A
+    `pooled` validator reads `candidates` only and scores all completed trials of a method
+    together, after the search.
     Example:
 
     ```python

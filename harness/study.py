@@ -234,8 +234,21 @@ class StudySpec(StrictModel):
         return f"{key}.{side}" if side and not key.endswith("leave_one_out") else key
 
     def _check_domains(self) -> None:
+        sizes = self.search.batch_size
+        key = "batch_size" if sizes is None else "search.batch_size"
+        smallest = min(
+            [self.batch_size] if sizes is None else [sizes] if isinstance(sizes, int) else sizes
+        )
         for i, p in enumerate(self.pairs):
-            problem = pair_domain_problem(p, self.domain_identity, self.pair_where(i))
+            problem = pair_domain_problem(
+                p, self.domain_identity, self.pair_where(i), self.datasets
+            )
+            if problem is None and len(p.sources) > smallest:
+                problem = (
+                    f"{key}: a step of {smallest} images cannot draw from each of the "
+                    f"{len(p.sources)} sources of {self.pair_where(i)} (equal shares per source); "
+                    f"allowed: at least {len(p.sources)}"
+                )
             if problem is not None:
                 raise ValueError(problem)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
@@ -91,9 +91,12 @@ def expand_leave_one_out(tables: list[Any]) -> tuple[list[Any], list[str]]:
     return pairs, where
 
 
-def pair_domain_problem(pair: Pair, identity: Callable[[str], Any], where: str) -> str | None:
+def pair_domain_problem(
+    pair: Pair, identity: Callable[[str], Any], where: str, aliases: Container[str] = ()
+) -> str | None:
     """Why ``pair``'s domains (compared by ``identity``: a dataset alias and its dataset are one)
-    do not make a transfer, or None; ``where`` is the pair's key in the study file."""
+    do not make a transfer, or None; ``where`` is the pair's key in the study file, ``aliases``
+    the names of the study's ``datasets`` (named when two names are one domain through one)."""
     ids = [identity(s) for s in pair.sources]
     target = identity(pair.target)
     if len(pair.sources) == 1:
@@ -108,15 +111,51 @@ def pair_domain_problem(pair: Pair, identity: Callable[[str], Any], where: str) 
             f"{where}: source and target are the same domain ({same}), not a transfer; "
             "set in_domain = true on the pair if that is meant"
         )
-    twice = next((s for s, d in zip(pair.sources, ids, strict=True) if ids.count(d) > 1), None)
-    source_key = where if where.endswith(LEAVE_ONE_OUT) else f"{where}.source"
+    names = pair.sources
+    twice = next(
+        ((a, b) for k, a in enumerate(names) for b in names[k + 1 :] if identity(a) == identity(b)),
+        None,
+    )
+    as_source = next((s for s, d in zip(names, ids, strict=True) if d == target), None)
+    if where.endswith(LEAVE_ONE_OUT) and (twice or as_source):
+        # one list of domains: a source that is the target is a domain listed twice in it
+        a, b = twice or (pair.target, as_source)
+        return f"{where}: {_listed_twice(a, b, aliases)}; each domain once"
     if twice is not None:
-        return f"{source_key}: {twice!r} names a domain listed twice; each source domain once"
-    if target in ids:
         return (
-            f"{where}: target {pair.target!r} is also a source; the target of a pair with "
+            f"{where}.source: {twice[0]!r} names a domain listed twice"
+            f"{_through(*twice, aliases)}; each source domain once"
+        )
+    if as_source is not None:
+        return (
+            f"{where}: target {pair.target!r} is also a source"
+            f"{_through(pair.target, as_source, aliases)}; the target of a pair with "
             "several sources must be none of them"
         )
     if pair.in_domain:
         return f"{where}.in_domain: an in-domain reference has one source"
     return None
+
+
+def _alias(a: str, b: str, aliases: Container[str]) -> str | None:
+    """Which of two names of one domain is a dataset alias (the second if both are)."""
+    return next((n for n in (b, a) if n.partition("/")[0] in aliases), None)
+
+
+def _through(a: str, b: str, aliases: Container[str]) -> str:
+    """How ``b`` names the domain ``a`` names: nothing when the names are the same, else
+    `` (as alias 'b')`` or `` (as 'b', through alias 'a')``."""
+    if a == b:
+        return ""
+    alias = _alias(a, b, aliases)
+    if alias == b:
+        return f" (as alias {b!r})"
+    return f" (as {b!r}, through alias {alias!r})" if alias else f" (as {b!r})"
+
+
+def _listed_twice(a: str, b: str, aliases: Container[str]) -> str:
+    """``'digits' is listed twice (through alias 'dig')`` for names ``a``, ``b`` of one domain."""
+    alias = _alias(a, b, aliases)
+    if alias is None:
+        return f"{a!r} and {b!r} are one domain, listed twice"
+    return f"{a if alias == b else b!r} is listed twice (through alias {alias!r})"

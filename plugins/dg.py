@@ -260,13 +260,12 @@ def _holds_only(module: nn.Module, prefix: list[str], names: list[str]) -> bool:
 
 
 class _Mixer:
-    """The forward hook MixStyle puts on stage modules: it mixes only while ``domain`` is set,
-    which ``MixStyle.training_step`` does around the forward pass of a training step."""
+    """The forward hook MixStyle puts on stage modules for the forward pass of a training step,
+    with ``domain`` (each image's source domain) set for it."""
 
     def __init__(self, p: float, alpha: float, backbone: str) -> None:
         self.p, self.alpha, self.backbone = p, alpha, backbone
         self.domain: Tensor | None = None
-        self.handles: list[Any] = []
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
         if self.domain is None:
@@ -287,12 +286,15 @@ class MixStyle(ERM):
     """MixStyle (Zhou et al., 2021): after each of the first three stages past the stem, with
     probability ``p``, every image's channel means and deviations are replaced by a Beta(alpha,
     alpha) mix of its own and those of a random image of another source domain. Forward hooks
-    do it, only inside training steps: scoring and adaptation see the plain backbone."""
+    do it, registered around the forward pass of each training step and removed after it:
+    scoring and adaptation see the plain backbone, and so does the next trial, whose backbone
+    is the same module reset in place (``harness.training.reset`` refuses one left with hooks)."""
 
     mixed_labels = False
     cache_features = False  # the backbone must run: the hooks change its feature maps
     description = "mix feature statistics across source domains in early stages (MixStyle)"
     _mixer: _Mixer | None = None
+    _stages: list[nn.Module] = []
 
     def search_space(self, trial) -> dict[str, Any]:
         # not in DomainBed; around the paper's p = 0.5, alpha = 0.1
@@ -302,9 +304,6 @@ class MixStyle(ERM):
         }
 
     def setup(self, model, num_classes, params, feature_dim):
-        if self._mixer is not None:  # a previous trial's model
-            for handle in self._mixer.handles:
-                handle.remove()
         stages = stage_modules(model)
         if not stages:
             raise PluginContractError(
@@ -316,17 +315,21 @@ class MixStyle(ERM):
             float(params.get("strategy.alpha", 0.1)),
             model.spec.name,
         )
-        mixer.handles = [m.register_forward_hook(mixer) for _, m in stages]
-        self._mixer = mixer
+        self._mixer, self._stages = mixer, [m for _, m in stages]
         return None
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.source
         domain, _ = source_domains(batch, ctx)
-        self._mixer.domain = domain if model.training else None
+        if not model.training:
+            return ctx.supervised_loss(model(x), y)
+        self._mixer.domain = domain
+        handles = [m.register_forward_hook(self._mixer) for m in self._stages]
         try:
             logits = model(x)
         finally:
+            for handle in handles:
+                handle.remove()
             self._mixer.domain = None
         return ctx.supervised_loss(logits, y)
 

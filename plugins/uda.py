@@ -1,7 +1,8 @@
 """Unsupervised domain adaptation: labelled source, unlabelled target images.
 
 Every strategy here declares ``target_labels = "none"``: the engine hands it target images only.
-Each adds a term to the source cross-entropy and searches its own weight (``strategy.*``).
+Each adds a term to the source cross-entropy and searches its own weight (``strategy.*``); the
+source cross-entropy is ``ctx.supervised_loss``, so that it carries the trial's label smoothing.
 
 - ``dann``: a domain discriminator behind a gradient-reversal layer (Ganin & Lempitsky, 2015).
 - ``mcc``: minimum class confusion on target predictions (Jin et al., 2020).
@@ -65,10 +66,6 @@ def deepest_feature_map(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
             "the feature-level strategies (dann, coral, mmd) need it"
         )
     return model.head.forward_with_features(x)
-
-
-def _source_ce(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
 
 # ------------------------------------------------------------------------------ strategies
@@ -190,7 +187,7 @@ class DANN(_Unsupervised):
         f = reverse_gradient(torch.cat([fs, ft]), adversarial_coefficient(ctx.params, ctx.progress))
         domain = torch.cat([torch.ones(fs.shape[0]), torch.zeros(ft.shape[0])]).to(f.device)
         adv = F.binary_cross_entropy_with_logits(ctx.extra(f), domain)
-        return _source_ce(ls, batch.source[1]) + adv
+        return ctx.supervised_loss(ls, batch.source[1]) + adv
 
 
 class MCC(_Unsupervised):
@@ -207,7 +204,10 @@ class MCC(_Unsupervised):
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, lt, _, _ = self.joint(model, batch)
         mcc = class_confusion_loss(lt, float(ctx.params.get("strategy.temperature", 2.5)))
-        return _source_ce(ls, batch.source[1]) + float(ctx.params.get("strategy.weight", 1.0)) * mcc
+        return (
+            ctx.supervised_loss(ls, batch.source[1])
+            + float(ctx.params.get("strategy.weight", 1.0)) * mcc
+        )
 
 
 class _FeatureAlignment(_Unsupervised):
@@ -227,7 +227,7 @@ class _FeatureAlignment(_Unsupervised):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         ls, _, fs, ft = self.joint(model, batch)
-        return _source_ce(ls, batch.source[1]) + float(
+        return ctx.supervised_loss(ls, batch.source[1]) + float(
             ctx.params.get("strategy.weight", 1.0)
         ) * self.discrepancy(fs, ft)
 
@@ -260,7 +260,7 @@ class AdaBN(Strategy):
 
     def training_step(self, model, batch: Batch, ctx: StepContext):
         x, y = batch.source
-        return _source_ce(model(x), y)
+        return ctx.supervised_loss(model(x), y)
 
     def adapt(self, model: nn.Module, target_images: Iterable[Tensor]) -> None:
         norms = [
@@ -301,7 +301,8 @@ class EntropyMin(_Unsupervised):
         logits = model(torch.cat([xs, xt]))
         ls, lt = logits[: xs.shape[0]], logits[xs.shape[0] :]
         return (
-            _source_ce(ls, ys) + float(ctx.params.get("strategy.weight", 0.1)) * entropy(lt).mean()
+            ctx.supervised_loss(ls, ys)
+            + float(ctx.params.get("strategy.weight", 0.1)) * entropy(lt).mean()
         )
 
 
@@ -322,7 +323,7 @@ class SelfTraining(_Unsupervised):
         (xs, ys), (xt, _) = batch.source, batch.target
         logits = model(torch.cat([xs, xt]))
         ls, lt = logits[: xs.shape[0]], logits[xs.shape[0] :]
-        loss = _source_ce(ls, ys)
+        loss = ctx.supervised_loss(ls, ys)
         if ctx.progress < float(ctx.params.get("strategy.warmup", 0.2)):
             return loss
         pseudo = pseudo_labels(lt.detach(), float(ctx.params.get("strategy.threshold", 0.9)))
@@ -369,7 +370,7 @@ class FDA(_Unsupervised):
         logits = model(torch.cat([styled, xt]))
         ls, lt = logits[: xs.shape[0]], logits[xs.shape[0] :]
         return (
-            _source_ce(ls, ys)
+            ctx.supervised_loss(ls, ys)
             + float(ctx.params.get("strategy.entropy_weight", 0.01)) * entropy(lt).mean()
         )
 

@@ -146,6 +146,25 @@ def test_magnitudes_map_like_torchvision() -> None:
     torch.testing.assert_close(out, x)
 
 
+def _shift_share(policy, size: int) -> torch.Tensor:
+    """How far each image of ones moved, as a share of its width: with bilinear sampling and
+    zeros from outside, the lost mass is exactly the shift."""
+    out = augment(torch.ones(64, 3, size, size), policy, generator=_gen(4))
+    return 1 - out[:, 0].mean((1, 2))
+
+
+def test_translations_are_shares_of_the_image_size() -> None:
+    """RandAugment moves by 150/331 of the size at magnitude 30 (torchvision's); TrivialAugment
+    by up to 32/224 of it (TrivialAugmentWide's 32 px at ImageNet's 224), so a 32 px image
+    moves by at most 4.6 px, not 32, at any size the same share."""
+    ra = _shift_share(randaugment_policy(1, 30.0, ["translate_x"]), 32)
+    torch.testing.assert_close(ra, torch.full_like(ra, 150 / 331), atol=1e-4, rtol=0)
+    ta = trivialaugment_policy(["translate_x", "translate_y"])
+    small, large = _shift_share(ta, 32), _shift_share(ta, 224)
+    assert small.max() <= 32 / 224 + 1e-5 and small.max() > 0.1
+    torch.testing.assert_close(small, large, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("name", "flip", "sums", "mask_sum", "pixel"),
     [

@@ -5,6 +5,7 @@ the contract kit."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from pathlib import Path
@@ -22,7 +23,7 @@ from harness.api.strategy import run_setup
 from harness.data.pooled import pool_domains
 from harness.registry import Registry
 from harness.testing import assert_passes, check_strategy, parametrize_with_checks
-from harness.testing.reference import tiny_backbone
+from harness.testing.reference import reference, tiny_backbone
 from harness.training.engine import Trainer
 from harness.training.model import TransferModel
 from harness_plugins import dg
@@ -119,6 +120,20 @@ def test_each_strategy_trains_on_three_domains(name: str) -> None:
     assert strategy.target_images == ("train" if uses_target else "none")
     assert strategy.mixed_labels is (name in ("erm", "swa"))
     assert strategy.weight_average == ("swa" if name == "swa" else None)
+
+
+@pytest.mark.parametrize("name", sorted(dg.STRATEGIES))
+def test_each_strategy_applies_the_trials_label_smoothing(name: str) -> None:
+    losses = []
+    for smoothing in (0.0, 0.3):
+        strategy, model = dg.STRATEGIES[name](), _model()
+        params = _space(strategy)
+        extra = run_setup(strategy, model, NUM_CLASSES, params, model.feature_dim, DOMAINS)
+        context = dataclasses.replace(_ctx(params, extra), label_smoothing=smoothing)
+        torch.manual_seed(1)
+        batch = _batch(target=name == "m3sda")
+        losses.append(strategy.training_step(model.train(), batch, context).detach())
+    assert not torch.equal(*losses)
 
 
 @pytest.mark.parametrize("name", sorted(set(dg.STRATEGIES) - {"m3sda"}))
@@ -250,6 +265,41 @@ def test_mixstyle_changes_training_features_and_not_evaluation() -> None:
     model.train()
     with torch.no_grad():
         assert torch.equal(model.features(x), model.features(x))
+
+
+def test_mixstyle_leaves_no_hook_so_the_next_trial_reuses_its_backbone(tmp_path, monkeypatch):
+    """Trials share one backbone module (harness.training.reset): each trial's MixStyle mixes
+    once per stage in its training steps, and leaves the module as the reset needs it."""
+    from safetensors.torch import save_file
+
+    from harness.training.reset import BackboneReset
+
+    path = str(tmp_path / "w.safetensors")
+    save_file(tiny_backbone("test_resnet").module.state_dict(), path)
+    factory = reference("backbone", "test_resnet").factory
+    reset = BackboneReset(lambda: factory("test_resnet", weights=path))
+    calls = []
+    mix = dg._Mixer.__call__
+    monkeypatch.setattr(dg._Mixer, "__call__", lambda *a: calls.append(a[1]) or mix(*a))
+    params = {"strategy.p": 1.0, "strategy.alpha": 0.3}
+    backbones = []
+    for _ in range(3):  # a fresh strategy per trial, as the search makes them
+        bb = reset()
+        backbones.append(bb)
+        model = TransferModel(bb, nn.Linear(bb.num_features, NUM_CLASSES)).train()
+        strategy = dg.MixStyle()
+        for _ in range(2):  # a second setup of the same strategy adds no second set of hooks
+            run_setup(strategy, model, NUM_CLASSES, params, model.feature_dim, DOMAINS)
+        stages = [m for _, m in dg.stage_modules(model)]
+        for _ in range(2):
+            calls.clear()
+            strategy.training_step(model, _batch(), _ctx(params))
+            assert calls == stages  # one hook per stage: none of an earlier trial's
+        calls.clear()
+        model(_batch().source[0])  # outside a step, in training mode too: no hook left
+        assert calls == []
+    assert backbones[1] is backbones[0] and backbones[2] is backbones[0]
+    assert reset.refused is None and reset.reuses == 2
 
 
 def test_mixstyle_refuses_a_backbone_without_feature_maps() -> None:

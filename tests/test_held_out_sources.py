@@ -111,4 +111,33 @@ def test_the_board_says_the_budget_counts_trainings(tmp_path):
     assert list(trials["trainings"]) == [4]
     out = tmp_path / "out"
     leaderboard.write(out, spec, board, trials, prov)
-    assert "budget counts trainings, not trials" in (out / "leaderboard.md").read_text()
+    assert "each trial here cost that many trainings" in (out / "leaderboard.md").read_text()
+
+
+def test_source_val_of_pooled_sources_is_the_mean_over_domains(tmp_path):
+    spec = load_study(str(study(tmp_path, pairs=THREE, selection='"source-val"')))
+    runner = make_runner(tmp_path, spec)
+    source, target = runner.domains.pair_data(0)
+    index = source.meta[SOURCE_DOMAIN]["val"]
+    # a fake output right on domain 0 only: the mean over domains is 1/3, not domain 0's share
+    out = torch.full((len(source.val), target.num_classes), -1.0)
+    right = index == 0
+    out[right, source.val.y[right]] = 1.0
+    out[~right, (source.val.y[~right] + 1) % target.num_classes] = 1.0
+    assert runner.scorer.source_metric(out, source, target) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("extra", ["", "\n[search]\nbatch_size = [2, 8]"])
+def test_a_step_smaller_than_the_sources_is_refused(tmp_path, extra):
+    path = study(tmp_path, pairs=THREE, selection='"source-val"')
+    text = path.read_text().replace(
+        "batch_size = 32", "batch_size = 2" if not extra else "batch_size = 32"
+    )
+    if extra:
+        text = text.replace("[search]\n", "[search]\nbatch_size = [2, 8]\n")
+    path.write_text(text)
+    key = "search.batch_size" if extra else "batch_size"
+    with pytest.raises(
+        StudySpecError, match=rf"{key}: a step of 2 images cannot draw from each of the 3 sources"
+    ):
+        load_study(str(path))

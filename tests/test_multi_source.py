@@ -112,7 +112,17 @@ REFUSED = {
     "alias of a source": (
         '[[pairs]]\nsource = ["digits-m", "m3"]\ntarget = "digits"\n'
         '[datasets.m3]\nplugin = "digits-m"',
-        "pairs[0].source: 'digits-m' names a domain listed twice",
+        "pairs[0].source: 'digits-m' names a domain listed twice (as alias 'm3'); each source "
+        "domain once",
+    ),
+    "target is a source through an alias": (
+        '[[pairs]]\nsource = ["dig", "m2"]\ntarget = "digits"\n[datasets.dig]\nplugin = "digits"',
+        "pairs[0]: target 'digits' is also a source (as alias 'dig'); the target",
+    ),
+    "leave_one_out twice through an alias": (
+        '[[pairs]]\nleave_one_out = ["digits", "digits-m", "dig"]\n'
+        '[datasets.dig]\nplugin = "digits"',
+        "pairs[0].leave_one_out: 'digits' is listed twice (through alias 'dig'); each domain once",
     ),
     "target is a source": (
         '[[pairs]]\nsource = ["digits", "m2"]\ntarget = "m2"',
@@ -154,24 +164,38 @@ def test_the_cli_exits_2_with_the_refusal(tmp_path):
     assert "pairs[0].leave_one_out: needs at least three domains" in result.stderr
 
 
-def test_sources_with_different_classes_are_refused_before_training(tmp_path):
+DIGITS = [str(d) for d in range(10)]
+RELABELLED = {
+    "another class": (
+        lambda names: [*names[:-1], "ten"],
+        "have different classes (only in 'digits': '9'; only in 'm2': 'ten'); the domains",
+    ),
+    "another order": (
+        lambda names: names[::-1],
+        f"have the same classes in another order ({DIGITS} vs {DIGITS[::-1]}); the domains",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELABELLED))
+def test_sources_with_different_classes_are_refused_before_training(tmp_path, case):
     spec = load_study(str(study(tmp_path)))
+    relabel, says = RELABELLED[case]
 
     class Relabelled(DomainCache):
         def _one(self, i, side, ref):
             data = super()._one(i, side, ref)
             if ref.text != "m2":
                 return data
-            names = [*data.class_names[:-1], "ten"]
+            names = relabel(data.class_names)
             return DomainData(data.name, data.task, names, data.train, data.val, data.test, "x")
 
     runner = make_runner(tmp_path, spec, domains=Relabelled)
     with pytest.raises(StudySpecError) as err:
         runner.preflight()
     assert str(err.value).startswith(
-        f"{spec.path}: pairs[0].source: sources 'digits' and 'm2' have different classes "
-        "(only in source: '9'; only in target: 'ten')"
-    )
+        f"{spec.path}: pairs[0].source: sources 'digits' and 'm2' {says}"
+    ), str(err.value)
 
 
 @pytest.mark.parametrize("rule", ["entropy", '["source-val", "im"]', "dev"])

@@ -20,8 +20,10 @@ from harness.api import StepContext, Strategy
 from harness.search.space import mixing_refused, suggest, train_config
 from harness.study import load_study
 from harness.study_tables import SearchSpace
+from harness.training import averaging, crops
 from harness.training import recipe as rcp
 from harness.training.engine import Precision, Trainer
+from harness.training.inputs import training_crop
 from harness.training.model import set_drop_path
 from harness.training.recipe import Recipe
 from harness_plugins.strategies import FineTune, SourceOnly
@@ -207,6 +209,38 @@ def test_swa_averages_the_second_half_of_the_epochs():
     assert trainer._average.count == 2
 
 
+def _flat(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([w.flatten() for w in weights])
+
+
+def test_ema_decay_warms_up_like_timms():
+    assert averaging.warmed_up_decay(0.999, 1) == pytest.approx(2 / 11)
+    assert averaging.warmed_up_decay(0.999, 80) == pytest.approx(0.9)
+    assert averaging.warmed_up_decay(0.999, 10**6) == 0.999
+    assert averaging.warmed_up_decay(0.5, 100) == 0.5
+
+
+def test_a_short_run_with_the_default_ema_scores_the_trained_not_the_initial_weights():
+    """A few steps at decay 0.999 without warm-up would leave the average at 99.4% of the
+    initial weights; warmed up, it is the trained model's neighbour."""
+    torch.manual_seed(0)
+    init = model()  # what _trainer builds, before training
+    plain = _trainer(SourceOnly())
+    plain.fit()
+    averaged = _trainer(SourceOnly(), Recipe(ema_decay=rcp.DEFAULT_EMA_DECAY))
+    averaged.fit()
+    assert 4 <= averaged._average.count <= 10  # a short run
+    raw, ema = _flat(_weights(plain.model)), _flat(_weights(averaged.model))
+    start = _flat(_weights(init))
+    assert (ema - raw).norm() < 0.1 * (ema - start).norm()
+    split = plain.source.val
+    logits = [t.predict(split) for t in (plain, averaged)]
+    init.eval()
+    with torch.no_grad():
+        first = init(torch.cat(list(plain.target_images(split))))
+    assert (logits[1] - logits[0]).abs().mean() < 0.25 * (logits[1] - first).abs().mean()
+
+
 def test_a_strategy_that_averages_its_weights_gets_no_ema(tmp_path):
     spec = load_study(str(write_study(tmp_path)), SEARCHED)
     trial = Calls(FIXED)
@@ -214,6 +248,76 @@ def test_a_strategy_that_averages_its_weights_gets_no_ema(tmp_path):
     assert not {"ema.on", "ema.decay"} & set(trial.asked)
     with pytest.raises(ValueError, match="averages its weights"):
         _trainer(Swa(), Recipe(ema_decay=0.9))
+
+
+def _stem_mean(trainer: Trainer, split) -> torch.Tensor:
+    """The stem batch norm's input mean over ``split``'s unaugmented batches, each batch
+    counting once (as a cumulative average with momentum None counts them)."""
+    with torch.no_grad():
+        means = [
+            trainer.model.backbone.conv1(x).mean((0, 2, 3)) for x in trainer.target_images(split)
+        ]
+    return torch.stack(means).mean(0)
+
+
+def test_swa_recomputes_batch_norm_statistics_on_the_source_training_images():
+    plain = _trainer(SourceOnly(), epochs=4).fit()
+    trainer = _trainer(Swa(), epochs=4)
+    result = trainer.fit()
+    assert result.train_loss == plain.train_loss  # the raw weights and statistics trained on
+    stem = trainer.model.backbone.bn1
+    expected = _stem_mean(trainer, trainer.source.train)
+    torch.testing.assert_close(stem.running_mean, expected, atol=1e-5, rtol=1e-4)
+    buffers = trainer._average.averaged.module.backbone.bn1.running_mean  # the epochs' average
+    assert not torch.allclose(stem.running_mean, buffers, atol=1e-2)
+    frozen = _trainer(Swa(), epochs=4, freeze_depth=1)  # a frozen stem keeps its statistics
+    frozen.fit()
+    assert torch.equal(frozen.model.backbone.bn1.running_mean, torch.zeros_like(expected))
+    assert frozen.model.backbone.layer4[0].bn1.num_batches_tracked == len(
+        list(frozen.target_images(frozen.source.train))
+    )  # one cumulative pass over the source training images
+
+
+# ------------------------------------------------------------------ random resized crops
+
+
+class ImageRecorder(SourceOnly):
+    """Source-only training that keeps the images of every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[torch.Tensor] = []
+
+    def training_step(self, model, batch, ctx):
+        self.images.append(batch.source[0])
+        return super().training_step(model, batch, ctx)
+
+
+def _seen(augment: str, params: dict) -> list[torch.Tensor]:
+    strategy = ImageRecorder()
+    trainer = _trainer(strategy, augment=augment, params=params, epochs=1)
+    trainer.model.input_size = 16  # the domains are stored at the input size, as digits are
+    trainer.fit()
+    return strategy.images
+
+
+def test_crop_scale_crops_images_stored_at_the_input_size():
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    net = SimpleNamespace(input_size=16, task="classification")
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    out, _ = training_crop(x, None, net, "light", 0.3, g())
+    assert torch.equal(out, crops.random_resized_crop(x, 16, (0.3, 1.0), generator=g()))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    for augment, scale in (("none", 0.3), ("light", None)):  # no augmentation, or no scale
+        assert training_crop(x, None, net, augment, scale, g())[0] is x
+    mask = torch.zeros(8, 16, 16, dtype=torch.long)  # segmentation: as before, untouched
+    out, kept = training_crop(x, mask, net, "light", 0.3, g())
+    assert out is x and kept is mask
+    plain, cropped = _seen("light", {}), _seen("light", {"augment.crop_scale": 0.3})
+    assert all(a.shape == b.shape for a, b in zip(plain, cropped, strict=True))
+    assert not torch.equal(plain[0], cropped[0])
+    unaugmented = _seen("none", {"augment.crop_scale": 0.3})
+    assert all(torch.equal(a, b) for a, b in zip(unaugmented, _seen("none", {}), strict=True))
 
 
 # ------------------------------------------------------------------ drop path

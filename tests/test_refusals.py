@@ -19,7 +19,7 @@ from harness.publish import leaderboard
 from harness.publish.markdown import to_markdown
 from harness.publish.results import read_results
 from harness.search.outcome import all_failed, check_outcome, failed_studies
-from harness.search.preflight import check_search_space
+from harness.search.preflight import check_drop_path, check_search_space
 from harness.search.resolve import resolve_methods
 from harness.search.space import suggest
 from harness.store.backends import embedded_storage, make_storage
@@ -306,3 +306,59 @@ def test_cli_refuses_mixup_for_segmentation_with_exit_2_before_training(
         "only; this study's task is segmentation (leave mixup_alpha out)"
     ]
     assert not results.exists() or not any(results.rglob("*.db"))  # nothing trained or stored
+
+
+# ------------------------------------------------------------------ drop path without modules
+
+#: a small timm model without DropPath modules (its blocks have no residual drop path)
+NO_DROP_PATH = "ghostnet_050"
+
+
+def _drop_path_study(tmp_path, rate: str):
+    """The tiny study with its second method (finetune) on a backbone without drop path."""
+    path = write_study(tmp_path, "dp")
+    first, second, rest = path.read_text().split('backbone = "test_resnet"', 2)
+    text = f'{first}backbone = "test_resnet"{second}backbone = "{NO_DROP_PATH}"{rest}'
+    path.write_text(text.replace("[search]\n", f"[search]\ndrop_path = {rate}\n"))
+    return path
+
+
+@pytest.mark.parametrize(("rate", "shown"), [("[0, 0.2]", "[0.0, 0.2]"), ("0.1", "0.1")])
+def test_drop_path_for_a_backbone_without_it_is_refused_before_anything_trains(
+    tmp_path, rate, shown
+):
+    spec = load_study(str(_drop_path_study(tmp_path, rate)))
+    runner = make_runner(tmp_path, spec)
+    with pytest.raises(StudySpecError) as err:
+        runner.preflight()
+    assert str(err.value) == (
+        f"{spec.path}: search.drop_path: {shown} for "
+        f"methods[1] ({NO_DROP_PATH}, finetune): the backbone has no timm DropPath modules "
+        "(timm models with residual blocks have them); leave drop_path unset or 0 for a study "
+        "of this backbone"
+    )
+    assert not runner.started and not runner.models.resets
+    assert not optuna.get_all_study_summaries(runner.storage)
+
+
+def test_drop_path_zero_or_on_backbones_that_have_it_passes(tmp_path):
+    methods = lambda s: resolve_methods(s, registry_with())  # noqa: E731
+    spec = load_study(str(_drop_path_study(tmp_path, "0")))
+    check_drop_path(spec, methods(spec))  # 0: nothing to set, nothing refused
+    spec = load_study(str(write_study(tmp_path)), {"search.drop_path": [0, 0.3]})
+    state = torch.get_rng_state()
+    check_drop_path(spec, methods(spec))  # test_resnet has DropPath modules
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_cli_validate_refuses_drop_path_without_modules_with_exit_2(tmp_path, monkeypatch, capsys):
+    from harness import cli
+
+    path = _drop_path_study(tmp_path, "[0, 0.2]")
+    monkeypatch.setattr(sys, "argv", ["harness", "validate", "--study", str(path)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: search.drop_path: [0.0, 0.2]")
+    assert "ghostnet_050, finetune" in lines[0] and "no timm DropPath modules" in lines[0]

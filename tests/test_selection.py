@@ -235,7 +235,7 @@ def test_unknown_selection_rule_names_the_allowed_ones(tmp_path):
     runner = make_runner(tmp_path, load_study(str(path)))  # any name could be a plugin's rule
     with pytest.raises(
         StudySpecError,
-        match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, entropy, im, snd, bnm, "
+        match=r"selection.*'oracle'.*allowed: auto, target-val, source-val, leave-one-source-out, entropy, im, snd, bnm, "
         r"dev, ensv",
     ):
         runner.preflight()

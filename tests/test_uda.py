@@ -627,3 +627,52 @@ def test_feature_alignment_is_source_ce_plus_weighted_discrepancy(cls, distance,
     cls().search_space(trial)
     dist = trial.distributions["strategy.weight"]
     assert (dist.low, dist.high, dist.log) == (low, high, True)
+
+
+# ------------------------------------------------------------------------------ source loss
+
+
+class PlainCE(StepContext):
+    """The source loss every strategy here computed before it went through ``supervised_loss``."""
+
+    def supervised_loss(self, logits, y):
+        return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+
+
+def test_supervised_loss_without_smoothing_is_plain_cross_entropy_bit_for_bit():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 6, 6, requires_grad=True)
+    y = torch.randint(0, 5, (4, 6, 6))
+    y[:, :2] = IGNORE_INDEX  # void pixels
+    for lg, lab in ((logits, y), (logits[:, :, 0, 0], y[:, 3, 3])):
+        ours = ctx().supervised_loss(lg, lab)
+        (g_ours,) = torch.autograd.grad(ours, logits)
+        plain = F.cross_entropy(lg, lab, ignore_index=IGNORE_INDEX)
+        (g_plain,) = torch.autograd.grad(plain, logits)
+        assert torch.equal(ours, plain) and torch.equal(g_ours, g_plain)
+
+
+def _step(name: str, context: type[StepContext], smoothing: float):
+    """One training step of strategy ``name`` under fixed seeds: its loss and the gradients."""
+    params = {"strategy.warmup": 0.0, "strategy.threshold": 0.0}
+    torch.manual_seed(0)
+    model, strategy = tiny_model(), uda.STRATEGIES[name]()
+    extra = strategy.setup(model, 3, params, model.feature_dim)
+    c = context(
+        params=params, epoch=0, epochs=1, step=50, total_steps=100, num_classes=3, extra=extra,
+        label_smoothing=smoothing,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    loss = strategy.training_step(model.train(), batch(), c)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+@pytest.mark.parametrize("name", sorted(uda.STRATEGIES))
+def test_every_strategy_takes_its_source_loss_from_the_context_with_its_label_smoothing(name):
+    loss, grad = _step(name, StepContext, 0.0)
+    before, grad_before = _step(name, PlainCE, 0.0)
+    assert torch.equal(loss, before)  # without smoothing: exactly the loss of before
+    assert all(map(torch.equal, grad, grad_before))
+    smoothed, _ = _step(name, StepContext, 0.3)
+    assert not torch.equal(smoothed, loss)  # ``[search] label_smoothing`` reaches it

@@ -64,10 +64,10 @@ def test_soft_neighborhood_density_subsamples_large_inputs_deterministically():
 def test_every_builtin_rule_is_registered_and_scores_finite_values():
     rules = rule_set(get_registry(), "classification")
     assert list(rules.validators) == [
-        "target-val", "source-val", "entropy", "im", "snd", "bnm", "dev", "ensv"
+        "target-val", "source-val", "leave-one-source-out", "entropy", "im", "snd", "bnm", "dev", "ensv"
     ]  # fmt: skip
     assert list(rule_set(get_registry(), "segmentation").validators) == [
-        "target-val", "source-val", "entropy", "im", "snd", "bnm", "ensv"
+        "target-val", "source-val", "leave-one-source-out", "entropy", "im", "snd", "bnm", "ensv"
     ]  # fmt: skip
     logits = torch.randn(10, 3)
     for name in ("entropy", "im", "snd", "bnm"):

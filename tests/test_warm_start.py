@@ -40,13 +40,11 @@ batch_size = 64
 seed = 0
 final_seeds = 1
 
-[[pairs]]
-source = "digits"
-target = "digits-m"
+[datasets.m2]
+plugin = "digits-m"
+photo_seed = 7
 
-[[pairs]]
-source = "digits-m"
-target = "digits"
+{pairs}
 
 [[methods]]
 backbone = "test_resnet"
@@ -64,8 +62,20 @@ pruner = "none"
 """
 
 
-def _spec(directory, name="warm", trials=4, search='warm_start = "pairs"'):
-    body = STUDY.format(trials=trials, search=search)
+#: two pairs with one target each that the other pair never saw (a warm start may use either)
+PAIRS = """
+[[pairs]]
+source = "digits"
+target = "digits-m"
+
+[[pairs]]
+source = "digits"
+target = "m2"
+"""
+
+
+def _spec(directory, name="warm", trials=4, search='warm_start = "pairs"', pairs=PAIRS):
+    body = STUDY.format(trials=trials, search=search, pairs=pairs)
     return load_study(str(write_study(directory, name, body=body)))
 
 
@@ -112,7 +122,7 @@ def test_the_boards_and_the_provenance_disclose_the_seeded_trials(warm_run):
     csv = pd.read_csv(tmp / "out" / "trials.csv")
     seeded = csv[csv["seeded_from"].notna()]
     assert list(zip(seeded["pair"], seeded["trial"], seeded["seeded_from"], strict=True)) == [
-        ("digits-m->digits", 0, origin)
+        ("digits->m2", 0, origin)
     ]
     md = (tmp / "out" / "leaderboard.md").read_text()
     method = spec.methods[0].key
@@ -120,7 +130,7 @@ def test_the_boards_and_the_provenance_disclose_the_seeded_trials(warm_run):
     assert f"Warm start (pairs): {method}: 0 of 4 trials seeded." in md  # the first pair
     warm = prov["warm_start"]
     assert warm["setting"] == "pairs"
-    assert warm["studies"]["digits-m->digits"][method]["seeded"] == {"0": origin}
+    assert warm["studies"]["digits->m2"][method]["seeded"] == {"0": origin}
     page = _html(tmp / "out", spec, board, prov, [p.key for p in spec.pairs], {})
     assert escape(f"1 of 4 trials seeded (trial 0 from {origin})") in page
     assert json.loads((tmp / "out" / "leaderboard.json").read_text())["provenance"]["warm_start"]
@@ -185,6 +195,116 @@ def test_a_configuration_outside_this_space_is_skipped_with_a_line(tmp_path):
     assert study.user_attrs[WARM_START]["skipped"][0]["from"] == "pair digits->digits-m trial 0"
 
 
+GOOD = {
+    "backbone.freeze_depth": 1,
+    "backbone.lr": 1e-3,
+    "head.lr": 1e-2,
+    "optimizer.weight_decay": 1e-4,
+    "augment.policy": "light",
+}
+GOOD_SPACE = {
+    "backbone.freeze_depth": IntDistribution(0, 5),
+    "backbone.lr": FloatDistribution(1e-4, 3e-2, log=True),
+    "head.lr": FloatDistribution(1e-4, 3e-2, log=True),
+    "optimizer.weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+    "augment.policy": CategoricalDistribution(["none", "light", "strong"]),
+}
+SAW_TARGET = {
+    "reversed": (
+        '[[pairs]]\nsource = "digits"\ntarget = "digits-m"\n\n'
+        '[[pairs]]\nsource = "digits-m"\ntarget = "digits"',
+        "pair digits->digits-m: it saw this pair's target 'digits'",
+    ),
+    "reversed through an alias": (
+        '[datasets.dig]\nplugin = "digits"\n\n'
+        '[[pairs]]\nsource = "dig"\ntarget = "digits-m"\n\n'
+        '[[pairs]]\nsource = "digits-m"\ntarget = "digits"',
+        "pair dig->digits-m: it saw this pair's target 'digits' (as 'dig')",
+    ),
+    "the same target": (
+        '[[pairs]]\nsource = "digits"\ntarget = "m2"\n\n'
+        '[[pairs]]\nsource = "digits-m"\ntarget = "m2"',
+        "pair digits->m2: it saw this pair's target 'm2'",
+    ),
+    "leave one out": (
+        '[[pairs]]\nleave_one_out = ["digits", "digits-m", "m2"]',
+        "pair digits-m+m2->digits: it saw this pair's target 'digits-m'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAW_TARGET))
+def test_a_pair_that_saw_this_pairs_target_never_seeds_it(tmp_path, case):
+    """Its trials were trained or selected with this pair's target (its labels, or its images):
+    a seed from it would carry them into this pair's search."""
+    pairs, says = SAW_TARGET[case]
+    spec = _spec(tmp_path, trials=2, pairs=pairs)
+    log: list[str] = []
+    runner = make_runner(tmp_path, spec, log=log.append)
+    study = _finished_pair(runner, spec, GOOD, GOOD_SPACE)
+    runner.warm.seed(study, runner.storage, 1, runner.methods[0])
+    assert study.get_trials() == []  # the configuration fits: only the leak keeps it out
+    assert log == [f"{study.study_name}: warm start never uses {says}"]
+    assert study.user_attrs[WARM_START]["seeded"] == []
+
+
+def test_a_pair_that_never_saw_this_pairs_target_seeds_it(tmp_path):
+    spec = _spec(tmp_path, trials=2)
+    log: list[str] = []
+    runner = make_runner(tmp_path, spec, log=log.append)
+    study = _finished_pair(runner, spec, GOOD, GOOD_SPACE)
+    runner.warm.seed(study, runner.storage, 1, runner.methods[0])
+    (queued,) = study.get_trials()
+    assert queued.state == TrialState.WAITING
+    assert log == [f"{study.study_name}: warm start queued 1: pair digits->digits-m trial 0"]
+
+
+def test_recorded_params_seed_a_search_that_chooses_whether_to_average(tmp_path):
+    """``ema = [false, true]``: the sampler chooses ``ema.on``, which recorded parameters lack
+    (they hold ``ema.decay`` when EMA was on): it is read from them."""
+    spec = _spec(tmp_path, search="ema = [false, true]")
+    rm = make_runner(tmp_path, spec).methods[0]
+    assert fit(spec, rm, 5, {**GOOD, "ema.decay": 0.999}) == ({**GOOD, "ema.on": True}, [])
+    assert fit(spec, rm, 5, GOOD) == ({**GOOD, "ema.on": False}, [])
+    searched = _spec(tmp_path, "decay", search="ema = [false, true]\nema_decay = [0.9, 0.999]")
+    with_decay = {**GOOD, "ema.decay": 0.99}
+    assert fit(searched, rm, 5, with_decay) == ({**with_decay, "ema.on": True}, [])
+    # end to end: a bundle's best_params.json seeds the search with the EMA its trial had
+    _bundle_file(tmp_path, spec, {**GOOD, "ema.decay": 0.999})
+    seeded = _spec(
+        tmp_path, "seeded", search='ema = [false, true]\nwarm_start = "best_params.json"'
+    )
+    runner = make_runner(tmp_path, seeded)
+    study = optuna.create_study(
+        study_name=optuna_study_name(seeded.pairs[0], seeded.methods[0]),
+        storage=runner.storage,
+        direction="maximize",
+    )
+    runner.warm.seed(study, runner.storage, 0, runner.methods[0])
+    (queued,) = study.get_trials()
+    trial = study.ask()
+    suggest(seeded, trial, runner.methods[0].new_strategy(), 5)
+    assert trial.params == {**GOOD, "ema.on": True} and trial_params(trial)["ema.decay"] == 0.999
+
+
+def test_a_file_without_the_method_starts_cold_with_a_line(tmp_path):
+    _bundle_file(tmp_path, _spec(tmp_path, "source", search=""), GOOD, method="someone-else")
+    spec = _spec(tmp_path, "seeded", search='warm_start = "best_params.json"')
+    log: list[str] = []
+    runner = make_runner(tmp_path, spec, log=log.append)
+    study = optuna.create_study(
+        study_name=optuna_study_name(spec.pairs[0], spec.methods[0]),
+        storage=runner.storage,
+        direction="maximize",
+    )
+    runner.warm.seed(study, runner.storage, 0, runner.methods[0])
+    assert study.get_trials() == []
+    assert log == [
+        f"{study.study_name}: warm start: best_params.json holds no configuration of method "
+        f"{spec.methods[0].key}; this search starts cold"
+    ]
+
+
 def test_fit_names_each_way_a_configuration_leaves_the_space(tmp_path):
     spec = _spec(tmp_path)
     rm = make_runner(tmp_path, spec).methods[0]
@@ -213,10 +333,10 @@ def test_fit_names_each_way_a_configuration_leaves_the_space(tmp_path):
     assert fit(pinned, rm, 5, {**good, "head.lr": 2e-2})[1] == ["head.lr=0.02, fixed here at 0.01"]
 
 
-def _bundle_file(directory, spec, params, name="best_params.json"):
+def _bundle_file(directory, spec, params, name="best_params.json", method=None):
     board = pd.DataFrame(
-        [{"pair": "digits->digits-m", "method": spec.methods[0].key, "selection": "target-val",
-          "best_trial": 3, "best_params": params}]
+        [{"pair": "digits->digits-m", "method": method or spec.methods[0].key,
+          "selection": "target-val", "best_trial": 3, "best_params": params}]
     )  # fmt: skip
     path = directory / name
     path.write_text(json.dumps(_best_params_json(spec, board)))

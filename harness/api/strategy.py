@@ -111,7 +111,8 @@ class Strategy:
     #: ``ctx.supervised_loss``; only such a strategy is given MixUp/CutMix batches
     mixed_labels: ClassVar[bool] = False
     #: "swa": the engine averages the weights at the end of each epoch of the second half of
-    #: training and scores (and returns) the average; None trains and scores the weights as they are
+    #: training and scores (and returns) the average, its batch norms' statistics recomputed on
+    #: the training images it read; None trains and scores the weights as they are
     weight_average: ClassVar[Literal["swa"] | None] = None
     description: ClassVar[str] = ""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.api.validation import HELD_OUT_SOURCES
 from harness.publish.format import finite
 from harness.rules import uses_target_labels
 
@@ -17,10 +18,15 @@ MIN_AGREEMENT_TRIALS = 3
 
 def agreement_rules(task: str, scored: list[dict[str, float]]) -> list[str]:
     """The rules judged: every registered rule of ``task`` and every recorded one, in that order,
-    except those that read target labels."""
+    except those that read target labels (and leave-one-source-out where no trial recorded it)."""
     from harness.registry import get_registry
 
-    registered = [n for n, e in get_registry().entries["validator"].items() if task in e.tasks]
+    # a rule that trains once more per source is scored only where a study selects with it
+    registered = [
+        n
+        for n, e in get_registry().entries["validator"].items()
+        if task in e.tasks and HELD_OUT_SOURCES not in e.factory().reads
+    ]
     names = dict.fromkeys([*registered, *(name for s in scored for name in s)])
     return [n for n in names if not uses_target_labels(n)]
 

@@ -13,7 +13,7 @@ from harness.publish.format import finite, rank_cell, truthy
 #: how the built-in label-free validators are written (a plugin's is shown by its rule name)
 VALIDATOR_NAMES = {"im": "IM", "entropy": "entropy", "snd": "SND", "bnm": "BNM"}
 #: the rules whose score is a labelled split's metric, shown in %
-LABELLED_RULES = ("target-val", "source-val")
+LABELLED_RULES = ("target-val", "source-val", "leave-one-source-out")
 
 
 class RuleLabel(NamedTuple):

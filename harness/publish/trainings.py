@@ -28,7 +28,8 @@ def trainings(results: Results) -> dict[str, Any]:
 
 
 def trainings_note(provenance: dict[str, Any], pair: str) -> str | None:
-    """One sentence under a pair's table where some trial trained more than once."""
+    """One sentence under a pair's table where some trial trained more than once: how many
+    trainings the trials took (rows selected otherwise cost as much: the trials are shared)."""
     parts = [
         f"{method}: {s['trainings']} trainings for {s['trials']} trials ({s['per_trial']} per "
         "trial: the trial's own and one per source held out)"
@@ -37,6 +38,6 @@ def trainings_note(provenance: dict[str, Any], pair: str) -> str | None:
     if not parts:
         return None
     return (
-        "Leave-one-source-out trains each trial's parameters once more per source, so the "
-        "budget counts trainings, not trials: " + "; ".join(parts) + "."
+        "Leave-one-source-out trains each trial's parameters once more per source: the budget "
+        "counts trials, and each trial here cost that many trainings: " + "; ".join(parts) + "."
     )

@@ -60,14 +60,15 @@ class DomainCache:
         if key in self._data:
             return self._data[key]
         parts = [self._one(i, "source", r) for r in refs]
+        first = parts[0]
         for part in parts[1:]:
-            if part.class_names != parts[0].class_names:
+            if part.class_names != first.class_names:
+                how = class_mismatch(first.class_names, part.class_names, first.name, part.name)
                 raise spec_error(
                     self.spec,
                     self.spec.pair_where(i, "source"),
-                    f"sources {parts[0].name!r} and {part.name!r} have different classes "
-                    f"({class_difference(parts[0].class_names, part.class_names)}); the domains "
-                    "of a pair must share their classes",
+                    f"sources {first.name!r} and {part.name!r} {how}; the domains of a pair "
+                    "must share their classes",
                 )
             if part.image_shape != parts[0].image_shape:
                 raise spec_error(
@@ -138,11 +139,11 @@ class DomainCache:
         """Pair ``i``'s source and target; they must have the same classes."""
         source, target = self.domain(i, "source"), self.domain(i, "target")
         if source.class_names != target.class_names:
+            how = class_mismatch(source.class_names, target.class_names, source.name, target.name)
             raise spec_error(
                 self.spec,
                 self.spec.pair_where(i),
-                f"source {source.name!r} and target {target.name!r} have different classes "
-                f"({class_difference(source.class_names, target.class_names)})",
+                f"source {source.name!r} and target {target.name!r} {how}",
             )
         return source, target
 
@@ -172,12 +173,24 @@ def pixels_key(ref: DomainRef) -> str:
     )
 
 
-def class_difference(source: Sequence[str], target: Sequence[str]) -> str:
-    """What differs between two class lists, naming the classes (or the order, if only that)."""
+def class_difference(
+    source: Sequence[str], target: Sequence[str], names: tuple[str, str] = ("source", "target")
+) -> str:
+    """What differs between two class lists, naming the classes (or the order, if only that);
+    ``names`` say what each list is of (``only in source: ...``)."""
     only_source = [c for c in source if c not in target]
     only_target = [c for c in target if c not in source]
     if not only_source and not only_target:
-        return f"same classes in another order: {list(source)} vs {list(target)}"
-    parts = [f"only in source: {', '.join(map(repr, only_source))}"] if only_source else []
-    parts += [f"only in target: {', '.join(map(repr, only_target))}"] if only_target else []
+        return f"the same classes in another order: {list(source)} vs {list(target)}"
+    parts = [f"only in {names[0]}: {', '.join(map(repr, only_source))}"] if only_source else []
+    parts += [f"only in {names[1]}: {', '.join(map(repr, only_target))}"] if only_target else []
     return "; ".join(parts)
+
+
+def class_mismatch(first: Sequence[str], second: Sequence[str], a: str, b: str) -> str:
+    """How the class lists of domains ``a`` and ``b`` differ, as what follows their names in an
+    error: ``have different classes (only in 'a': ...)`` or, for one set of classes in two
+    orders (labels would mean different classes), ``have the same classes in another order``."""
+    if sorted(first) == sorted(second):
+        return f"have the same classes in another order ({list(first)} vs {list(second)})"
+    return f"have different classes ({class_difference(first, second, (repr(a), repr(b)))})"

@@ -30,7 +30,9 @@ def held_out_metrics(
     score: Callable[[Any, api.Split, api.DomainData], float],
 ) -> list[float]:
     """The primary validation metric of each source, held out of a training with ``params``
-    and ``seed`` on the others (in the pair's source order)."""
+    and ``seed`` on the others (in the pair's source order). The held-out source plays the
+    target of that training: an adaptation method adapts to it, unlabelled, as it would to the
+    real target; a method that sees no target image never reads it."""
     source, target = data
     ctx = models.ctx
     values = []
@@ -40,9 +42,9 @@ def held_out_metrics(
         # built anew, not reset in place: the trial's own model is still being scored
         model = models.build_model(rm, weights, target.num_classes)
         cfg = train_config(ctx.spec, params, seed, ctx.device, models.precision_for(rm))
-        trainer = Trainer(model, rm.new_strategy(), rest, target, cfg)
+        trainer = Trainer(model, rm.new_strategy(), rest, held, cfg)
         trainer.fit()
-        values.append(score(trainer.predict(held.val), held.val, target))
+        values.append(score(trainer.predict(held.val), held.val, held))
     return values
 
 

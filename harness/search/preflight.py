@@ -19,6 +19,7 @@ from harness.search.resolve import ResolvedMethod
 from harness.search.selection import resolve_rule, selection_rules
 from harness.study import AUTO_RULE, StudySpec, spec_error
 from harness.training.inputs import model_input
+from harness.training.model import set_drop_path
 from harness.training.weights import build_backbone, source_pretraining_head
 
 
@@ -27,6 +28,38 @@ def _num_stages(rm: ResolvedMethod) -> int:
     read) that leaves the random generators as they were."""
     with torch.random.fork_rng(devices=[]):
         return len(build_backbone(rm.backbone, rm.method.backbone, "none").stages)
+
+
+def _drop_path_modules(rm: ResolvedMethod) -> int:
+    """How many drop-path modules the method's backbone has (a build without weights, as
+    :func:`_num_stages`; the rates it sets belong to that throwaway build)."""
+    with torch.random.fork_rng(devices=[]):
+        return set_drop_path(build_backbone(rm.backbone, rm.method.backbone, "none").module, 0.0)
+
+
+def check_drop_path(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
+    """Refuse a searched or pinned ``search.drop_path`` above 0 for a backbone without drop-path
+    modules, which every such trial would fail on."""
+    rate = spec.search.drop_path
+    top = max(rate) if isinstance(rate, list) else rate
+    if top is None or top <= 0:
+        return
+    counts: dict[tuple[str, str], int] = {}
+    for j, rm in enumerate(methods):
+        key = (rm.backbone.plugin, rm.method.backbone)
+        if key not in counts:
+            try:
+                counts[key] = _drop_path_modules(rm)
+            except HarnessError as exc:
+                raise spec_error(spec, f"methods[{j}].backbone", exc) from None
+        if counts[key] == 0:
+            raise spec_error(
+                spec,
+                "search.drop_path",
+                f"{rate} for methods[{j}] ({rm.method.backbone}, {rm.method.strategy}): the "
+                "backbone has no timm DropPath modules (timm models with residual blocks have "
+                "them); leave drop_path unset or 0 for a study of this backbone",
+            )
 
 
 def check_search_space(spec: StudySpec, methods: list[ResolvedMethod]) -> None:
@@ -242,6 +275,7 @@ def preflight(
     check_held_out_sources(spec, models.ctx.registry, methods)
     check_metrics(spec, models.ctx.registry)
     check_search_space(spec, methods)
+    check_drop_path(spec, methods)
     check_protocol(spec, methods)
     for i in range(len(spec.pairs)):
         domains.pair_data(i)

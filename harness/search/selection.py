@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from harness import api
-from harness.data.pooled import num_domains
+from harness.data.pooled import num_domains, source_domain
 from harness.metrics import primary_metric, reported_metrics, score
 from harness.registry import Registry
 from harness.rules import (
@@ -98,7 +98,8 @@ class Scorer:
         rules: RuleSet | None = None,
         extra: Mapping[str, Callable[[], Any]] | None = None,
     ) -> dict[str, float]:
-        """Every rule's score (of ``rules``, default every registered one), recorded with each
+        """Every rule's score (of ``rules``, default every registered one but those that train
+        once more per source), recorded with each
         trial: the study's rules select from them, and the label-free ones are later compared
         with target-val (never used by the search)."""
         return self.scores_and_predictions(model, source, target, precision, rules, extra)[0]
@@ -115,7 +116,7 @@ class Scorer:
         """:meth:`all_scores`, and the compact target probabilities pooled rules read (None when
         no pooled rule is scored). Each validation split is predicted once; ``extra`` adds
         items of the menu only the caller can compute (``held_out_source_metric``)."""
-        rules = self.rules if rules is None else rules
+        rules = rules_for(self.rules, [], True, False) if rules is None else rules
         inputs = self.inputs(model, source, target, precision, extra)
         scores = score_all(rules, inputs)
         kept = encode_probabilities(inputs.get("target_logits")) if rules.pooled else None
@@ -148,7 +149,7 @@ class Scorer:
             "target_out": lambda: out(target.val),
             "source_out": lambda: out(source.val),
             "target_metric": lambda: self.split_score(inputs.get("target_out"), target.val, target),
-            "source_metric": lambda: self.split_score(inputs.get("source_out"), source.val, target),
+            "source_metric": lambda: self.source_metric(inputs.get("source_out"), source, target),
             "target_logits": lambda: (
                 self.validator_logits(model, target, precision) if seg else inputs.get("target_out")
             ),
@@ -160,6 +161,23 @@ class Scorer:
         }
         inputs = RuleInputs({**providers, **(extra or {})})
         return inputs
+
+    def source_metric(
+        self, out: torch.Tensor, source: api.DomainData, target: api.DomainData
+    ) -> float:
+        """The primary metric on the source validation split; for pooled sources the mean of
+        each source domain's (DomainBed's training-domain validation), so that a larger domain
+        does not outweigh the others."""
+        domains = source_domain(source, "val")
+        if domains is None:
+            return self.split_score(out, source.val, target)
+        values = []
+        for k in range(num_domains(source)):
+            rows = torch.nonzero(domains == k).flatten()
+            values.append(
+                self.split_score(out[rows.to(out.device)], source.val.subset(rows), target)
+            )
+        return sum(values) / len(values)
 
     def split_score(self, out: torch.Tensor, split: api.Split, target: api.DomainData) -> float:
         """The primary metric of outputs ``out`` on a labelled ``split``."""

@@ -46,6 +46,7 @@ from harness.study import StudySpec, spec_error
 from harness.training.weights import build_backbone
 
 KEY = "search.warm_start"
+EMA_ON, EMA_DECAY = "ema.on", "ema.decay"
 PAIRS = "pairs"
 #: settings of ``[search]`` that say how the space is searched, not what it holds
 NOT_SPACE = ("sampler", "pruner", "startup_trials", "warm_start")
@@ -144,12 +145,22 @@ def pair_seeds(
     spec: StudySpec, ctx: Context, storage: optuna.storages.BaseStorage, i: int, rm: ResolvedMethod
 ) -> list[Seed]:
     """The best trial of ``rm`` on each other pair whose search has finished in ``storage``
-    (under the rule that drove that search), the most recently finished first."""
+    (under the rule that drove that search), the most recently finished first. A pair that saw
+    pair ``i``'s target (as its target or one of its sources: leave-one-out, a reversed pair) is
+    never used, with a line in the log: its trials were trained or selected with that target."""
     names = study_names(storage)
     found: list[tuple[float, int, Seed]] = []
+    target = spec.pairs[i].target
     for j, pair in enumerate(spec.pairs):
         name = optuna_study_name(pair, rm.method)
         if j == i or name not in names:
+            continue
+        if saw := _saw_domain(spec, pair.sources + [pair.target], target):
+            ctx.log(
+                f"{optuna_study_name(spec.pairs[i], rm.method)}: warm start never uses pair "
+                f"{pair.key}: it saw this pair's target {target!r}"
+                + (f" (as {saw!r})" if saw != target else "")
+            )
             continue
         other = optuna.load_study(study_name=name, storage=storage)
         trials = other.get_trials(deepcopy=False)
@@ -161,6 +172,13 @@ def pair_seeds(
         ended = max(t.datetime_complete.timestamp() for t in trials if t.datetime_complete)
         found.append((ended, j, Seed(dict(best.params), f"pair {pair.key} trial {best.number}")))
     return [s for _, _, s in sorted(found, key=lambda x: (x[0], x[1]), reverse=True)]
+
+
+def _saw_domain(spec: StudySpec, names: list[str], domain: str) -> str | None:
+    """Which of ``names`` is ``domain`` (an alias of the study's ``datasets`` and its dataset are
+    one domain: :meth:`StudySpec.domain_identity`); None if none is."""
+    identity = spec.domain_identity(domain)
+    return next((n for n in names if spec.domain_identity(n) == identity), None)
 
 
 def _search_over(trials: list[FrozenTrial], attrs: dict[str, Any], budget: int) -> bool:
@@ -243,7 +261,7 @@ def fit(
     """What of ``config`` a trial of ``rm`` here would be given (the parameters the sampler
     suggests), and why it cannot be (empty when it can): a value outside this space, a parameter
     it lacks, or one this space does not have (or pins to another value)."""
-    probe = _Probe(config)
+    probe = _Probe(_with_ema_choice(config))
     try:
         suggest(spec, probe, rm.new_strategy(), num_stages)  # type: ignore[arg-type]
     except (HarnessError, ValueError, TypeError) as exc:
@@ -257,7 +275,15 @@ def fit(
             problems.append(f"{name} is not a parameter here")
         elif json.dumps(recorded[name], default=str) != json.dumps(value, default=str):
             problems.append(f"{name}={value!r}, fixed here at {recorded[name]!r}")
-    return {k: config[k] for k in probe.asked if k in config}, problems
+    return {k: probe.config[k] for k in probe.asked if k in probe.config}, problems
+
+
+def _with_ema_choice(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the sampler's ``ema.on`` choice where it lacks it: recorded parameters (a
+    bundle's best_params.json) hold ``ema.decay`` when EMA was on and never the choice itself."""
+    if EMA_ON in config:
+        return config
+    return {**config, EMA_ON: EMA_DECAY in config}
 
 
 class WarmStart:
@@ -286,7 +312,13 @@ class WarmStart:
         queued: list[str] = []
         skipped: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for seed in self._candidates(storage, i, rm):
+        candidates = self._candidates(storage, i, rm)
+        if not candidates and self.setting != PAIRS:
+            self.ctx.log(
+                f"{label}: warm start: {self.setting} holds no configuration of method "
+                f"{rm.method.key}; this search starts cold"
+            )
+        for seed in candidates:
             if len(queued) >= self.spec.budget.trials // 2:
                 break
             params, problems = fit(self.spec, rm, self._num_stages(rm), seed.params)

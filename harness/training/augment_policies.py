@@ -5,8 +5,11 @@ with replacement across rounds (as torchvision's RandAugment). A magnitude in ``
 bins of torchvision) maps linearly to each op's strength; signed ops take a random sign per image.
 RandAugment uses one magnitude for every image and torchvision's RandAugment ranges;
 TrivialAugment draws the magnitude per image, uniform in ``[0, magnitude]`` (30 unless narrowed;
-torchvision draws one of the 31 bins), with the wider ranges of torchvision's TrivialAugmentWide. Ops torchvision lacks (zoom, hue,
-blur, noise, cutout, ...) have ranges of their own, in ``_OPS``.
+torchvision draws one of the 31 bins), with the wider ranges of torchvision's TrivialAugmentWide.
+Translations are shares of the image's size in both: RandAugment's 150/331 as torchvision's, and
+for TrivialAugment 32/224, TrivialAugmentWide's 32 pixels at ImageNet's scale (32 absolute pixels
+would move a 32 px image out of its frame). Ops torchvision lacks (zoom, hue, blur, noise,
+cutout, ...) have ranges of their own, in ``_OPS``.
 
 A round evaluates each *group* of ops once: the geometric ops as one affine per image (one
 ``grid_sample``, masks moved along, nearest, void where pixels come from outside), the colour ops
@@ -59,8 +62,8 @@ _OPS: dict[str, _Op] = {
     "rotate": _Op("geometric", True, 30.0, 135.0),  # degrees
     "shear_x": _Op("geometric", True, 0.3, 0.99),  # shear factor
     "shear_y": _Op("geometric", True, 0.3, 0.99),
-    "translate_x": _Op("geometric", True, 150 / 331, 32.0),  # share of the size; wide: pixels
-    "translate_y": _Op("geometric", True, 150 / 331, 32.0),
+    "translate_x": _Op("geometric", True, 150 / 331, 32 / 224),  # share of the size
+    "translate_y": _Op("geometric", True, 150 / 331, 32 / 224),
     "zoom": _Op("geometric", True, 0.5, 1.0),  # factor (1 + s) ** (+-1)
     "hflip": _Op("geometric", False, 0.0, 0.0),
     "brightness": _Op("colour", True, 0.9, 0.99),  # factor 1 +- s
@@ -329,7 +332,7 @@ def _geometric(
         [torch.cos(angle) - 1.0, torch.sin(angle), *amount[:, 1:5].unbind(1), shrink, ind[:, 6]],
         dim=1,
     )
-    basis = constant(_geometric_basis(h, w, ctx.wide), x.device, torch.float32)
+    basis = constant(_geometric_basis(h, w), x.device, torch.float32)
     identity = constant((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), x.device, torch.float32)
     theta = torch.addmm(identity, features, basis)
     # the sampling grid from pixel centres held as constants: fewer kernels than affine_grid
@@ -349,18 +352,17 @@ def _centres(k: int) -> tuple[float, ...]:
     return tuple((2 * i + 1) / k - 1 for i in range(k))
 
 
-def _geometric_basis(h: int, w: int, wide: bool) -> tuple[tuple[float, ...], ...]:
+def _geometric_basis(h: int, w: int) -> tuple[tuple[float, ...], ...]:
     """Rows: what each feature adds to (t00, t01, t02, t10, t11, t12), the inverse map in
     normalized units (off-diagonal terms rescaled so rotations stay rigid on non-square images).
     Features: cos - 1, sin, shear x, shear y, translate x, translate y, 1 / zoom - 1, flip."""
-    tx, ty = (2.0 / w, 2.0 / h) if wide else (2.0, 2.0)  # wide: pixels; else shares of the size
     return (
         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # inverse rotation [[c, s], [-s, c]]
         (0.0, h / w, 0.0, -w / h, 0.0, 0.0),
         (0.0, -h / w, 0.0, 0.0, 0.0, 0.0),  # inverse shear [[1, -s], [0, 1]]
         (0.0, 0.0, 0.0, -w / h, 0.0, 0.0),
-        (0.0, 0.0, -tx, 0.0, 0.0, 0.0),  # output = input shifted by t: sample at -t
-        (0.0, 0.0, 0.0, 0.0, 0.0, -ty),
+        (0.0, 0.0, -2.0, 0.0, 0.0, 0.0),  # output = input shifted by t (shares of the size)
+        (0.0, 0.0, 0.0, 0.0, 0.0, -2.0),
         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # inverse zoom
         (-2.0, 0.0, 0.0, 0.0, 0.0, 0.0),  # flip x
     )

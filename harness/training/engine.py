@@ -23,7 +23,7 @@ from harness.data.pooled import num_domains, source_domain
 from harness.errors import NonFiniteLossError
 from harness.metrics import classification_metrics, score  # noqa: F401 - re-exported
 from harness.training import augment as aug
-from harness.training import averaging, crops, recipe
+from harness.training import averaging, recipe
 from harness.training import features as feat
 from harness.training.batches import Batches, DomainBatches, batch_order, few_shot_indices  # noqa: F401
 from harness.training.device import (  # noqa: F401 - re-exported
@@ -34,7 +34,13 @@ from harness.training.device import (  # noqa: F401 - re-exported
     seed_everything,
 )
 from harness.training.evaluate import predict, unlabelled_logits  # noqa: F401 - re-exported
-from harness.training.inputs import image_batches, model_input, normalized, unit_pixels
+from harness.training.inputs import (
+    image_batches,
+    model_input,
+    normalized,
+    training_crop,
+    unit_pixels,
+)
 from harness.training.loader import Gathered, Loader, Take
 from harness.training.model import TransferModel, resolve_freeze_depth  # noqa: F401 - re-exported
 from harness.training.recipe import Recipe
@@ -187,7 +193,8 @@ class Trainer:
         return recipe.make_optimizer(groups, cfg.recipe.optimizer, cfg.weight_decay, self.device)
 
     def target_images(self, split: Split) -> Iterator[Tensor]:
-        """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt``."""
+        """Normalized, unaugmented batches of ``split``'s images, for ``Strategy.adapt`` (and
+        SWA's batch norms)."""
         for x in image_batches(split, self.cfg.batch_size):
             yield model_input(x, self.model, self.cfg.precision.channels_last, self.device)
 
@@ -207,24 +214,9 @@ class Trainer:
     def _cropped(
         self, x: Tensor, y: Tensor | None, g: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
-        """Images stored larger than the model's input size, cropped to it: for a classifier the
-        center crop without augmentation (so frozen features stay cacheable), else a random crop,
-        or a random resized crop when the trial has ``augment.crop_scale``; for segmentation a
-        random crop with its mask (void where the image is smaller)."""
-        size = getattr(self.model, "input_size", None)
-        if size is None or x.shape[-2:] == (size, size):
-            return x, y
-        mask = y if y is not None and y.ndim == 3 else None
+        """The training crop (:func:`harness.training.inputs.training_crop`)."""
         scale = self.cfg.params.get("augment.crop_scale")
-        if mask is not None:
-            out = crops.random_crop(x, size, generator=g, mask=mask)
-        elif self.cfg.augment == "none":
-            out = crops.center_crop(x, size)
-        elif scale is not None:
-            out = crops.random_resized_crop(x, size, (float(scale), 1.0), generator=g, mask=mask)
-        else:
-            out = crops.random_crop(x, size, generator=g, mask=mask)
-        return out if mask is not None else (out, y)
+        return training_crop(x, y, self.model, self.cfg.augment, scale, g)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -262,10 +254,9 @@ class Trainer:
                 )
             losses.append(mean_loss)
             _collect(diagnostics, logged, epoch)
-            average = self._average
-            if average is not None:  # scored (and, after the last epoch, kept) instead
-                average.epoch_ended(self.model, epoch, cfg.epochs)
-            with average.applied(self.model, epoch == cfg.epochs - 1) if average else nullcontext():
+            norms = self.target_images(data.primary)  # SWA's batch norms, recomputed on these
+            autocast = cfg.precision.autocast(device)
+            with averaging.scored(self._average, self.model, epoch, cfg.epochs, norms, autocast):
                 if data.target is not None:
                     with torch.no_grad(), cfg.precision.autocast(device):
                         strategy.adapt(self.model, self.target_images(data.target))

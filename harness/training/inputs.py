@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from harness.api.data import Split
-from harness.training.crops import center_crop
+from harness.training import crops
 
 
 def unit_pixels(x_uint8: Tensor, device: torch.device | None = None) -> Tensor:
@@ -49,7 +49,41 @@ def centered(x: Tensor, model: Any) -> Tensor:
     size = getattr(model, "input_size", None)
     if size is None or x.shape[-2:] == (size, size) or model.task != "classification":
         return x
-    return center_crop(x, size)
+    return crops.center_crop(x, size)
+
+
+def training_crop(
+    x: Tensor,
+    y: Tensor | None,
+    model: Any,
+    augment: str,
+    crop_scale: float | None,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor | None]:
+    """A training batch (pixels in [0, 1]) cropped to ``model.input_size``; a mask moves with its
+    image. Stored larger: for a classifier the center crop without augmentation (so frozen
+    features stay cacheable), else a random crop, or a random resized crop when the trial has
+    ``augment.crop_scale``; for segmentation a random crop with its mask (void where the image is
+    smaller). Stored at the input size: unchanged, except a classifier's random resized crop of
+    the whole image back to its size when the trial has ``augment.crop_scale`` and augments."""
+    size = getattr(model, "input_size", None)
+    mask = y if y is not None and y.ndim == 3 else None
+    if size is None:
+        return x, y
+    if x.shape[-2:] == (size, size):
+        if crop_scale is None or augment == "none" or mask is not None:
+            return x, y
+        scale = (float(crop_scale), 1.0)
+        return crops.random_resized_crop(x, size, scale, generator=generator), y
+    if mask is not None:
+        return crops.random_crop(x, size, generator=generator, mask=mask)
+    if augment == "none":
+        out = crops.center_crop(x, size)
+    elif crop_scale is not None:
+        out = crops.random_resized_crop(x, size, (float(crop_scale), 1.0), generator=generator)
+    else:
+        out = crops.random_crop(x, size, generator=generator)
+    return out, y  # type: ignore[return-value]
 
 
 def image_batches(images: Tensor | Split, batch_size: int) -> Iterator[Tensor]:
