@@ -33,10 +33,18 @@ def test_leave_out_views_renumber_the_rest(tmp_path):
     assert len(rest.val) + len(held.val) == len(pooled.val)
 
 
-def test_a_trial_trains_once_more_per_source_and_final_runs_reuse_it(tmp_path):
+@pytest.fixture(scope="module")
+def loso_run(tmp_path_factory):
+    """One study selected by leave-one-source-out, run once for the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("loso")
     spec = load_study(str(study(tmp_path, pairs=THREE, selection=LOSO)))
     runner = make_runner(tmp_path, spec)
     runner.run()
+    return spec, runner
+
+
+def test_a_trial_trains_once_more_per_source_and_final_runs_reuse_it(loso_run):
+    spec, runner = loso_run
     storage = runner.storage
     search = [s for s in storage.get_all_studies() if not s.study_name.endswith("final runs")]
     trial = storage.get_all_trials(search[0]._study_id)[0]
@@ -97,10 +105,8 @@ def test_label_free_rules_are_not_scored_for_a_method_that_sees_no_target(tmp_pa
     assert not {"im", "entropy", "snd", "bnm", "dev"} & set(scores)
 
 
-def test_the_board_says_the_budget_counts_trainings(tmp_path):
-    spec = load_study(str(study(tmp_path, pairs=THREE, selection=LOSO)))
-    runner = make_runner(tmp_path, spec)
-    runner.run()
+def test_the_board_says_how_many_trainings_the_trials_took(loso_run, tmp_path):
+    spec, runner = loso_run
     board, trials, prov = leaderboard.collect(spec, runner.storage_url)
     method = next(iter(prov["trainings"]["digits+m2+digits-m->m3"]))
     assert prov["trainings"]["digits+m2+digits-m->m3"][method] == {
