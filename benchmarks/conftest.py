@@ -6,7 +6,9 @@ work: absolute times on a shared machine are noise.
 
 import os
 
-os.environ.setdefault("HARNESS_PLUGINS", "timm,heads,strategies,datasets,validators,metrics")
+os.environ.setdefault(
+    "HARNESS_PLUGINS", "timm,heads,strategies,uda,dg,datasets,dg_datasets,validators,metrics"
+)
 
 # On a machine shared with other torch jobs, intra-op threads wait on each other at every kernel
 # and small kernels slow down tens of times; HARNESS_BENCH_THREADS=1 keeps figures steady there.

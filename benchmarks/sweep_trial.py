@@ -34,8 +34,9 @@ from harness.training.augment import get_policy  # noqa: E402
 from harness.training.inputs import normalized  # noqa: E402
 
 
-def per_sample_transform(params: dict) -> v2.Transform:
-    """The trial's augmentation policy with torchvision's per-sample transforms."""
+def per_sample_transform(params: dict, allow_flip: bool) -> v2.Transform:
+    """The trial's augmentation policy with torchvision's per-sample transforms (no flip where
+    the domain forbids it, as the harness does: digits are not symmetric)."""
     name = params.get("augment.policy", "none")
     if name == "randaugment":
         return v2.RandAugment(int(params["augment.num_ops"]), int(params["augment.magnitude"]))
@@ -46,7 +47,7 @@ def per_sample_transform(params: dict) -> v2.Transform:
     p = get_policy(name)
     return v2.Compose([
         v2.RandomAffine(degrees=p.rotate, translate=(p.translate, p.translate), scale=p.scale, shear=p.shear),
-        v2.RandomHorizontalFlip(p.hflip),
+        v2.RandomHorizontalFlip(p.hflip if allow_flip else 0.0),
         v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue),
         v2.RandomGrayscale(p.grayscale),
         v2.RandomInvert(p.invert),
@@ -115,7 +116,9 @@ def main(study: str, overrides: dict, params: dict, seed: int) -> dict:
     model.freeze(int(params["backbone.freeze_depth"]))
     train = target.train  # the fine-tuning methods train on the target's labels
     loader = DataLoader(
-        Images(train.x, train.y, per_sample_transform(params)),
+        Images(
+            train.x, train.y, per_sample_transform(params, bool(target.meta.get("hflip", True)))
+        ),
         batch_size=int(params.get("data.batch_size", spec.batch_size)),
         shuffle=True,
         drop_last=True,

@@ -516,3 +516,13 @@ def test_a_searched_batch_size_changes_the_steps(tmp_path):
         trainer.fit()
         steps[size] = len(strategy.lrs)
     assert steps[8] > steps[32] >= 1
+
+
+def test_recomputing_norms_leaves_out_a_last_batch_of_one_image():
+    from harness.training.averaging import recompute_norms
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    x = torch.randn(6, 3, 2, 2)
+    assert recompute_norms(model, [x[:5], x[5:]]) == 1  # no error on the image left over
+    expected = model[0](x[:5]).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean, expected.detach())

@@ -100,7 +100,8 @@ def recompute_norms(
     """Recompute the running statistics of ``model``'s batch norms that train (frozen ones, in
     eval mode, keep theirs) as their plain mean over ``batches`` (momentum ``None``), one pass in
     train mode, each batch through ``call`` (default: the model); the random generators stay as
-    they were (drop path draws in train mode). Returns how many layers were recomputed."""
+    they were (drop path draws in train mode); a batch of one image (a split's remainder) is
+    left out. Returns how many layers were recomputed."""
     was_training = model.training
     model.train()
     norms = [m for m in model.modules() if _tracks_statistics(m) and m.training]
@@ -113,7 +114,8 @@ def recompute_norms(
         if norms:
             with torch.random.fork_rng(devices=cuda):
                 for x in batches:
-                    (call or model)(x)
+                    if len(x) > 1:  # a last batch of one image has no batch statistics
+                        (call or model)(x)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
