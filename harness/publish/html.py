@@ -23,8 +23,7 @@ from harness.publish.markdown import STANDARD_NOTE, protocol_title
 from harness.publish.plots import Figure, draw, pairs_of, slug
 from harness.publish.rank import shown_metrics, unfinished
 from harness.publish.results import Results
-from harness.publish.seeded import seeded_note
-from harness.publish.trainings import trainings_note
+from harness.publish.trainings import pair_notes
 from harness.publish.uncertainty import CI_LABEL, ci_cell
 from harness.study import StudySpec
 
@@ -111,9 +110,7 @@ def _html(
     for pair in pairs:
         rows = board[board["pair"] == pair] if "pair" in board else board.iloc[0:0]
         out += _pair_section(pair, rows, figures.get(pair, {}), spec.task, shown)
-        for note in (seeded_note(provenance, pair), trainings_note(provenance, pair)):
-            if note:
-                out.append(f'<p class="note">{_e(note)}</p>')
+        out += [f'<p class="note">{_e(note)}</p>' for note in pair_notes(provenance, pair)]
     out.append('<h2 id="files">Files</h2>')
     out.append(_files(results_dir, figures))
     out.append('<h2 id="provenance">Provenance</h2>')

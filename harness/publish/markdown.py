@@ -15,8 +15,7 @@ from harness.publish.flags import SEARCH_LEGEND, search_mark, search_marked
 from harness.publish.format import finite, pm, trial_counts, truthy, val
 from harness.publish.labels import REFERENCE_NOTE, rank_label
 from harness.publish.rank import shown_metrics, unfinished
-from harness.publish.seeded import seeded_note
-from harness.publish.trainings import trainings_note
+from harness.publish.trainings import pair_notes
 from harness.publish.uncertainty import CI_LABEL, NA, RESAMPLES, ci_cell
 from harness.study import StudySpec
 
@@ -65,8 +64,8 @@ def to_markdown(spec: StudySpec, board: pd.DataFrame, provenance: dict[str, Any]
     for pair, group in board.groupby("pair", sort=False):
         own = " (in-domain)" if "in_domain" in group and group["in_domain"].any() else ""
         lines += [f"## {pair}{own}", "", _pair_table(group, shown), ""]
-        for note in (seeded_note(provenance, str(pair)), trainings_note(provenance, str(pair))):
-            lines += [note, ""] if note else []
+        for note in pair_notes(provenance, str(pair)):
+            lines += [note, ""]
     lines += _agreement_markdown(provenance.get("validator_agreement") or [])
     lines += _provenance_markdown(provenance)
     return "\n".join(lines)

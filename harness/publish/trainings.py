@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.publish.results import Results
+from harness.publish.seeded import seeded_note
 from harness.store.schema import TRAININGS
 
 
@@ -41,3 +42,10 @@ def trainings_note(provenance: dict[str, Any], pair: str) -> str | None:
         "Leave-one-source-out trains each trial's parameters once more per source: the budget "
         "counts trials, and each trial here cost that many trainings: " + "; ".join(parts) + "."
     )
+
+
+def pair_notes(provenance: dict[str, Any], pair: str) -> list[str]:
+    """The sentences under a pair's table, in the order every board shows them: warm-started
+    trials, then trials that trained more than once."""
+    notes = (seeded_note(provenance, pair), trainings_note(provenance, pair))
+    return [n for n in notes if n]
